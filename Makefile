@@ -1,0 +1,41 @@
+# fisherlab: two commands.
+#   make demo   set up a virtual environment and run the main job on the embedded MNIST digits
+#   make test   set up the same environment and run the test suite (what .ci/run calls)
+#
+# TORCH pins the torch wheel. On this project's CPU machines pip finds the CPU build of
+# torch 2.13.0 locally. Elsewhere pass an index, e.g.
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu      (CPU-only, ~200 MB)
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cu126    (CUDA 12.6)
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.fisherlab-installed
+DEMO_OUT    ?= out/demo
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fisherlab demo --out $(DEMO_OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) analysis/bench/capture_bench.py
+	$(PY) analysis/bench/woodbury_bench.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

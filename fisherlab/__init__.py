@@ -1,0 +1,26 @@
+"""fisherlab: how close are KFAC, block-diagonal and two-level KFAC to the exact natural gradient?
+
+Stage 1 (capture): :func:`capture` records per-example layer Jacobians of a mini-batch;
+:func:`save` / :func:`load` keep them in HDF5. Stage 2 (offline analysis): operators for the
+exact regularized Fisher, its block diagonal, KFAC and two-level KFAC, and their comparison.
+"""
+
+from .capturing import Capture, FisherMode, LayerCapture, Loss, NonFiniteError, Storage, capture
+from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "FisherMode",
+    "LayerCapture",
+    "LayerKind",
+    "LayerSpec",
+    "Layout",
+    "Loss",
+    "NonFiniteError",
+    "Storage",
+    "UnsupportedLayerError",
+    "__version__",
+    "capture",
+]

@@ -1,0 +1,123 @@
+"""Losses as negative log-likelihoods (2.11): per-example value, gradient, sampling and the
+loss-Hessian square root S with S Sᵀ = ∂²_z L (MATH.md §2).
+
+All functions take network outputs ``z [B, d_y]`` (``d_y`` = number of classes for
+cross-entropy) and work per example: nothing is averaged over the batch.
+
+| loss            | L(y, z)                                   | S                        | sampling ŷ ~ p(y|z)   |
+|-----------------|-------------------------------------------|--------------------------|------------------------|
+| cross_entropy   | −log softmax(z)_y, y an integer class     | diag(√p) − p √pᵀ         | categorical(softmax z) |
+| mse             | ½‖y − z‖² (2.12a)                          | I                        | N(z, I)                |
+| bce_logits      | Σ_j BCE-with-logits(z_j, y_j), y ∈ [0, 1] | diag(√(σ(1−σ)))          | Bernoulli(σ(z))        |
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Loss", "per_example_loss", "output_gradient", "sample_targets", "hessian_sqrt", "check_targets"]
+
+
+class Loss(str, Enum):
+    """Supported losses (negative log-likelihoods)."""
+
+    CROSS_ENTROPY = "cross_entropy"
+    """Categorical likelihood; targets are class indices ``[B]`` (int64)."""
+    MSE = "mse"
+    """Gaussian likelihood with unit variance, L = ½‖y − z‖²; targets ``[B, d_y]``."""
+    BCE_LOGITS = "bce_logits"
+    """Independent Bernoulli outputs, summed over ``d_y``; targets ``[B, d_y]`` in [0, 1]."""
+
+
+def _loss(loss: str | Loss) -> Loss:
+    try:
+        return Loss(loss)
+    except ValueError:
+        raise ValueError(
+            f"unknown loss '{loss}' (choose one of {', '.join(m.value for m in Loss)})"
+        ) from None
+
+
+def check_targets(loss: str | Loss, z: Tensor, y: Tensor) -> None:
+    """Raise a one-line ``ValueError`` when targets do not fit outputs ``z [B, d_y]``."""
+    loss = _loss(loss)
+    B = z.shape[0]
+    if loss is Loss.CROSS_ENTROPY:
+        if y.shape != (B,) or y.is_floating_point():
+            raise ValueError(
+                f"cross_entropy targets must be class indices of shape [{B}] (integer), "
+                f"got {tuple(y.shape)} {y.dtype}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
+            raise ValueError(f"cross_entropy targets must lie in [0, {z.shape[1]}), got [{int(y.min())}, {int(y.max())}]")
+    else:
+        if y.shape != z.shape:
+            raise ValueError(
+                f"{loss.value} targets must have the output shape {tuple(z.shape)}, got {tuple(y.shape)}"
+            )
+
+
+def per_example_loss(loss: str | Loss, z: Tensor, y: Tensor) -> Tensor:
+    """``L(y_b, z_b)`` for each example: ``[B]``."""
+    loss = _loss(loss)
+    if loss is Loss.CROSS_ENTROPY:
+        return F.cross_entropy(z, y, reduction="none")
+    if loss is Loss.MSE:
+        return 0.5 * (z - y).pow(2).sum(-1)
+    return F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").sum(-1)
+
+
+def output_gradient(loss: str | Loss, z: Tensor, y: Tensor) -> Tensor:
+    """``∂_z L(y_b, z_b)`` per example: ``[B, d_y]`` (analytic, no autograd).
+
+    ``y`` may carry extra leading sample dimensions: ``y [*S, B, ...]`` gives ``[*S, B, d_y]``.
+    """
+    loss = _loss(loss)
+    if loss is Loss.CROSS_ENTROPY:
+        p = torch.softmax(z, dim=-1)
+        onehot = F.one_hot(y, z.shape[-1]).to(z.dtype)
+        return p - onehot
+    if loss is Loss.MSE:
+        return z - y.to(z.dtype)
+    return torch.sigmoid(z) - y.to(z.dtype)
+
+
+def sample_targets(loss: str | Loss, z: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+    """``n_samples`` draws ŷ ~ p(y | z_b) per example: ``[K, B]`` or ``[K, B, d_y]``.
+
+    Sampling runs on the CPU in float64 with ``generator``, so that a seed gives the same targets
+    on every device.
+    """
+    loss = _loss(loss)
+    zc = z.detach().to("cpu", torch.float64)
+    K = n_samples
+    if loss is Loss.CROSS_ENTROPY:
+        p = torch.softmax(zc, dim=-1)
+        ys = torch.multinomial(p, K, replacement=True, generator=generator)  # [B, K]
+        return ys.T.contiguous().to(z.device)
+    if loss is Loss.MSE:
+        eps = torch.randn((K, *zc.shape), generator=generator, dtype=torch.float64)
+        return (zc + eps).to(z.device, z.dtype)
+    p = torch.sigmoid(zc).expand(K, *zc.shape)
+    return torch.bernoulli(p, generator=generator).to(z.device, z.dtype)
+
+
+def hessian_sqrt(loss: str | Loss, z: Tensor) -> Tensor:
+    """``S_b [B, d_y, d_y]`` with ``S_b S_bᵀ = ∂²_z L(y, z_b)`` (independent of y for these losses).
+
+    Column k of ``S_b`` is the k-th backpropagated vector of the ``exact`` mode.
+    """
+    loss = _loss(loss)
+    B, d = z.shape
+    if loss is Loss.CROSS_ENTROPY:
+        p = torch.softmax(z, dim=-1)
+        sp = p.sqrt()
+        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+    if loss is Loss.MSE:
+        return torch.eye(d, dtype=z.dtype, device=z.device).expand(B, d, d)
+    s = torch.sigmoid(z)
+    return torch.diag_embed((s * (1 - s)).sqrt())

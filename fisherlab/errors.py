@@ -1,0 +1,25 @@
+"""Errors with one-line messages that say what and where. The CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+__all__ = ["FisherlabError", "UnsupportedLayerError", "NonFiniteError", "StoreError", "DampingError"]
+
+
+class FisherlabError(Exception):
+    """Base class: ``str(err)`` is a complete one-line message for the user."""
+
+
+class UnsupportedLayerError(FisherlabError, ValueError):
+    """A module cannot be part of the Fisher in the way it is configured."""
+
+
+class NonFiniteError(FisherlabError, ValueError):
+    """NaN or Inf in activations, gradients or stored data."""
+
+
+class StoreError(FisherlabError, ValueError):
+    """An HDF5 capture file is missing, not a fisherlab file, newer, incomplete or inconsistent."""
+
+
+class DampingError(FisherlabError, ValueError):
+    """The damping λ must be a finite number > 0."""
