@@ -59,6 +59,9 @@ class LayerCapture:
         a: ā ``[B, T, d_in']`` or ``None`` (dense storage).
         g: g ``[B, K, T, d_out]`` or ``None`` (dense storage).
         dense: ``J_i [N, p_i]`` or ``None`` (factored storage).
+        A: with dense storage, the KFAC factor ``A_i = (1/B) Σ_{b,t} ā ā ᵀ`` ``[d_in', d_in']``
+            (2.27), which ``J_i`` no longer determines; ``None`` when factored.
+        G: with dense storage, ``G_i = (1/(B·T)) Σ_{b,k,t} g gᵀ`` ``[d_out, d_out]``; else ``None``.
     """
 
     spec: LayerSpec
@@ -66,6 +69,8 @@ class LayerCapture:
     a: Tensor | None = None
     g: Tensor | None = None
     dense: Tensor | None = None
+    A: Tensor | None = None
+    G: Tensor | None = None
 
     @property
     def storage(self) -> Storage:
@@ -74,7 +79,7 @@ class LayerCapture:
     @property
     def numel(self) -> int:
         """Numbers stored for this layer."""
-        return sum(t.numel() for t in (self.a, self.g, self.dense) if t is not None)
+        return sum(t.numel() for t in (self.a, self.g, self.dense, self.A, self.G) if t is not None)
 
     def jacobian(self) -> Tensor:
         """``J_i [N, p_i]`` (built from the factors when stored factored)."""
@@ -93,7 +98,21 @@ class LayerCapture:
             and same(self.a, other.a)
             and same(self.g, other.g)
             and same(self.dense, other.dense)
+            and same(self.A, other.A)
+            and same(self.G, other.G)
         )
+
+
+def kfac_factors_from(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """KFAC factors (2.25)–(2.27) from ā ``[B, T, d_in']`` and g ``[B, K, T, d_out]``.
+
+    ``A = (1/B) Σ_{b,t} ā_{b,t} ā_{b,t}ᵀ``, ``G = (1/(B·T)) Σ_{b,k,t} g_{b,k,t} g_{b,k,t}ᵀ``
+    (T = 1 for Linear: the usual (2.25)). Accumulated in the dtype of the inputs.
+    """
+    B, K, T, d_out = g.shape
+    af = a.reshape(-1, a.shape[-1])
+    gf = g.reshape(-1, d_out)
+    return af.T @ af / B, gf.T @ gf / (B * T)
 
 
 def choose_storage(B: int, K: int, T: int, d_in_bar: int, d_out: int, storage: Storage | str) -> Storage:
@@ -198,7 +217,10 @@ class Capture:
                 return None
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        layers = [LayerCapture(lc.spec, lc.positions, conv(lc.a), conv(lc.g), conv(lc.dense)) for lc in self.layers]
+        layers = [
+            LayerCapture(lc.spec, lc.positions, conv(lc.a), conv(lc.g), conv(lc.dense), conv(lc.A), conv(lc.G))
+            for lc in self.layers
+        ]
         return Capture(
             self.layout, layers, conv(self.grad), self.loss_value, self.loss, self.fisher,  # type: ignore[arg-type]
             self.batch_size, self.n_vectors, conv(self.targets), conv(self.sampled),  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from ..errors import NonFiniteError
 from ..layout import Layout, layer_modules
 from . import losses as L
 from .layers import dense_from_factors, layer_inputs, layer_output_grads
-from .record import Capture, FisherMode, LayerCapture, Storage, choose_storage
+from .record import Capture, FisherMode, LayerCapture, Storage, choose_storage, kfac_factors_from
 
 __all__ = ["capture", "NonFiniteError", "default_device"]
 
@@ -213,7 +213,11 @@ def capture(
         grads.append(torch.einsum("btd,bte->ed", gt, a).reshape(-1) / B)  # vec([d_out, d_in'])
         choice = storage.get(spec.name, "auto") if isinstance(storage, dict) else storage
         if choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
-            lc = LayerCapture(spec, T, dense=dense_from_factors(a, g).to("cpu", dtype).contiguous())
+            A, G = kfac_factors_from(a, g)
+            lc = LayerCapture(
+                spec, T, dense=dense_from_factors(a, g).to("cpu", dtype).contiguous(),
+                A=A.to("cpu", dtype), G=G.to("cpu", dtype),
+            )
         else:
             lc = LayerCapture(spec, T, a=a.to("cpu", dtype).contiguous(), g=g.to("cpu", dtype).contiguous())
         layers.append(lc)
