@@ -78,3 +78,26 @@ def make_capture(case: ModelCase, loss: str, mode: str, B: int = 3, n_samples: i
         generator=torch.Generator().manual_seed(seed + 2), device="cpu", dtype=torch.float64, **kw,
     )
     return cap, model, x, y
+
+
+# Further layer configurations for the capture tests only (not expanded by the ``model_case``
+# fixture, so other test files do not pay for them): dilation, rectangular kernel and stride,
+# a Linear layer applied at several positions ([B, T, d] inputs).
+def _cnn_dilated() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 1), dilation=2),  # 7×6 -> 4×6
+        nn.Sigmoid(),
+        nn.Conv2d(3, 2, 2, stride=2, bias=False),  # 4×6 -> 2×3
+        nn.Flatten(),
+        nn.Linear(12, D_Y),
+    )
+
+
+def _positions_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, D_Y))  # input [3, 5]
+
+
+EXTRA_MODELS = {
+    "cnn-dilated": ModelCase("cnn-dilated", _cnn_dilated, (2, 7, 6), True),
+    "linear-positions": ModelCase("linear-positions", _positions_mlp, (3, 5), False),
+}
