@@ -1,0 +1,225 @@
+"""The per-example Jacobian core (MATH.md §3): ``U = J/√B`` as a p × N operator.
+
+``F = U Uᵀ`` with ``U_i = J_i/√B`` (p_i × N) per layer. Everything exact in fisherlab is built
+from three products, batched over columns and written once for ``[batch, positions, features]``:
+
+* ``Uᵀx`` (``rmatmat``): ``[p, c] -> [N, c]``, ``(Uᵀx)_{b,k} = Σ_t g_{b,k,t}ᵀ X ā_{b,t} / √B``
+  with ``X = MAT(x_i)`` (A4)–(A9);
+* ``Uy`` (``matmat``): ``[N, c] -> [p, c]``, ``vec(Σ_{b,k,t} y_{b,k} g_{b,k,t} ā_{b,t}ᵀ) / √B``
+  (A10)–(A14);
+* the per-layer Grams ``K_i = U_iᵀU_i`` ``[N, N]``: Linear (T = 1) as the Hadamard product of
+  the two small Grams ``(ā_b·ā_c)(g_{b,k}·g_{c,l})/B``; Conv (T > 1) as
+  ``⟨Ā_bᵀĀ_c, G_{b,k}ᵀG_{c,l}⟩_F/B`` or through dense rows, whichever the shapes make cheaper.
+
+Inputs stay in their stored dtype (float32 by default) on disk and in the capture; the
+products here run in ``dtype`` (float64 by default). Nothing forms a p × p matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from .capturing.layers import dense_from_factors
+from .capturing.record import Capture, LayerCapture, kfac_factors_from
+from .errors import FisherlabError
+from .layout import LayerSpec, Layout
+
+__all__ = ["LayerJacobian", "Jacobian"]
+
+# Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
+_MAX_TEMP_NUMEL = 2**25
+
+
+@dataclass(eq=False)
+class LayerJacobian:
+    """``U_i = J_i/√B`` of one layer, from factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]``
+    or from dense rows ``J [N, p_i]``.
+
+    Attributes:
+        spec: the layer.
+        B, K: batch size and vectors per example (N = B·K).
+        a, g: factors in ``dtype`` (or ``None``); dense: ``J_i`` in ``dtype`` (or ``None``).
+        A, G: stored KFAC factors for dense layers (else computed from ``a``, ``g``).
+    """
+
+    spec: LayerSpec
+    B: int
+    K: int
+    a: Tensor | None = None
+    g: Tensor | None = None
+    dense: Tensor | None = None
+    A_stored: Tensor | None = None
+    G_stored: Tensor | None = None
+
+    @classmethod
+    def from_layer_capture(cls, lc: LayerCapture, B: int, K: int, dtype: torch.dtype = torch.float64) -> "LayerJacobian":
+        cv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return cls(lc.spec, B, K, cv(lc.a), cv(lc.g), cv(lc.dense), cv(lc.A), cv(lc.G))
+
+    # ---- sizes ---------------------------------------------------------------------------
+    @property
+    def N(self) -> int:
+        return self.B * self.K
+
+    @property
+    def p(self) -> int:
+        return self.spec.numel
+
+    @property
+    def T(self) -> int:
+        return 1 if self.a is None else self.a.shape[1]
+
+    @property
+    def factored(self) -> bool:
+        return self.dense is None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.B)
+
+    # ---- products ------------------------------------------------------------------------
+    def rmatmat(self, x: Tensor) -> Tensor:
+        """``U_iᵀ x``: ``x [p_i, c] -> [N, c]`` (A4)–(A9)."""
+        if self.dense is not None:
+            return (self.dense @ x) * self.scale
+        a, g = self.a, self.g
+        assert a is not None and g is not None
+        B, K, T, d_out = g.shape
+        d_in = a.shape[-1]
+        out = []
+        for xc in self._column_chunks(x, B * T * d_out):
+            c = xc.shape[1]
+            Xt = xc.reshape(d_in, d_out * c)  # MAT(x)ᵀ, columns stacked: index = col·d_out + row
+            Z = (a.reshape(B * T, d_in) @ Xt).reshape(B, T * d_out, c)  # X ā_{b,t}
+            out.append(torch.bmm(g.reshape(B, K, T * d_out), Z).reshape(B * K, c))
+        return torch.cat(out, dim=1) * self.scale
+
+    def matmat(self, y: Tensor) -> Tensor:
+        """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14)."""
+        if self.dense is not None:
+            return (self.dense.T @ y) * self.scale
+        a, g = self.a, self.g
+        assert a is not None and g is not None
+        B, K, T, d_out = g.shape
+        d_in = a.shape[-1]
+        out = []
+        for yc in self._column_chunks(y, B * T * d_out):
+            c = yc.shape[1]
+            W = torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))  # [B, T·d_out, c]
+            Xt = a.reshape(B * T, d_in).T @ W.reshape(B * T, d_out * c)  # [d_in', d_out·c]
+            out.append(Xt.reshape(d_in * d_out, c))
+        return torch.cat(out, dim=1) * self.scale
+
+    @staticmethod
+    def _column_chunks(x: Tensor, per_column: int) -> list[Tensor]:
+        """Split the columns of ``x [r, c]`` so that temporaries stay under ``_MAX_TEMP_NUMEL``."""
+        if x.dim() != 2:
+            raise ValueError(f"expected a matrix [rows, columns], got shape {tuple(x.shape)}")
+        step = max(1, _MAX_TEMP_NUMEL // max(per_column, 1))
+        c = x.shape[1]
+        return [x[:, i : i + step] for i in range(0, c, step)] if c > step else [x]
+
+    # ---- Grams ---------------------------------------------------------------------------
+    def gram(self) -> Tensor:
+        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3)."""
+        if self.dense is not None:
+            return self.dense @ self.dense.T / self.B
+        a, g = self.a, self.g
+        assert a is not None and g is not None
+        B, K, T, d_out = g.shape
+        d_in = a.shape[-1]
+        N = B * K
+        if T == 1:
+            Ga = a[:, 0] @ a[:, 0].T  # [B, B]
+            gf = g.reshape(N, d_out)
+            return Ga.repeat_interleave(K, 0).repeat_interleave(K, 1) * (gf @ gf.T) / B
+        cost_pairs = (B * T) ** 2 * d_in + (N * T) ** 2 * d_out + (N * T) ** 2
+        cost_dense = N * T * d_in * d_out + N * N * d_in * d_out
+        if cost_dense <= cost_pairs:
+            J = dense_from_factors(a, g)
+            return J @ J.T / B
+        AA = a.reshape(B * T, d_in) @ a.reshape(B * T, d_in).T  # [(b,t), (c,s)]
+        GG = g.reshape(N * T, d_out) @ g.reshape(N * T, d_out).T  # [(n,t), (m,s)]
+        AA = AA.reshape(B, T, B, T).repeat_interleave(K, 0).repeat_interleave(K, 2)  # [N, T, N, T]
+        return (AA * GG.reshape(N, T, N, T)).sum(dim=(1, 3)) / B
+
+    # ---- KFAC factors ----------------------------------------------------------------------
+    @cached_property
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A_i [d_in', d_in'], G_i [d_out, d_out])`` of (2.25)–(2.27)."""
+        if self.a is not None and self.g is not None:
+            return kfac_factors_from(self.a, self.g)
+        if self.A_stored is None or self.G_stored is None:
+            raise FisherlabError(f"layer '{self.spec.name}': dense storage without KFAC factors")
+        return self.A_stored, self.G_stored
+
+    def dense_rows(self) -> Tensor:
+        """``J_i [N, p_i]`` (not scaled). For references and small layers."""
+        if self.dense is not None:
+            return self.dense
+        assert self.a is not None and self.g is not None
+        return dense_from_factors(self.a, self.g)
+
+
+class Jacobian:
+    """``U = J/√B`` of all layers: ``U [p, N]`` with ``F = U Uᵀ``.
+
+    Args:
+        layout: the layers.
+        layers: one :class:`LayerJacobian` per layer.
+        B, K: batch size and vectors per example.
+    """
+
+    def __init__(self, layout: Layout, layers: list[LayerJacobian], B: int, K: int) -> None:
+        self.layout = layout
+        self.layers = layers
+        self.B = B
+        self.K = K
+
+    @classmethod
+    def from_capture(cls, cap: Capture, dtype: torch.dtype = torch.float64) -> "Jacobian":
+        if cap.N == 0 or not cap.layers:
+            raise FisherlabError("empty capture: no examples or no layers")
+        layers = [LayerJacobian.from_layer_capture(lc, cap.B, cap.K, dtype) for lc in cap.layers]
+        return cls(cap.layout, layers, cap.B, cap.K)
+
+    @property
+    def N(self) -> int:
+        return self.B * self.K
+
+    @property
+    def p(self) -> int:
+        return self.layout.p
+
+    @property
+    def dtype(self) -> torch.dtype:
+        l0 = self.layers[0]
+        return (l0.dense if l0.dense is not None else l0.a).dtype  # type: ignore[union-attr]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        """``Uᵀ x``: ``[p, c] -> [N, c]``."""
+        out = None
+        for lj, xi in zip(self.layers, self.layout.split(x)):
+            y = lj.rmatmat(xi)
+            out = y if out is None else out + y
+        assert out is not None
+        return out
+
+    def matmat(self, y: Tensor) -> Tensor:
+        """``U y``: ``[N, c] -> [p, c]``."""
+        return torch.cat([lj.matmat(y) for lj in self.layers], dim=0)
+
+    @cached_property
+    def grams(self) -> list[Tensor]:
+        """Per-layer Grams ``K_i [N, N]`` (computed once)."""
+        return [lj.gram() for lj in self.layers]
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """``K = Σ_i K_i = UᵀU`` ``[N, N]``: the nonzero spectrum of F."""
+        return torch.stack(self.grams).sum(0) if len(self.grams) > 1 else self.grams[0]
