@@ -7,10 +7,21 @@ exact regularized Fisher, its block diagonal, KFAC and two-level KFAC, and their
 
 from .capturing import Capture, FisherMode, LayerCapture, Loss, NonFiniteError, Storage, capture
 from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
+from .metrics import METHODS, ComparisonTable, compare
+from .operators import KFAC, TKO, BlockDiagonalFisher, ExactFisher, TwoLevelKFAC
+from .store import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockDiagonalFisher",
+    "ComparisonTable",
+    "ExactFisher",
+    "KFAC",
+    "METHODS",
+    "TKO",
+    "TwoLevelKFAC",
+    "compare",
     "Capture",
     "FisherMode",
     "LayerCapture",
@@ -23,4 +34,6 @@ __all__ = [
     "UnsupportedLayerError",
     "__version__",
     "capture",
+    "load",
+    "save",
 ]

@@ -17,6 +17,7 @@ from ..errors import FisherlabError
 COMMANDS = [
     "capture_cmd",
     "inspect_cmd",
+    "analyze_cmd",
 ]
 
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name in COMMANDS:
+        mod = importlib.import_module(f"{__name__}.{name}")
+        if hasattr(mod, "rewrite_argv"):
+            argv = mod.rewrite_argv(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,388 @@
+"""Errors against the exact regularized natural gradient (§4.4, MATH.md §6): one table per capture.
+
+For each method with increment ζ_m ≈ ζ = F•⁻¹∇h:
+
+* 𝔈 = ‖ζ_m − ζ‖²_{F•} (4.1), with ‖x‖²_{F•} = ‖Uᵀx‖² + λ‖x‖²;
+* 𝔈/‖ζ‖²_{F•}, where ‖ζ‖²_{F•} = ∇hᵀζ;
+* the reduction ratio 𝔈/𝔈_KFAC (π-damped KFAC is the reference: 𝔈_KFAC = 𝔈(0) of (4.2));
+* the gap 𝔈 − 𝔈_KFAC computed **without** ζ: (4.6) βᵀF_coarseβ − 2⟨R_0ᵀβ, r⟩ for the coarse
+  corrections, and for any other method, since F•ζ = ∇h,
+  ``‖x − ζ‖² − ‖y − ζ‖² = xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩`` (y = ζ_KFAC);
+* the Euclidean relative error ‖ζ_m − ζ‖/‖ζ‖ and the cosine of ζ_m with ζ (the guarantee (3.19)
+  holds in the F•-norm only: both are shown);
+* the coarse dimension m and the wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .capturing.record import Capture
+from .errors import FisherlabError
+from .jacobian import Jacobian
+from .operators import KFAC, TKO, BlockDiagonalFisher, CoarseCorrection, ExactFisher, FisherOperator, TwoLevelKFAC, as_jacobian, check_damping
+
+__all__ = ["METHODS", "LEGENDS", "ComparisonTable", "compare", "compare_file", "build_method", "COLUMNS"]
+
+METHODS = [
+    "block-diagonal",
+    "kfac",
+    "kfac-tikhonov",
+    "nicolaides",
+    "spectral",
+    "krylov-nicolaides",
+    "residuals",
+    "krylov-residuals",
+    "taylor",
+    "tko",
+    "tko-kronecker",
+]
+"""Every method :func:`compare` knows, in table order."""
+
+LEGENDS = {
+    "exact": "EXACT",
+    "block-diagonal": "BLOCK-DIAG",
+    "kfac": "KFAC",
+    "kfac-tikhonov": "KFAC-TIKHONOV",
+    "nicolaides": "NICO",
+    "spectral": "SPECTRAL",
+    "krylov-nicolaides": "KRY-NICO",
+    "residuals": "RESIDU",
+    "krylov-residuals": "KRY-RESIDU",
+    "taylor": "TAYLOR",
+    "tko": "PREVIOUS",
+    "tko-kronecker": "PREVIOUS-KRON",
+}
+"""The paper's legend names (Table 1), extended to the one-level methods."""
+
+COLUMNS = [
+    "method",
+    "legend",
+    "energy_error",
+    "relative_error",
+    "reduction_ratio",
+    "gap",
+    "euclidean_relative_error",
+    "cosine",
+    "coarse_dim",
+    "seconds",
+    "note",
+]
+
+_TWO_LEVEL = {"nicolaides", "spectral", "krylov-nicolaides", "residuals", "krylov-residuals", "taylor"}
+
+
+@dataclass
+class ComparisonTable:
+    """Rows of per-method errors (dicts with :data:`COLUMNS` plus context keys) and metadata.
+
+    Attributes:
+        rows: one dict per method (and per checkpoint when tables are concatenated).
+        meta: damping, N, p, the exact solver's report, ‖ζ‖²_{F•}, …
+    """
+
+    rows: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def row(self, method: str) -> dict:
+        for r in self.rows:
+            if r["method"] == method:
+                return r
+        raise KeyError(f"no row for method '{method}' (methods: {', '.join(r['method'] for r in self.rows)})")
+
+    def column(self, name: str) -> list:
+        return [r.get(name) for r in self.rows]
+
+    @property
+    def columns(self) -> list[str]:
+        extra = [k for r in self.rows for k in r if k not in COLUMNS]
+        return [c for c in ["checkpoint", "step", "damping"] if c in extra] + COLUMNS + sorted(
+            {k for k in extra if k not in ("checkpoint", "step", "damping")}
+        )
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write all rows (full precision) to ``path``; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cols = self.columns
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+        return path
+
+    @classmethod
+    def concat(cls, tables: Iterable["ComparisonTable"]) -> "ComparisonTable":
+        out = cls()
+        for t in tables:
+            out.rows.extend(t.rows)
+        return out
+
+    def format(self) -> str:
+        """A readable fixed-width table (what ``str()`` prints)."""
+        head = ["method", "𝔈", "𝔈/‖ζ‖²", "𝔈/𝔈_KFAC", "gap (4.6)", "‖Δ‖/‖ζ‖", "cos", "m", "time s"]
+        ctx = [c for c in ("checkpoint", "step") if any(c in r for r in self.rows)]
+        head = ctx + head
+        body = []
+        for r in self.rows:
+            cells = [str(r.get(c, "")) for c in ctx] + [
+                r["legend"],
+                _fmt(r["energy_error"]),
+                _fmt(r["relative_error"]),
+                _fmt(r["reduction_ratio"], "{:.4f}"),
+                _fmt(r["gap"], "{:+.3e}"),
+                _fmt(r["euclidean_relative_error"]),
+                _fmt(r["cosine"], "{:.5f}"),
+                "" if r["coarse_dim"] is None else str(r["coarse_dim"]),
+                _fmt(r["seconds"], "{:.3f}"),
+            ]
+            body.append(cells)
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.rjust(w) if i >= len(ctx) + 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        out = []
+        if self.meta:
+            m = self.meta
+            out.append(
+                f"λ = {m.get('damping', float('nan')):g}   N = {m.get('N')}   p = {m.get('p', 0):,}   "
+                f"‖ζ‖²_F• = {_fmt(m.get('zeta_norm2'))}   exact: {m.get('solver', '')}"
+            )
+        out.append(line(head))
+        out.append("  ".join("-" * w for w in widths))
+        for r, b in zip(self.rows, body):
+            out.append(line(b) + (f"  ({r['note']})" if r.get("note") else ""))
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _fmt(x, spec: str = "{:.3e}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return spec.format(x)
+
+
+def build_method(
+    method: str,
+    jac: Jacobian,
+    damping: float,
+    *,
+    rhs: Tensor,
+    exact: ExactFisher,
+    kfac: KFAC | None = None,
+    k: int = 1,
+    m: int = 2,
+    q: int = 2,
+) -> FisherOperator:
+    """The operator of ``method`` (see :data:`METHODS`), sharing ``exact`` and ``kfac``."""
+    if method == "exact":
+        return exact
+    if method == "block-diagonal":
+        return BlockDiagonalFisher(jac, damping)
+    if method == "kfac":
+        return kfac if kfac is not None else KFAC(jac, damping, "pi")
+    if method == "kfac-tikhonov":
+        return KFAC(jac, damping, "tikhonov")
+    kfac = kfac if kfac is not None else KFAC(jac, damping, "pi")
+    if method in _TWO_LEVEL:
+        return TwoLevelKFAC(jac, damping, method, kfac=kfac, exact=exact, rhs=rhs, k=k, m=m, q=q)
+    if method in ("tko", "tko-kronecker"):
+        return TKO(jac, damping, "exact" if method == "tko" else "kronecker", kfac=kfac, exact=exact, rhs=rhs)
+    raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+
+
+def compare(
+    capture: Capture | Jacobian,
+    damping: float,
+    methods: Sequence[str] | None = None,
+    *,
+    rhs: Tensor | None = None,
+    exact: ExactFisher | None = None,
+    k: int = 1,
+    m: int = 2,
+    q: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> ComparisonTable:
+    """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
+
+    Args:
+        capture: a :class:`Capture` (or a ready :class:`Jacobian` with ``rhs``).
+        damping: λ > 0.
+        methods: names from :data:`METHODS` (default: all; ``tko-kronecker`` is reported as n/a
+            for captures with conv layers).
+        rhs: the right-hand side (default ``capture.grad``).
+        exact: a ready :class:`ExactFisher` to reuse (default: built with the automatic solver).
+        k, m, q: spectral, Krylov and Taylor sizes.
+        progress: called with each method name before it runs.
+
+    Returns:
+        A :class:`ComparisonTable`; ``meta`` holds λ, N, p, ‖ζ‖²_{F•}, 𝔈_KFAC and the solver report.
+    """
+    lam = check_damping(damping)
+    if methods is None:
+        methods = list(METHODS)
+    unknown = [mm for mm in methods if mm not in METHODS and mm != "exact"]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    jac = as_jacobian(capture)
+    if rhs is None:
+        if not isinstance(capture, Capture):
+            raise ValueError("compare: rhs is required when given a Jacobian")
+        rhs = capture.grad
+    w = rhs.to(torch.float64).reshape(-1, 1)
+    if not bool(torch.isfinite(w).all()):
+        raise FisherlabError("compare: the gradient ∇h contains NaN/Inf")
+    if float(w.norm()) == 0.0:
+        raise FisherlabError("compare: the gradient ∇h is zero; every increment is zero")
+
+    exact = exact if exact is not None else ExactFisher(jac, lam)
+    t0 = time.perf_counter()
+    zeta = exact._solve(w)
+    t_exact = time.perf_counter() - t0
+    zeta_norm2 = float((w * zeta).sum())
+    zeta_norm = float(zeta.norm())
+
+    def fnorm2(x: Tensor) -> float:
+        return float(exact.fisher_norm2(x)[0])
+
+    t0 = time.perf_counter()
+    kfac = KFAC(jac, lam, "pi")
+    zK = kfac._solve(w)
+    t_kfac = time.perf_counter() - t0
+    E_kfac = fnorm2(zK - zeta)
+    FzK = exact._matmat(zK)
+    zKFzK = float((zK * FzK).sum())
+
+    rows: list[dict] = []
+    for name in methods:
+        if progress is not None:
+            progress(name)
+        note = ""
+        t0 = time.perf_counter()
+        try:
+            op = build_method(name, jac, lam, rhs=w[:, 0], exact=exact, kfac=kfac, k=k, m=m, q=q)
+        except FisherlabError as err:
+            if name == "tko-kronecker":
+                rows.append(_na_row(name, str(err).split(";")[0]))
+                continue
+            raise
+        x = op._solve(w)
+        seconds = time.perf_counter() - t0 + (t_kfac if name == "kfac" else 0.0) + (t_exact if name == "exact" else 0.0)
+        E = fnorm2(x - zeta)
+        coarse_dim = None
+        if isinstance(op, CoarseCorrection):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # re-issued below with context
+                gap = op.gap()
+            coarse_dim = op.coarse_dim
+            if coarse_dim < sum(op.raw_dims):
+                note = f"{sum(op.raw_dims) - coarse_dim} dependent coarse column(s) dropped"
+        elif name == "kfac":
+            gap = 0.0
+        else:
+            gap = float((x * exact._matmat(x)).sum()) - zKFzK - 2 * float(((x - zK) * w).sum())
+        if name in _TWO_LEVEL and gap > 1e-10 * max(E_kfac, 1e-300) + 1e-13 * zeta_norm2:
+            warnings.warn(
+                f"compare: the multiplicative gap (4.6) of '{name}' is {gap:.3e} > 0; theory says ≤ 0 "
+                f"(𝔈_KFAC = {E_kfac:.3e})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        xn = float(x.norm())
+        rows.append(
+            {
+                "method": name,
+                "legend": LEGENDS.get(name, name.upper()),
+                "energy_error": E,
+                "relative_error": E / zeta_norm2 if zeta_norm2 > 0 else float("nan"),
+                "reduction_ratio": E / E_kfac if E_kfac > 0 else float("nan"),
+                "gap": gap,
+                "euclidean_relative_error": float((x - zeta).norm()) / zeta_norm if zeta_norm > 0 else float("nan"),
+                "cosine": float((x * zeta).sum()) / (xn * zeta_norm) if xn > 0 and zeta_norm > 0 else float("nan"),
+                "coarse_dim": coarse_dim,
+                "seconds": seconds,
+                "note": note,
+            }
+        )
+    meta = {
+        "damping": lam,
+        "N": jac.N,
+        "p": jac.p,
+        "B": jac.B,
+        "K": jac.K,
+        "zeta_norm2": zeta_norm2,
+        "energy_error_kfac": E_kfac,
+        "solver": exact.report(),
+        "exact_seconds": t_exact,
+    }
+    return ComparisonTable(rows, meta)
+
+
+def _na_row(name: str, note: str) -> dict:
+    nan = float("nan")
+    return {
+        "method": name, "legend": LEGENDS.get(name, name.upper()), "energy_error": nan, "relative_error": nan,
+        "reduction_ratio": nan, "gap": nan, "euclidean_relative_error": nan, "cosine": nan,
+        "coarse_dim": None, "seconds": nan, "note": note,
+    }
+
+
+def compare_file(
+    path: str | Path,
+    damping: float,
+    methods: Sequence[str] | None = None,
+    *,
+    checkpoints: Sequence[str] | None = None,
+    progress: bool = True,
+    **kw,
+) -> ComparisonTable:
+    """:func:`compare` for every complete checkpoint of a capture file (or those named).
+
+    Rows gain ``checkpoint``, ``step`` and ``damping``; a tqdm bar runs over checkpoints × methods.
+    """
+    from tqdm.auto import tqdm
+
+    from .store import list_checkpoints, load
+
+    lam = check_damping(damping)
+    infos = [c for c in list_checkpoints(path) if c.complete]
+    if checkpoints is not None:
+        known = {c.name: c for c in infos}
+        missing = [c for c in checkpoints if c not in known]
+        if missing:
+            raise FisherlabError(f"{path}: no complete checkpoint named {', '.join(missing)} (have: {', '.join(known)})")
+        infos = [known[c] for c in checkpoints]
+    if not infos:
+        raise FisherlabError(f"{path}: no complete checkpoint to analyse")
+    names = list(methods) if methods is not None else list(METHODS)
+    bar = tqdm(total=len(infos) * len(names), desc="compare", unit="method", disable=not progress, leave=False)
+    tables = []
+    try:
+        for info in infos:
+            cap = load(path, info.name)
+            table = compare(cap, lam, names, progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **kw)
+            for r in table.rows:
+                r.update(checkpoint=info.name, step=info.step, damping=lam)
+            table.meta.update(checkpoint=info.name, step=info.step)
+            tables.append(table)
+    finally:
+        bar.close()
+    out = ComparisonTable.concat(tables)
+    out.meta = {"damping": lam, "checkpoints": [t.meta for t in tables]}
+    return out
