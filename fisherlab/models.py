@@ -1,0 +1,446 @@
+"""The paper's networks by name, described by small JSON-able dicts and rebuilt from them.
+
+A *description* is a complete, JSON-able dict ``{"name": ..., "width": ..., <options>, <derived>}``
+that the store records with every capture; :func:`build` rebuilds the same network from it
+(with the same ``seed``, bit-identical weights). Derived entries (``input_shape``,
+``n_outputs``, ``loss``, ``n_params``) are informative and ignored by :func:`build`.
+
+| name            | architecture (width 1)                                                 | loss          |
+|-----------------|------------------------------------------------------------------------|---------------|
+| ``curves-ae``   | 784-400-200-100-50-25-6, mirrored decoder back to 784                   | ``bce_logits``|
+| ``mnist-ae``    | 784-1000-500-250-30, mirrored                                          | ``bce_logits``|
+| ``faces-ae``    | 625-2000-1000-500-30, mirrored                                         | ``bce_logits``|
+| ``cuda-convnet``| 3 conv (32, 32, 64 channels) + 1 linear on 3×32×32, BatchNorm           | cross_entropy |
+| ``resnet18``    | CIFAR-style ResNet, BasicBlock [2, 2, 2, 2], base 64 channels, BN       | cross_entropy |
+| ``resnet34``    | CIFAR-style ResNet, BasicBlock [3, 4, 6, 3], base 64 channels, BN       | cross_entropy |
+| ``deep-linear-64`` | 64 Linear layers of width 10, BatchNorm after all but the last       | cross_entropy (input 784) / mse (input 10) |
+| ``deep-linear-14`` | 784-1000-900-…-50-20-10, BatchNorm after all but the last            | cross_entropy |
+
+Choices (documented, following the authors' public code, ``Abdoulaye-Koroko/natural-gradients``,
+``apps/mlp_cnn/models.py``, unless stated):
+
+* **Autoencoders**: ReLU hidden units (the authors' code; ``activation="sigmoid"`` gives Hinton &
+  Salakhutdinov's / Martens' logistic units, ``"tanh"`` is also offered). The code layer is
+  *linear* (as in Hinton & Salakhutdinov 2006 and Martens 2010) rather than ReLU as in the
+  authors' code, because a 6-unit ReLU code easily dies. The output is logits (no final sigmoid):
+  use ``bce_logits`` against inputs in [0, 1]. Torch's default initialization (not Martens'
+  sparse init).
+* **cuda-convnet**: Conv(3→32, k3)-ReLU-MaxPool(3)-BN-Conv(32→32, k3)-ReLU-MaxPool(3)-BN-
+  Conv(32→64, k2)-ReLU-Flatten-Linear(64→10), exactly the authors' layer sequence
+  (``batchnorm=False`` drops the BN layers).
+* **ResNets**: the usual CIFAR variant (3×3 stem, no max-pool, bias-free convs, 1×1 conv + BN
+  shortcuts, global average pool, linear head); ``n_classes`` is 10 by default (the paper used
+  CIFAR-100 for resnet18 and SVHN for resnet34).
+* **Deep linear networks**: no activation at all, bias on every Linear, BatchNorm1d after every
+  Linear but the last, as in the authors' code and Tselepidis et al.
+* BatchNorm parameters are not part of the Fisher: :meth:`fisherlab.Layout.from_model` lists them
+  in a warning, which is expected for the ResNets, cuda-convnet and the deep linear networks.
+* Every activation is out of place (fisherlab refuses in-place ones on captured layers).
+
+``width`` multiplies every hidden width (``max(1, round(h·width))``); input and output sizes
+are fixed. :func:`describe` lists the parameter count, useful to choose a CPU-sized width.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "available",
+    "build",
+    "default_data",
+    "default_loss",
+    "describe",
+    "input_shape",
+    "n_params",
+]
+
+# description keys computed by describe(); build() ignores them
+_DERIVED = ("input_shape", "n_outputs", "loss", "n_params")
+
+
+def _scale(h: int, width: float) -> int:
+    """Hidden width ``h`` scaled by ``width``: ``max(1, round(h·width))``."""
+    return max(1, int(round(h * width)))
+
+
+# --------------------------------------------------------------------------------------------
+# autoencoders
+# --------------------------------------------------------------------------------------------
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,  # inplace=False by default
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}' (choose one of {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]()
+
+
+class Autoencoder(nn.Module):
+    """Deep autoencoder ``d-h_1-…-h_k-code-h_k-…-h_1-d`` with a linear code layer and logit outputs.
+
+    Args:
+        sizes: ``[d, h_1, …, h_k, code]`` (encoder sizes); the decoder mirrors them.
+        activation: hidden activation (``relu``, ``sigmoid`` or ``tanh``).
+    """
+
+    def __init__(self, sizes: list[int], activation: str = "relu") -> None:
+        super().__init__()
+        enc: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            enc.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:  # the code layer is linear
+                enc.append(_activation(activation))
+        rev = sizes[::-1]
+        dec: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+            dec.append(nn.Linear(a, b))
+            if i < len(rev) - 2:  # the output is logits
+                dec.append(_activation(activation))
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, d]`` (or ``[B, 1, H, W]``, flattened) → logits ``[B, d]``."""
+        return self.decoder(self.encoder(x.flatten(1)))
+
+
+def _autoencoder(dims: list[int]) -> Callable[..., nn.Module]:
+    def make(width: float = 1.0, activation: str = "relu") -> nn.Module:
+        sizes = [dims[0]] + [_scale(h, width) for h in dims[1:]]
+        return Autoencoder(sizes, activation)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------
+# cuda-convnet
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_convnet(width: float = 1.0, n_classes: int = 10, batchnorm: bool = True) -> nn.Module:
+    """Three convolutions and one linear layer on ``[B, 3, 32, 32]`` (the authors' sequence).
+
+    Spatial sizes: 32 →conv3→ 30 →pool3→ 10 →conv3→ 8 →pool3→ 2 →conv2→ 1.
+    """
+    c1, c2, c3 = _scale(32, width), _scale(32, width), _scale(64, width)
+    bn = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(3, c1, kernel_size=3),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3),
+        bn(c1),
+        nn.Conv2d(c1, c2, kernel_size=3),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3),
+        bn(c2),
+        nn.Conv2d(c2, c3, kernel_size=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c3, n_classes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-style ResNets
+# --------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``, 3×3 convolutions, all out of place."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): 3×3 stem, four stages of :class:`BasicBlock`, avg-pool, linear.
+
+    Args:
+        blocks: blocks per stage (``[2, 2, 2, 2]`` for ResNet-18, ``[3, 4, 6, 3]`` for ResNet-34).
+        base: channels of the first stage (64 at width 1); stages have base·(1, 2, 4, 8).
+        n_classes: outputs of the linear head.
+    """
+
+    def __init__(self, blocks: list[int], base: int = 64, n_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, base, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        stages = []
+        c_in = base
+        for i, n in enumerate(blocks):
+            c_out = base * 2**i
+            layers = []
+            for j in range(n):
+                layers.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
+                c_in = c_out
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(c_in, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` → logits ``[B, n_classes]``."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def _resnet(blocks: list[int]) -> Callable[..., nn.Module]:
+    def make(width: float = 1.0, n_classes: int = 10) -> nn.Module:
+        return ResNet(blocks, base=_scale(64, width), n_classes=n_classes)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------
+# deep linear networks
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_linear(sizes: list[int]) -> nn.Module:
+    """``Linear`` layers ``sizes[0]→…→sizes[-1]`` with ``BatchNorm1d`` after all but the last."""
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        mods.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            mods.append(nn.BatchNorm1d(b))
+    return nn.Sequential(nn.Flatten(), *mods)
+
+
+def _deep_linear_64(width: float = 1.0, input_dim: int = 784, n_outputs: int = 10) -> nn.Module:
+    """64 Linear layers of width 10 (Tselepidis et al.; the paper's Fig. 4(a))."""
+    h = _scale(10, width)
+    return _deep_linear([input_dim] + [h] * 63 + [n_outputs])
+
+
+_DL14 = [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20]
+
+
+def _deep_linear_14(width: float = 1.0, input_dim: int = 784, n_outputs: int = 10) -> nn.Module:
+    """784-1000-900-800-700-600-500-400-300-200-100-50-20-10 (the paper's Fig. 4(b))."""
+    return _deep_linear([input_dim] + [_scale(h, width) for h in _DL14] + [n_outputs])
+
+
+# --------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    make: Callable[..., nn.Module]
+    input_shape: Callable[[dict], tuple[int, ...]]
+    n_outputs: Callable[[dict], int]
+    loss: Callable[[dict], str]
+    data: str | None
+    """The default data set (:mod:`fisherlab.datasets` name), ``None`` when none is embedded."""
+
+
+def _const(v: Any) -> Callable[[dict], Any]:
+    return lambda d: v
+
+
+_MODELS: dict[str, _Entry] = {
+    "curves-ae": _Entry(
+        _autoencoder([784, 400, 200, 100, 50, 25, 6]), _const((784,)), _const(784), _const("bce_logits"), "curves"
+    ),
+    "mnist-ae": _Entry(
+        _autoencoder([784, 1000, 500, 250, 30]), _const((784,)), _const(784), _const("bce_logits"), "mnist"
+    ),
+    "faces-ae": _Entry(
+        _autoencoder([625, 2000, 1000, 500, 30]), _const((625,)), _const(625), _const("bce_logits"), None
+    ),
+    "cuda-convnet": _Entry(
+        _cuda_convnet, _const((3, 32, 32)), lambda d: d["n_classes"], _const("cross_entropy"), "cifar-standin"
+    ),
+    "resnet18": _Entry(
+        _resnet([2, 2, 2, 2]), _const((3, 32, 32)), lambda d: d["n_classes"], _const("cross_entropy"), "cifar-standin"
+    ),
+    "resnet34": _Entry(
+        _resnet([3, 4, 6, 3]), _const((3, 32, 32)), lambda d: d["n_classes"], _const("cross_entropy"), "cifar-standin"
+    ),
+    "deep-linear-64": _Entry(
+        _deep_linear_64,
+        lambda d: (d["input_dim"],),
+        lambda d: d["n_outputs"],
+        lambda d: "cross_entropy" if d["input_dim"] != 10 else "mse",
+        "fashion-mnist",
+    ),
+    "deep-linear-14": _Entry(
+        _deep_linear_14, lambda d: (d["input_dim"],), lambda d: d["n_outputs"], _const("cross_entropy"), "mnist"
+    ),
+}
+
+
+def available() -> list[str]:
+    """The model names, in the order of the table above."""
+    return list(_MODELS)
+
+
+def _entry(name: Any) -> _Entry:
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"unknown model {name!r} (valid names: {', '.join(_MODELS)})")
+    return _MODELS[name]
+
+
+def _options(name: str) -> dict[str, Any]:
+    """The keyword options of model ``name`` with their defaults (``width`` included)."""
+    sig = inspect.signature(_entry(name).make)
+    return {k: p.default for k, p in sig.parameters.items()}
+
+
+def _check_option(name: str, key: str, value: Any, default: Any) -> Any:
+    where = f"model '{name}' option '{key}'"
+    if key == "width":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{where} must be a number > 0, got {value!r}")
+        return float(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where} must be a positive integer, got {value!r}")
+        return int(value)
+    if key == "activation" and value not in _ACTIVATIONS:
+        raise ValueError(f"{where} must be one of {', '.join(_ACTIVATIONS)}, got {value!r}")
+    return value
+
+
+def describe(name: str, **kwargs: Any) -> dict:
+    """The complete JSON-able description of model ``name`` with options ``kwargs``.
+
+    Args:
+        name: one of :func:`available`.
+        **kwargs: ``width`` (hidden-width multiplier, default 1) and the model's options:
+            autoencoders ``activation`` (``relu``/``sigmoid``/``tanh``); ``cuda-convnet``
+            ``n_classes``, ``batchnorm``; ResNets ``n_classes``; deep linear networks
+            ``input_dim``, ``n_outputs``.
+
+    Returns:
+        ``{"name", "width", <every option with its value>, "input_shape", "n_outputs", "loss",
+        "n_params"}``; the last four are derived (informative, ignored by :func:`build`).
+
+    Raises:
+        ValueError: unknown name or option, or a bad option value (one line).
+    """
+    entry = _entry(name)
+    opts = _options(name)
+    unknown = sorted(set(kwargs) - set(opts) - set(_DERIVED) - {"name"})
+    if unknown:
+        raise ValueError(
+            f"model '{name}' has no option {', '.join(map(repr, unknown))} "
+            f"(valid options: {', '.join(opts)})"
+        )
+    d: dict[str, Any] = {"name": name}
+    for key, default in opts.items():
+        d[key] = _check_option(name, key, kwargs.get(key, default), default)
+    d["input_shape"] = list(entry.input_shape(d))
+    d["n_outputs"] = int(entry.n_outputs(d))
+    d["loss"] = entry.loss(d)
+    d["n_params"] = n_params(d)
+    return d
+
+
+def _normalise(description: dict | str) -> dict:
+    if isinstance(description, str):
+        return describe(description)
+    if not isinstance(description, dict) or "name" not in description:
+        raise ValueError(f"a model description must be a name or a dict with a 'name', got {description!r}")
+    name = description["name"]
+    _entry(name)
+    kwargs = {k: v for k, v in description.items() if k != "name" and k not in _DERIVED}
+    return describe(name, **kwargs)
+
+
+def _make(d: dict) -> nn.Module:
+    opts = {k: d[k] for k in _options(d["name"])}
+    return _entry(d["name"]).make(**opts)
+
+
+def build(description: dict | str, *, seed: int | None = None) -> nn.Module:
+    """Build the model of ``description`` (a dict from :func:`describe`, or a bare name).
+
+    Args:
+        description: the description; derived keys are ignored.
+        seed: seeds torch's default initialization; the global RNG state is left untouched.
+            ``None`` draws from the global RNG.
+
+    Returns:
+        A float32 ``nn.Module`` on the CPU, in training mode.
+
+    Raises:
+        ValueError: unknown name or option (one line listing the valid ones).
+    """
+    d = _normalise(description)
+    if seed is None:
+        return _make(d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _make(d)
+
+
+def n_params(description: dict | str) -> int:
+    """Number of parameters of the model (all of them, BatchNorm included), counted on the meta device."""
+    d = description if isinstance(description, dict) and "width" in description else _normalise(description)
+    with torch.device("meta"):
+        model = _make(d)
+    return sum(p.numel() for p in model.parameters())
+
+
+def input_shape(description: dict | str) -> tuple[int, ...]:
+    """Shape of one input example (without the batch dimension), e.g. ``(784,)`` or ``(3, 32, 32)``."""
+    d = _normalise(description)
+    return tuple(d["input_shape"])
+
+
+def default_loss(name: str | dict) -> str:
+    """The loss the model is trained with: ``bce_logits`` (autoencoders), ``cross_entropy``
+    (classifiers), ``mse`` (``deep-linear-64`` on 10-dim random vectors, given a description)."""
+    d = _normalise(name)
+    return d["loss"]
+
+
+def default_data(name: str | dict) -> str | None:
+    """The :mod:`fisherlab.datasets` name the model is trained on by default.
+
+    ``None`` for ``faces-ae`` (the FACES data are not embedded). ``deep-linear-64`` with
+    ``input_dim=10`` gives ``random-vectors``.
+    """
+    d = _normalise(name)
+    if d["name"] == "deep-linear-64" and d["input_dim"] == 10:
+        return "random-vectors"
+    return _entry(d["name"]).data
+
+
+def to_json(description: dict) -> str:
+    """The description as a compact JSON string (sorted keys)."""
+    return json.dumps(description, sort_keys=True)
