@@ -139,6 +139,8 @@ class KFAC(BlockDiagonalOperator):
             stored ``A_i``/``G_i`` of dense-stored layers).
         damping: λ > 0.
         damping_mode: ``"pi"`` (2.30) or ``"tikhonov"``.
+        factors: optional ``[(A_i, G_i)]`` to use instead of the capture's (e.g. running averages
+            kept by an optimizer); shapes must match the layers.
 
     Attributes:
         factors: ``[(A_i, G_i)]``; pi: ``[π_i]``; blocks: the :class:`KroneckerBlock` per layer,
@@ -151,6 +153,7 @@ class KFAC(BlockDiagonalOperator):
         damping: float,
         damping_mode: str | DampingMode = "pi",
         *,
+        factors: list[tuple[Tensor, Tensor]] | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.damping = check_damping(damping)
@@ -159,10 +162,17 @@ class KFAC(BlockDiagonalOperator):
         except ValueError:
             raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
         self.jac: Jacobian = as_jacobian(source, dtype)
-        blocks = [
-            KroneckerBlock(lj.kfac_factors[0].to(dtype), lj.kfac_factors[1].to(dtype), self.damping, self.damping_mode)
-            for lj in self.jac.layers
-        ]
+        if factors is None:
+            factors = [lj.kfac_factors for lj in self.jac.layers]
+        elif len(factors) != len(self.jac.layers):
+            raise ValueError(f"KFAC: {len(factors)} factor pairs given for {len(self.jac.layers)} layers")
+        for (A, G), lj in zip(factors, self.jac.layers):
+            if A.shape != (lj.spec.d_in_bar,) * 2 or G.shape != (lj.spec.d_out,) * 2:
+                raise ValueError(
+                    f"KFAC: layer '{lj.spec.name}' needs A [{lj.spec.d_in_bar}, {lj.spec.d_in_bar}] and "
+                    f"G [{lj.spec.d_out}, {lj.spec.d_out}], got {tuple(A.shape)} and {tuple(G.shape)}"
+                )
+        blocks = [KroneckerBlock(A.to(dtype), G.to(dtype), self.damping, self.damping_mode) for A, G in factors]
         super().__init__(blocks, self.jac.layout.sizes, dtype)
         self.name = "kfac" if self.damping_mode is DampingMode.PI else "kfac-tikhonov"
 
