@@ -1,0 +1,981 @@
+"""HDF5 store for captures, schema v1 (the only module that imports h5py).
+
+One file per run, one group per checkpoint, one subgroup per layer::
+
+    /                              attrs: format="fisherlab", schema_version=1, fisherlab_version,
+                                          created, layout (JSON), model (JSON), loss, fisher,
+                                          n_vectors (K), batch_size (B)
+    /checkpoints/<name>            attrs: name, step, batch_indices, seed, loss_value, loss, fisher,
+                                          batch_size, n_vectors, dtype, meta, layers (the layer
+                                          table), created, nbytes, complete=True (written last)
+        grad        [p]            ∇h (2.10), fisherlab order
+        targets     [B] | [B, d_y] the true targets
+        sampled     [K, B, ...]    the drawn targets (mc only)
+        layers/<i>                 attrs: name, kind, storage, positions
+            a  [B, T, d_in']       ā       ┐ storage "factored"
+            g  [B, K, T, d_out]    g       ┘
+            J  [N, p_i]            dense per-example gradients (storage "dense"), N = B·K
+    /staging/<name>                a checkpoint being written (same layout, no ``complete``)
+
+Every dataset carries ``crc32`` (zlib CRC-32 of its C-order bytes). The example axis is the
+chunking axis of ``a``, ``g`` and ``J`` (≈1 MiB chunks). Metadata are JSON strings or plain
+scalars, never pickles.
+
+**Crash safety.** A checkpoint is written into ``/staging/<name>`` (created and flushed first,
+so a killed writer leaves a visible "incomplete" entry), checksummed, flushed and fsync'd, and
+only then moved to ``/checkpoints/<name>``; ``complete=True`` is set after the move and the file
+is flushed and fsync'd again. While the bulk data are written, no HDF5 object reachable from an
+earlier checkpoint is modified, so SIGKILL at that moment leaves every earlier checkpoint intact
+(tests/test_store.py kills a real writer there). The first checkpoint of a new file is written to
+``<file>.partial`` and renamed into place once committed. The files use the HDF5 1.8 format
+(``libver=("earliest", "v108")``): the newer superblock of ``libver="latest"`` records "open for
+write" and refuses to open after a crash until ``h5clear`` is run. HDF5 itself gives no formal
+crash guarantee outside SWMR; the two short commit steps (create the staging link, move it) each
+rewrite a few small metadata blocks and are the remaining window.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import warnings
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from .capturing.record import Capture, FisherMode, LayerCapture, Storage
+from .errors import NonFiniteError, StoreError
+from .layout import LayerSpec, Layout
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CaptureFile",
+    "CheckpointInfo",
+    "DatasetInfo",
+    "LayerInfo",
+    "file_info",
+    "list_checkpoints",
+    "load",
+    "save",
+]
+
+FORMAT = "fisherlab"
+SCHEMA_VERSION = 1
+COMPRESSIONS = (None, "lzf", "gzip")
+_LIBVER = ("earliest", "v108")
+_CHUNK_BYTES = 1 << 20
+_DS_ORDER = ("a", "g", "J", "A", "G")
+
+# Test hook: called as ``_WRITE_HOOK(checkpoint, stage)`` while a checkpoint is being written
+# (``stage`` = "staged", "<i>/<dataset>" after each layer dataset, "grad", "before-commit",
+# "committed"). tests/test_store.py uses it to stop a writer at a known moment and SIGKILL it.
+_WRITE_HOOK: Callable[[str, str], None] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# descriptions returned to callers (inspect, operators)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One stored array: logical shape and dtype, chunking, filter, sizes in bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...] | None
+    compression: str | None
+    nbytes: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of a checkpoint's layer table, with its datasets (when readable)."""
+
+    index: int
+    name: str
+    kind: str
+    storage: str
+    positions: int
+    shapes: dict[str, list[int]]
+    datasets: tuple[DatasetInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint of a file: complete (under ``/checkpoints``) or not (staging, killed writer)."""
+
+    name: str
+    complete: bool
+    step: int | None = None
+    batch_indices: list[int] | None = None
+    seed: int | None = None
+    loss_value: float | None = None
+    loss: str | None = None
+    fisher: str | None = None
+    batch_size: int | None = None
+    n_vectors: int | None = None
+    dtype: str | None = None
+    created: str | None = None
+    layers: tuple[LayerInfo, ...] = ()
+    datasets: tuple[DatasetInfo, ...] = ()
+    nbytes: int = 0
+    stored_bytes: int = 0
+    status: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _jdump(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, allow_nan=False)
+
+
+def _attr(obj: Any, key: str, default: Any = None) -> Any:
+    v = obj.attrs.get(key, default)
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def _jattr(obj: Any, key: str, default: Any = None) -> Any:
+    v = _attr(obj, key, None)
+    return default if v is None else json.loads(v)
+
+
+def _crc(arr: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
+
+
+def _to_numpy(t: Tensor, dtype: torch.dtype | None) -> np.ndarray:
+    t = t.detach().to("cpu")
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    if t.dtype == torch.bfloat16:
+        raise StoreError("cannot store bfloat16 arrays in HDF5; pass dtype=torch.float32")
+    return t.contiguous().numpy()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _first_line(err: BaseException) -> str:
+    s = str(err).strip()
+    return s.splitlines()[0] if s else type(err).__name__
+
+
+def _where(path: Path, checkpoint: str | None = None, layer: int | None = None, name: str | None = None) -> str:
+    s = f"{path}"
+    if checkpoint is not None:
+        s += f": checkpoint '{checkpoint}'"
+    if layer is not None:
+        s += f", layer {layer}" + (f" '{name}'" if name else "")
+    return s
+
+
+def _expected_shapes(
+    spec: LayerSpec, storage: str, B: int, K: int, T: int, kfac: bool = False
+) -> dict[str, list[int]]:
+    """Dataset shapes of a layer: factored ``a``, ``g``; dense ``J`` (+ KFAC factors ``A``, ``G``)."""
+    if storage == Storage.DENSE.value:
+        out = {"J": [B * K, spec.numel]}
+        if kfac:
+            out.update(A=[spec.d_in_bar, spec.d_in_bar], G=[spec.d_out, spec.d_out])
+        return out
+    if storage != Storage.FACTORED.value:
+        raise ValueError(f"unknown storage {storage!r}")
+    return {"a": [B, T, spec.d_in_bar], "g": [B, K, T, spec.d_out]}
+
+
+def _layer_arrays(lc: LayerCapture) -> dict[str, Tensor | None]:
+    if lc.dense is not None:
+        out: dict[str, Tensor | None] = {"J": lc.dense}
+        if lc.A is not None or lc.G is not None:
+            out.update(A=lc.A, G=lc.G)
+        return out
+    return {"a": lc.a, "g": lc.g}
+
+
+def _layer_table(capture: Capture) -> list[dict]:
+    rows = []
+    for i, lc in enumerate(capture.layers):
+        storage = lc.storage.value
+        rows.append(
+            {
+                "index": i,
+                "name": lc.spec.name,
+                "kind": lc.spec.kind.value,
+                "storage": storage,
+                "positions": lc.positions,
+                "shapes": _expected_shapes(
+                    lc.spec, storage, capture.B, capture.K, lc.positions, kfac=lc.dense is not None and lc.A is not None
+                ),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# opening files with one-line errors
+# --------------------------------------------------------------------------------------------
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    """Open a fisherlab file; every failure is a :class:`StoreError` naming the file."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such file")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, not a fisherlab HDF5 file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read ({_first_line(err)})") from None
+    if not h5py.is_hdf5(str(path)):
+        if len(head) == 0:
+            raise StoreError(f"{path}: not an HDF5 file (empty file)")
+        raise StoreError(f"{path}: not an HDF5 file")
+    try:
+        f = h5py.File(path, mode, libver=_LIBVER)
+    except OSError as err:
+        msg = _first_line(err)
+        if "truncated" in msg.lower():
+            raise StoreError(f"{path}: truncated HDF5 file ({msg}); was it copied or written completely?") from None
+        if "lock" in msg.lower():
+            raise StoreError(f"{path}: locked by another process (is a capture still writing it?)") from None
+        raise StoreError(f"{path}: corrupted HDF5 file, cannot open it ({msg})") from None
+    try:
+        fmt = _attr(f, "format")
+        if fmt != FORMAT:
+            raise StoreError(f"{path}: HDF5 file but not a fisherlab file (no format='fisherlab' attribute)")
+        version = _attr(f, "schema_version")
+        if not isinstance(version, int):
+            raise StoreError(f"{path}: unknown schema version {version!r} (this fisherlab reads version {SCHEMA_VERSION})")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {version} is newer than this fisherlab "
+                f"({_version()}, schema {SCHEMA_VERSION}); upgrade fisherlab"
+            )
+        if version < 1:
+            raise StoreError(f"{path}: unknown schema version {version} (this fisherlab reads version {SCHEMA_VERSION})")
+    except StoreError:
+        f.close()
+        raise
+    except Exception as err:  # corrupted attributes
+        f.close()
+        raise StoreError(f"{path}: corrupted fisherlab file, cannot read its attributes ({_first_line(err)})") from None
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# the lazy reader
+# --------------------------------------------------------------------------------------------
+
+
+class CaptureFile:
+    """A fisherlab HDF5 file open for reading; reads one checkpoint or one layer at a time.
+
+    Example::
+
+        with CaptureFile("run.h5") as cf:
+            for info in cf.checkpoints:            # complete and incomplete ones
+                ...
+            lc = cf.read_layer("step-1000", 0)     # a LayerCapture, read and verified
+            g = cf.read_grad("step-1000")          # ∇h [p]
+
+    Every array read is checked against the layer table (shapes), its stored CRC-32 and for
+    NaN/Inf; failures are one-line :class:`StoreError` / :class:`NonFiniteError` naming the file,
+    checkpoint and layer.
+
+    Args:
+        path: the file.
+        verify: check CRC-32 checksums on read (default ``True``).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        self._f: h5py.File | None = None
+
+    # ---- context ---------------------------------------------------------------------------
+    def open(self) -> "CaptureFile":
+        if self._f is None:
+            self._f = _open(self.path, "r")
+        return self
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "CaptureFile":
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def file(self) -> h5py.File:
+        if self._f is None:
+            self.open()
+        assert self._f is not None
+        return self._f
+
+    # ---- run-level metadata ----------------------------------------------------------------
+    @property
+    def run(self) -> dict:
+        """Root attributes: format, versions, created, model, loss, fisher, K, B (layout apart)."""
+        f = self.file
+        return {
+            "format": _attr(f, "format"),
+            "schema_version": _attr(f, "schema_version"),
+            "fisherlab_version": _attr(f, "fisherlab_version"),
+            "created": _attr(f, "created"),
+            "model": _jattr(f, "model", {}),
+            "loss": _attr(f, "loss"),
+            "fisher": _attr(f, "fisher"),
+            "n_vectors": _attr(f, "n_vectors"),
+            "batch_size": _attr(f, "batch_size"),
+        }
+
+    @property
+    def layout(self) -> Layout:
+        try:
+            return Layout.from_json(_attr(self.file, "layout"))
+        except Exception as err:
+            raise StoreError(f"{self.path}: cannot read the layout attribute ({_first_line(err)})") from None
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every checkpoint in the file: complete ones first (file order), then incomplete ones."""
+        out: list[CheckpointInfo] = []
+        seen: set[str] = set()
+        for group_name in ("checkpoints", "staging"):
+            grp = self.file.get(group_name)
+            if grp is None:
+                continue
+            for name in _safe_keys(grp):
+                if group_name == "staging" and name in seen:
+                    continue
+                out.append(self._info(grp, name, staging=group_name == "staging"))
+                seen.add(name)
+        return out
+
+    @property
+    def complete(self) -> list[str]:
+        """Names of the complete checkpoints, in the order they were written."""
+        return [c.name for c in self.checkpoints if c.complete]
+
+    def _info(self, grp: Any, name: str, *, staging: bool, details: bool = True) -> CheckpointInfo:
+        try:
+            g = grp[name]
+            complete = (not staging) and bool(_attr(g, "complete", False))
+            status = "complete" if complete else ("incomplete (writer stopped)" if staging else "incomplete")
+            layers: list[LayerInfo] = []
+            datasets: list[DatasetInfo] = []
+            for row in _jattr(g, "layers", []):
+                dsi: tuple[DatasetInfo, ...] = ()
+                if details:
+                    lg = g.get(f"layers/{row['index']}")
+                    keys = [k for k in _DS_ORDER if k in row["shapes"]]
+                    dsi = tuple(_ds_info(lg, k) for k in keys if k in lg) if lg is not None else ()
+                layers.append(
+                    LayerInfo(row["index"], row["name"], row["kind"], row["storage"], row["positions"], row["shapes"], dsi)
+                )
+            if details:
+                datasets = [_ds_info(g, k) for k in ("grad", "targets", "sampled") if k in g]
+            all_ds = [d for li in layers for d in li.datasets] + datasets
+            return CheckpointInfo(
+                name=name,
+                complete=complete,
+                step=_jattr(g, "step"),
+                batch_indices=_jattr(g, "batch_indices"),
+                seed=_jattr(g, "seed"),
+                loss_value=_attr(g, "loss_value"),
+                loss=_attr(g, "loss"),
+                fisher=_attr(g, "fisher"),
+                batch_size=_attr(g, "batch_size"),
+                n_vectors=_attr(g, "n_vectors"),
+                dtype=_attr(g, "dtype"),
+                created=_attr(g, "created"),
+                layers=tuple(layers),
+                datasets=tuple(datasets),
+                nbytes=sum(d.nbytes for d in all_ds if d.nbytes >= 0),
+                stored_bytes=sum(d.stored_bytes for d in all_ds if d.stored_bytes >= 0),
+                status=status,
+            )
+        except Exception as err:  # a killed writer may leave unreadable staging metadata
+            return CheckpointInfo(name=name, complete=False, status=f"incomplete (unreadable: {_first_line(err)})")
+
+    def _group(self, checkpoint: str | None) -> tuple[str, Any]:
+        """The group of a *complete* checkpoint (``None``: the only or the last one)."""
+        f = self.file
+        ckpts = f.get("checkpoints")
+        names = _safe_keys(ckpts) if ckpts is not None else []
+        complete = [n for n in names if bool(_attr(ckpts[n], "complete", False))]
+        if checkpoint is None:
+            if not complete:
+                pending = names + (_safe_keys(f["staging"]) if "staging" in f else [])
+                extra = f" (incomplete: {', '.join(pending)})" if pending else ""
+                raise StoreError(f"{self.path}: no complete checkpoint{extra}")
+            if len(complete) > 1:
+                warnings.warn(
+                    f"{self.path} has {len(complete)} checkpoints ({', '.join(complete)}); loading the last, "
+                    f"'{complete[-1]}' (pass checkpoint=... to choose)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            checkpoint = complete[-1]
+        checkpoint = str(checkpoint)
+        if checkpoint not in complete:
+            staged = "staging" in f and checkpoint in f["staging"]
+            if checkpoint in names or staged:
+                raise StoreError(
+                    f"{_where(self.path, checkpoint)} is incomplete (its writer stopped before the end); "
+                    "rerun the capture to resume it"
+                )
+            listed = ", ".join(complete) if complete else "none"
+            raise StoreError(f"{self.path}: no checkpoint '{checkpoint}' (complete checkpoints: {listed})")
+        return checkpoint, ckpts[checkpoint]
+
+    def info(self, checkpoint: str | None = None) -> CheckpointInfo:
+        """The :class:`CheckpointInfo` of a complete checkpoint (``None``: the last)."""
+        name, _ = self._group(checkpoint)
+        return self._info(self.file["checkpoints"], name, staging=False)
+
+    # ---- reading arrays --------------------------------------------------------------------
+    def _read(self, g: Any, key: str, shape: list[int] | None, where: str) -> np.ndarray:
+        if key not in g:
+            raise StoreError(f"{where}: dataset '{key}' is missing")
+        ds = g[key]
+        if shape is not None and list(ds.shape) != list(shape):
+            raise StoreError(
+                f"{where}: dataset '{key}' has shape {list(ds.shape)}, the layer table expects {list(shape)}"
+            )
+        try:
+            arr = ds[()]
+        except Exception as err:
+            raise StoreError(f"{where}: cannot read dataset '{key}' ({_first_line(err)}); the file is corrupted") from None
+        arr = np.asarray(arr)
+        if self.verify:
+            stored = _attr(ds, "crc32")
+            if stored is None:
+                raise StoreError(f"{where}: dataset '{key}' has no checksum (crc32 attribute)")
+            got = _crc(arr)
+            if int(stored) != got:
+                raise StoreError(
+                    f"{where}: checksum mismatch in dataset '{key}' (stored crc32 {int(stored):08x}, "
+                    f"read {got:08x}); the file is corrupted"
+                )
+        if arr.dtype.kind == "f":
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise NonFiniteError(f"{where}: {bad} non-finite value(s) (NaN/Inf) in dataset '{key}'")
+        return arr
+
+    def _layer_rows(self, name: str, g: Any, layout: Layout) -> list[dict]:
+        rows = _jattr(g, "layers", None)
+        where = _where(self.path, name)
+        if rows is None or len(rows) != len(layout):
+            n = "no" if rows is None else len(rows)
+            raise StoreError(f"{where}: the layer table has {n} rows, the layout {len(layout)} layers")
+        B, K = int(_attr(g, "batch_size")), int(_attr(g, "n_vectors"))
+        for i, (row, spec) in enumerate(zip(rows, layout.layers)):
+            if row.get("name") != spec.name:
+                raise StoreError(f"{where}, layer {i}: the layer table names '{row.get('name')}', the layout '{spec.name}'")
+            try:
+                expect = _expected_shapes(spec, row["storage"], B, K, int(row["positions"]), kfac="A" in row["shapes"])
+            except ValueError as err:
+                raise StoreError(f"{where}, layer {i} '{spec.name}': {err}") from None
+            if {k: list(v) for k, v in row["shapes"].items()} != expect:
+                raise StoreError(
+                    f"{where}, layer {i} '{spec.name}': the layer table's shapes {row['shapes']} disagree with "
+                    f"the layout (expected {expect})"
+                )
+        return rows
+
+    def read_layer(self, checkpoint: str | None, layer: int | str) -> LayerCapture:
+        """Read one layer: factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]`` or dense ``J [N, p_i]``."""
+        name, g = self._group(checkpoint)
+        layout = self.layout
+        try:
+            i = layout.index(layer)
+        except (KeyError, IndexError) as err:
+            raise StoreError(f"{_where(self.path, name)}: {err.args[0]}") from None
+        rows = self._layer_rows(name, g, layout)
+        return self._read_layer(name, g, layout, rows, i)
+
+    def _read_layer(self, name: str, g: Any, layout: Layout, rows: list[dict], i: int) -> LayerCapture:
+        spec, row = layout.layers[i], rows[i]
+        where = _where(self.path, name, i, spec.name)
+        lg = g.get(f"layers/{i}")
+        if lg is None:
+            raise StoreError(f"{where}: layer is missing (no group layers/{i})")
+        arrays = {k: torch.from_numpy(self._read(lg, k, shape, where)) for k, shape in row["shapes"].items()}
+        if row["storage"] == Storage.DENSE.value:
+            return LayerCapture(spec, int(row["positions"]), dense=arrays["J"], A=arrays.get("A"), G=arrays.get("G"))
+        return LayerCapture(spec, int(row["positions"]), a=arrays["a"], g=arrays["g"])
+
+    def iter_layers(self, checkpoint: str | None = None) -> Iterator[LayerCapture]:
+        """Yield the layers of a checkpoint one at a time (only one layer in memory)."""
+        name, g = self._group(checkpoint)
+        layout = self.layout
+        rows = self._layer_rows(name, g, layout)
+        for i in range(len(layout)):
+            yield self._read_layer(name, g, layout, rows, i)
+
+    def read_grad(self, checkpoint: str | None = None) -> Tensor:
+        """∇h ``[p]`` of a checkpoint, fisherlab order."""
+        name, g = self._group(checkpoint)
+        return torch.from_numpy(self._read(g, "grad", [self.layout.p], _where(self.path, name)))
+
+    def read_capture(self, checkpoint: str | None = None, layers: Sequence[int | str] | None = None) -> Capture:
+        """The :class:`Capture` of a checkpoint, read layer by layer. See :func:`load`."""
+        name, g = self._group(checkpoint)
+        where = _where(self.path, name)
+        layout = self.layout
+        rows = self._layer_rows(name, g, layout)
+        if layers is None:
+            idx = list(range(len(layout)))
+        else:
+            try:
+                idx = [layout.index(x) for x in layers]
+            except (KeyError, IndexError) as err:
+                raise StoreError(f"{where}: {err.args[0]}") from None
+            if len(set(idx)) != len(idx):
+                raise StoreError(f"{where}: layers {list(layers)} repeat a layer")
+        B, K = int(_attr(g, "batch_size")), int(_attr(g, "n_vectors"))
+        grad = torch.from_numpy(self._read(g, "grad", [layout.p], where))
+        targets = torch.from_numpy(self._read(g, "targets", None, where))
+        if targets.shape[:1] != (B,):
+            raise StoreError(f"{where}: dataset 'targets' has shape {list(targets.shape)}, expected {B} rows")
+        sampled = None
+        if "sampled" in g:
+            sampled = torch.from_numpy(self._read(g, "sampled", None, where))
+            if sampled.shape[:2] != (K, B):
+                raise StoreError(f"{where}: dataset 'sampled' has shape {list(sampled.shape)}, expected [{K}, {B}, ...]")
+        lcs = [self._read_layer(name, g, layout, rows, i) for i in idx]
+        meta = dict(_jattr(g, "meta", {}))
+        meta["checkpoint"] = name
+        meta["step"] = _jattr(g, "step")
+        bi = _jattr(g, "batch_indices")
+        if bi is not None:
+            meta["batch_indices"] = bi
+        if layers is not None and idx != list(range(len(layout))):
+            layout, grad = _restrict(layout, idx, grad)
+            lcs = [replace(lc, spec=s) for lc, s in zip(lcs, layout.layers)]
+            meta["layers"] = idx
+        return Capture(
+            layout=layout,
+            layers=lcs,
+            grad=grad,
+            loss_value=float(_attr(g, "loss_value")),
+            loss=str(_attr(g, "loss")),
+            fisher=FisherMode(_attr(g, "fisher")),
+            batch_size=B,
+            n_vectors=K,
+            targets=targets,
+            sampled=sampled,
+            seed=_jattr(g, "seed"),
+            model=_jattr(self.file, "model", {}),
+            meta=meta,
+        )
+
+
+def _safe_keys(grp: Any) -> list[str]:
+    try:
+        return list(grp.keys())
+    except Exception:  # pragma: no cover - unreadable group
+        return []
+
+
+def _ds_info(g: Any, key: str) -> DatasetInfo:
+    ds = g[key]
+    try:
+        stored = int(ds.id.get_storage_size())
+    except Exception:  # pragma: no cover
+        stored = -1
+    return DatasetInfo(
+        name=key,
+        shape=tuple(int(s) for s in ds.shape),
+        dtype=str(ds.dtype),
+        chunks=tuple(ds.chunks) if ds.chunks else None,
+        compression=ds.compression,
+        nbytes=int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize,
+        stored_bytes=stored,
+    )
+
+
+def _restrict(layout: Layout, idx: list[int], grad: Tensor) -> tuple[Layout, Tensor]:
+    """The layout of the layers ``idx`` alone (fisherlab offsets recomputed, torch offsets kept)."""
+    specs, parts, off = [], [], 0
+    for i in idx:
+        s = layout.layers[i]
+        specs.append(replace(s, offset=off))
+        parts.append(grad[s.offset : s.stop])
+        off += s.numel
+    dropped = [f"{s.name} ({s.kind.value}, not loaded)" for j, s in enumerate(layout.layers) if j not in idx]
+    return Layout(tuple(specs), layout.torch_numel, tuple(layout.excluded) + tuple(dropped)), torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike,
+    checkpoint: str | None = None,
+    layers: Sequence[int | str] | None = None,
+    *,
+    verify: bool = True,
+) -> Capture:
+    """Read a :class:`Capture` from a fisherlab HDF5 file, one dataset at a time.
+
+    Args:
+        path: the file written by :func:`save` (or ``fisherlab capture``).
+        checkpoint: a complete checkpoint's name; ``None`` takes the only one, or the last one
+            written (with a warning naming it when there are several).
+        layers: layer indices or names to read (default: all). With a subset the returned
+            capture's layout holds those layers only (fisherlab offsets recomputed, ∇h restricted)
+            and ``meta["layers"]`` lists their indices in the file.
+        verify: check the stored CRC-32 of every array read.
+
+    Returns:
+        A capture equal (:meth:`Capture.equals`) to the saved one, except that ``meta`` also holds
+        ``checkpoint``, ``step`` and (when known) ``batch_indices``.
+
+    Raises:
+        StoreError: missing, non-HDF5, non-fisherlab, newer-schema or truncated file; incomplete or
+            missing checkpoint; missing layer or dataset; shapes that disagree with the layer table;
+            checksum mismatch.
+        NonFiniteError: NaN/Inf in a stored array.
+    """
+    with CaptureFile(path, verify=verify) as cf:
+        return cf.read_capture(checkpoint, layers)
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
+    """Every checkpoint of a file, complete ones first, with step, batch and layer table."""
+    with CaptureFile(path) as cf:
+        return cf.checkpoints
+
+
+def file_info(path: str | os.PathLike) -> dict:
+    """Everything ``fisherlab inspect`` shows: run metadata, layout, checkpoints with datasets."""
+    p = Path(path)
+    with CaptureFile(p) as cf:
+        info = cf.run
+        info["path"] = str(p)
+        info["file_bytes"] = p.stat().st_size
+        info["layout"] = cf.layout
+        info["checkpoints"] = cf.checkpoints
+    return info
+
+
+def _validate(capture: Capture) -> None:
+    if len(capture.layers) != len(capture.layout):
+        raise StoreError(f"capture has {len(capture.layers)} layers but its layout {len(capture.layout)}")
+    for i, lc in enumerate(capture.layers):
+        got = _layer_arrays(lc)
+        expect = _expected_shapes(lc.spec, lc.storage.value, capture.B, capture.K, lc.positions, kfac="A" in got)
+        for k, t in got.items():
+            if t is None or list(t.shape) != expect[k]:
+                raise StoreError(
+                    f"capture layer {i} '{lc.spec.name}': {k} has shape {None if t is None else list(t.shape)}, "
+                    f"expected {expect[k]}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"capture layer {i} '{lc.spec.name}': non-finite value(s) (NaN/Inf) in {k}; not saved")
+    if list(capture.grad.shape) != [capture.p]:
+        raise StoreError(f"capture grad has shape {list(capture.grad.shape)}, expected [{capture.p}]")
+    if not bool(torch.isfinite(capture.grad).all()):
+        raise NonFiniteError("capture: non-finite value(s) (NaN/Inf) in grad; not saved")
+
+
+def _check_name(name: str) -> str:
+    name = str(name)
+    if not name or "/" in name or name.startswith(".") or name.strip() != name:
+        raise StoreError(f"invalid checkpoint name {name!r} (non-empty, no '/', no leading '.' or spaces)")
+    return name
+
+
+def save(
+    capture: Capture,
+    path: str | os.PathLike,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    compression: str | None = None,
+    overwrite: bool = False,
+    *,
+    batch_indices: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+    fsync: bool = True,
+) -> None:
+    """Append a capture to a run's HDF5 file as one checkpoint, atomically (schema v1).
+
+    The checkpoint is staged, checksummed (CRC-32 per dataset), flushed, and only then moved
+    under ``/checkpoints`` and marked complete; a writer killed half-way leaves earlier
+    checkpoints readable, and saving the same name again replaces the incomplete attempt.
+
+    Args:
+        capture: what to store. Its layout, loss, Fisher mode, K, B and model description must
+            match the run's (the first checkpoint of the file sets them).
+        path: the run's file; created (atomically, through ``<path>.partial``) if missing.
+        checkpoint: the checkpoint's name (default ``capture.meta["checkpoint"]``, else
+            ``"checkpoint-<n>"``).
+        step: training step (default ``capture.meta.get("step")``).
+        compression: ``None`` (default, fastest), ``"lzf"`` or ``"gzip"``.
+        overwrite: replace a *complete* checkpoint of the same name (incomplete ones always are).
+        batch_indices: indices of the batch's examples in their data set (default
+            ``capture.meta.get("batch_indices")``).
+        dtype: cast floating arrays (e.g. ``torch.float32``); default: keep the capture's dtype.
+        fsync: ``os.fsync`` the file at each commit (durability against power loss as well).
+
+    Raises:
+        StoreError: the file is not a fisherlab file, the run's configuration differs, the
+            checkpoint exists (without ``overwrite``), bad arguments.
+        NonFiniteError: NaN/Inf in the capture.
+    """
+    if compression not in COMPRESSIONS:
+        raise StoreError(f"unknown compression {compression!r} (choose None, 'lzf' or 'gzip')")
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16):
+        raise StoreError(f"dtype must be torch.float16, float32 or float64, got {dtype}")
+    _validate(capture)
+    path = Path(path)
+    if checkpoint is None:
+        checkpoint = capture.meta.get("checkpoint")
+    if step is None:
+        step = capture.meta.get("step")
+    if batch_indices is None:
+        batch_indices = capture.meta.get("batch_indices")
+    if batch_indices is not None:
+        batch_indices = [int(i) for i in batch_indices]
+        if len(batch_indices) != capture.B:
+            raise StoreError(f"batch_indices has {len(batch_indices)} entries for a batch of {capture.B}")
+    if step is not None:
+        step = int(step)
+    run = _run_attrs(capture)
+
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        if partial.exists():  # left by a writer that was killed before its first commit
+            partial.unlink()
+        if not path.parent.exists():
+            raise StoreError(f"{path}: directory {path.parent} does not exist")
+        name = _check_name(checkpoint if checkpoint is not None else "checkpoint-0")
+        try:
+            with h5py.File(partial, "w", libver=_LIBVER) as f:
+                f.attrs["format"] = FORMAT
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["fisherlab_version"] = _version()
+                f.attrs["created"] = _now()
+                for k, v in run.items():
+                    f.attrs[k] = v
+                f.create_group("checkpoints")
+                f.create_group("staging")
+                _write_checkpoint(f, partial, capture, name, step, batch_indices, compression, dtype, fsync)
+            if fsync:
+                _fsync(partial)
+            os.replace(partial, path)
+            if fsync:
+                _fsync_dir(path.parent)
+        except BaseException:
+            if partial.exists():
+                partial.unlink()
+            raise
+        return
+
+    with _open(path, "a") as f:
+        _check_run(f, path, run)
+        ckpts = f.require_group("checkpoints")
+        names = list(ckpts.keys())
+        name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
+        if name in ckpts and bool(_attr(ckpts[name], "complete", False)) and not overwrite:
+            raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True to replace it)")
+        staging = f.require_group("staging")
+        for old in list(staging.keys()):  # left by killed writers: unreachable from any checkpoint
+            del staging[old]
+        f.flush()
+        _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
+
+
+def _run_attrs(capture: Capture) -> dict:
+    try:
+        model = _jdump(capture.model)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"capture.model must be JSON-able (no NaN): {_first_line(err)}") from None
+    return {
+        "layout": _jdump(capture.layout.to_json()),
+        "model": model,
+        "loss": str(capture.loss),
+        "fisher": FisherMode(capture.fisher).value,
+        "n_vectors": int(capture.K),
+        "batch_size": int(capture.B),
+    }
+
+
+def _check_run(f: h5py.File, path: Path, run: dict) -> None:
+    """Refuse to append a capture whose configuration differs from the run's."""
+    labels = {"layout": "layout", "model": "model description", "loss": "loss", "fisher": "fisher mode",
+              "n_vectors": "K (vectors per example)", "batch_size": "batch size"}
+    for key, label in labels.items():
+        have = _attr(f, key)
+        want = run[key]
+        if key in ("layout", "model"):
+            same = have is not None and json.loads(have) == json.loads(want)
+            shown_have, shown_want = "", ""
+        else:
+            same = have == want
+            shown_have, shown_want = f" {have!r}", f" {want!r}"
+        if not same:
+            raise StoreError(
+                f"{path}: cannot append: the capture's {label}{shown_want} differs from the run's{shown_have} "
+                "(one file per run; write to another file)"
+            )
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
+    if not shape or 0 in shape:
+        return None
+    row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    rows = max(1, min(shape[0], _CHUNK_BYTES // max(row, 1)))
+    return (rows, *shape[1:])
+
+
+def _write_ds(g: Any, key: str, arr: np.ndarray, compression: str | None, chunked: bool) -> None:
+    kw: dict[str, Any] = {}
+    chunks = _chunks(arr.shape, arr.itemsize) if (chunked or compression) else None
+    if chunks is not None:
+        kw["chunks"] = chunks
+        if compression is not None:
+            kw["compression"] = compression
+    ds = g.create_dataset(key, shape=arr.shape, dtype=arr.dtype, **kw)
+    if arr.size:
+        ds.write_direct(np.ascontiguousarray(arr))
+    ds.attrs["crc32"] = np.int64(_crc(arr))
+
+
+def _hook(name: str, stage: str) -> None:
+    if _WRITE_HOOK is not None:
+        _WRITE_HOOK(name, stage)
+
+
+def _write_checkpoint(
+    f: h5py.File,
+    path: Path,
+    capture: Capture,
+    name: str,
+    step: int | None,
+    batch_indices: list[int] | None,
+    compression: str | None,
+    dtype: torch.dtype | None,
+    fsync: bool,
+) -> None:
+    """Stage, checksum, flush, move to ``/checkpoints/<name>``, mark complete, flush."""
+    staging = f.require_group("staging")
+    g = staging.create_group(name)
+    f.flush()  # the attempt is visible as "incomplete" from here on
+    _hook(name, "staged")
+    out_dtype = dtype
+    cast = lambda t: _to_numpy(t, out_dtype)  # noqa: E731
+    float_dtype = str(out_dtype or capture.grad.dtype).replace("torch.", "")
+    meta = {k: v for k, v in capture.meta.items() if k not in ("checkpoint", "step", "batch_indices")}
+    try:
+        meta_json = _jdump(meta)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"capture.meta must be JSON-able (no NaN): {_first_line(err)}") from None
+    attrs = {
+        "name": name,
+        "step": _jdump(step),
+        "batch_indices": _jdump(batch_indices),
+        "seed": _jdump(capture.seed),
+        "loss_value": float(capture.loss_value),
+        "loss": str(capture.loss),
+        "fisher": FisherMode(capture.fisher).value,
+        "batch_size": int(capture.B),
+        "n_vectors": int(capture.K),
+        "dtype": float_dtype,
+        "meta": meta_json,
+        "layers": _jdump(_layer_table(capture)),
+        "created": _now(),
+        "fisherlab_version": _version(),
+    }
+    for k, v in attrs.items():
+        g.attrs[k] = v
+    nbytes = 0
+    layers = g.create_group("layers")
+    for i, lc in enumerate(capture.layers):
+        lg = layers.create_group(str(i))
+        lg.attrs["name"] = lc.spec.name
+        lg.attrs["kind"] = lc.spec.kind.value
+        lg.attrs["storage"] = lc.storage.value
+        lg.attrs["positions"] = int(lc.positions)
+        for key, t in _layer_arrays(lc).items():
+            arr = cast(t)
+            _write_ds(lg, key, arr, compression, chunked=True)
+            nbytes += arr.nbytes
+            _hook(name, f"{i}/{key}")
+    for key, t in (("grad", capture.grad), ("targets", capture.targets), ("sampled", capture.sampled)):
+        if t is not None:
+            arr = cast(t)
+            _write_ds(g, key, arr, compression, chunked=False)
+            nbytes += arr.nbytes
+    g.attrs["nbytes"] = int(nbytes)
+    _hook(name, "before-commit")
+    f.flush()
+    if fsync:
+        _fsync(path)
+    ckpts = f["checkpoints"]
+    if name in ckpts:  # incomplete, or complete with overwrite=True
+        del ckpts[name]
+    f.move(f"staging/{name}", f"checkpoints/{name}")
+    ckpts[name].attrs["complete"] = True
+    f.flush()
+    if fsync:
+        _fsync(path)
+    _hook(name, "committed")
