@@ -389,13 +389,11 @@ def _load_cifar_standin(n: int | None, seed: int, task: str, split: str) -> Data
     T = _cifar_templates()
     labels = torch.randint(0, 10, (n,), generator=g)
     amp = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)
-    x = amp * T[labels]
-    shifts = torch.randint(-3, 4, (n, 2), generator=g)
-    for sy in range(-3, 4):  # shift by ±3 px (grouped by shift, cheap)
-        for sx in range(-3, 4):
-            m = (shifts[:, 0] == sy) & (shifts[:, 1] == sx)
-            if m.any():
-                x[m] = torch.roll(x[m], shifts=(sy, sx), dims=(2, 3))
+    shift = torch.randint(0, 49, (n,), generator=g)  # (dy, dx) in [-3, 3]², row-major
+    shifted = torch.stack(  # [10, 49, 3, 32, 32]: every template under every shift (cheap)
+        [torch.roll(T, shifts=(dy, dx), dims=(2, 3)) for dy in range(-3, 4) for dx in range(-3, 4)], dim=1
+    )
+    x = amp * shifted[labels, shift]
     smooth = F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear", align_corners=False)
     smooth = smooth / smooth.std().clamp_min(1e-6)
     x = x + 0.5 * smooth + 0.2 * torch.randn(n, 3, 32, 32, generator=g)

@@ -1,0 +1,114 @@
+"""``fisherlab train [CONFIG.json] [flags] --out DIR``: train a model by name and write
+``state_dict`` checkpoints, ``metrics.csv``, ``loss.png``/``loss.pdf`` and ``run.json`` into DIR.
+
+Flags override the JSON config file; with neither, the defaults of
+:class:`fisherlab.train.TrainConfig` apply (``mnist-ae`` on 1,000 MNIST digits, one epoch of SGD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    """``key=value`` with ``value`` parsed as JSON when possible (``n_classes=100``, ``batchnorm=false``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--checkpoint-steps expects comma-separated integers, got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..train import OPTIMIZERS
+
+    p = sub.add_parser(
+        "train",
+        help="train a model by name; write checkpoints, metrics CSV and loss plot",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    p.add_argument("config", nargs="?", type=Path, help="JSON config file (keys of TrainConfig); flags override it")
+    p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--model", help="model name (fisherlab.models.available())")
+    p.add_argument("--width", type=float, help="hidden-width multiplier (e.g. 0.1 for CPU-sized runs)")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="further model option, e.g. activation=sigmoid, input_dim=10 (repeatable)")
+    p.add_argument("--data", help="data set name (default: the model's)")
+    p.add_argument("--n", type=int, help="number of training examples")
+    p.add_argument("--all-data", action="store_true", help="use the whole data set (n = None)")
+    p.add_argument("--data-seed", type=int)
+    p.add_argument("--loss", choices=["bce_logits", "cross_entropy", "mse"])
+    p.add_argument("--batch-size", "-b", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, help="number of updates (overrides --epochs)")
+    p.add_argument("--optimizer", help=f"registered optimizer ({', '.join(OPTIMIZERS)})")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, metavar="K", help="checkpoint every K steps (step 0 included)")
+    p.add_argument("--checkpoint-steps", type=_steps_list, metavar="S1,S2,…", help="explicit checkpoint steps")
+    p.add_argument("--device", help="cuda, cpu, … (default: CUDA when available)")
+    p.add_argument("--no-plot", action="store_true", help="skip loss.png / loss.pdf")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~fisherlab.train.TrainConfig` of a config file overridden by flags."""
+    from ..models import describe
+    from ..train import TrainConfig
+
+    base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
+    if args.model or args.width is not None or args.model_arg:
+        model = base.get("model", TrainConfig().model)
+        model = {"name": model} if isinstance(model, str) else dict(model)
+        name = args.model or model["name"]
+        derived = ("name", "input_shape", "n_outputs", "loss", "n_params")
+        # options of the file's model are kept when the name is unchanged
+        opts = {k: v for k, v in model.items() if k not in derived} if name == model["name"] else {}
+        if args.width is not None:
+            opts["width"] = args.width
+        opts.update(dict(args.model_arg))
+        base["model"] = describe(name, **opts)
+    flags = {
+        "data": args.data, "n": args.n, "data_seed": args.data_seed, "loss": args.loss,
+        "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+        "optimizer": args.optimizer, "lr": args.lr, "momentum": args.momentum,
+        "weight_decay": args.weight_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+        "checkpoint_steps": args.checkpoint_steps, "device": args.device,
+    }
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if args.all_data:
+        base["n"] = None
+    if args.no_plot:
+        base["plot"] = False
+    if args.quiet:
+        base["progress"] = False
+    return TrainConfig.from_dict(base)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, args.out)
+    d = result.description
+    print(
+        f"trained {d['name']} (width {d['width']:g}, {d['n_params']:,} parameters) on {result.config.data} "
+        f"for {result.steps} steps on {result.device} in {result.wall_time:.1f} s: "
+        f"loss {result.losses[0] if result.metrics else float('nan'):.4g} -> {result.final_loss:.4g}"
+    )
+    print(f"wrote {len(result.checkpoints)} checkpoint(s), metrics.csv, run.json to {args.out}")
+    return 0

@@ -1,0 +1,562 @@
+"""Training with checkpoints: the source of the captures.
+
+:func:`train` runs mini-batch training of a :mod:`fisherlab.models` network on a
+:mod:`fisherlab.datasets` set and writes, into ``out_dir``::
+
+    run.json                      model description, run config, data summary, checkpoint list
+    metrics.csv                   one row per step: step, epoch, loss, wall_time, lr (+ extras)
+    loss.png, loss.pdf            the training loss
+    checkpoints/step_000100.pt    model.state_dict() after 100 updates (load with weights_only=True)
+    checkpoints/step_000100.json  its sidecar: step, epoch, loss, model description, run config
+
+Conventions:
+
+* Step s of the CSV is the s-th update; its ``loss`` is the mini-batch loss *before* that update
+  (the loss the gradient was taken of). Checkpoint ``step_s`` holds the parameters *after* s
+  updates; ``step_000000`` is the initialization.
+* The loss is the mean over the batch of the per-example losses of
+  :mod:`fisherlab.capturing.losses` (``bce_logits`` sums over outputs, ``mse`` is ½‖y − z‖²),
+  the same numbers a capture reports.
+* Batches: a seeded permutation per epoch; the last incomplete batch of an epoch is dropped, so
+  every step sees ``batch_size`` examples.
+* Seeds: the model is built with ``seed``, the batch order drawn from ``seed``, and torch's
+  global RNG is seeded with ``seed`` (for optimizers that sample); the data with ``data_seed``.
+
+Optimizers come from the registry :data:`OPTIMIZERS` (``sgd`` and ``adam`` here). Others add
+factories to it (see :func:`register_optimizer`). A factory is called as
+``factory(params, config)``, and also gets ``model=model`` when it accepts a ``model`` keyword
+(curvature optimizers hook the layers). An optimizer whose class sets ``wants_closure = True``
+is stepped as ``loss = optimizer.step(closure)`` where ``closure()`` zeroes the gradients,
+runs forward and backward on the current batch and returns the loss; others are stepped after
+one ``closure()``. If the optimizer has a dict attribute ``last_metrics`` (e.g. the gap (4.6)),
+its entries are added to that step's CSV row. A callback ``cb(step, model, batch, loss)`` runs
+after every update; a dict it returns is added to the row too.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import datasets as D
+from . import models as M
+from .capturing import losses as L
+
+__all__ = [
+    "OPTIMIZERS",
+    "Callback",
+    "TrainConfig",
+    "TrainResult",
+    "load_checkpoint",
+    "register_optimizer",
+    "train",
+]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""``factory(params: list[nn.Parameter], config: TrainConfig[, model=nn.Module]) -> Optimizer``."""
+
+Callback = Callable[[int, nn.Module, tuple[Tensor, Tensor], float], "dict | None"]
+"""``callback(step, model, (x, y), loss) -> dict | None``, called after every update."""
+
+_TASK_OF_LOSS = {"bce_logits": "autoencoder", "cross_entropy": "classification", "mse": "regression"}
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (JSON-able; :meth:`to_dict` / :meth:`from_dict`).
+
+    Attributes:
+        model: a model description (:func:`fisherlab.models.describe`) or a bare name.
+        data: a :mod:`fisherlab.datasets` name; ``None`` takes the model's default data.
+        n: number of training examples (``None``: the whole set).
+        data_seed: seed of the data subset / generator.
+        loss: ``bce_logits``, ``cross_entropy`` or ``mse``; ``None`` takes the model's default.
+            It also picks the data task (autoencoder, classification, regression).
+        batch_size: examples per step.
+        epochs: passes over the data (ignored when ``steps`` is given).
+        steps: number of updates; overrides ``epochs``.
+        optimizer: a key of :data:`OPTIMIZERS` (``sgd``, ``adam``, or one registered later).
+        lr: learning rate.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 weight decay passed to the optimizer.
+        optimizer_options: further keyword arguments for the optimizer factory
+            (e.g. ``{"nesterov": true}``, ``{"betas": [0.9, 0.99]}``, a curvature optimizer's damping).
+        seed: model initialization, batch order and torch's global RNG.
+        checkpoint_every: write a checkpoint every this many steps (step 0 included).
+        checkpoint_steps: explicit steps to checkpoint (combined with ``checkpoint_every``).
+        checkpoint_final: also checkpoint the last step.
+        device: ``"cuda"``, ``"cpu"``, … ; ``None`` picks CUDA when available.
+        progress: show a tqdm progress bar.
+        plot: write ``loss.png`` and ``loss.pdf``.
+    """
+
+    model: dict | str = "mnist-ae"
+    data: str | None = None
+    n: int | None = 1000
+    data_seed: int = 0
+    loss: str | None = None
+    batch_size: int = 100
+    epochs: int = 1
+    steps: int | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    optimizer_options: dict = field(default_factory=dict)
+    seed: int = 0
+    checkpoint_every: int | None = None
+    checkpoint_steps: list[int] | None = None
+    checkpoint_final: bool = True
+    device: str | None = None
+    progress: bool = True
+    plot: bool = True
+
+    # ---- (de)serialization -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-able dict; the model as its full description."""
+        d = dataclasses.asdict(self)
+        d["model"] = self.description
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict (e.g. a JSON config file); unknown keys raise a one-line ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(
+                f"training config: unknown key(s) {', '.join(map(repr, unknown))} (valid: {', '.join(names)})"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read a JSON config file."""
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training config file not found: {p}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"training config {p}: invalid JSON ({err})") from None
+        return cls.from_dict(d)
+
+    # ---- derived -----------------------------------------------------------------------
+    @property
+    def description(self) -> dict:
+        """The full model description."""
+        m = self.model
+        return M.describe(m) if isinstance(m, str) else M.describe(m["name"], **{k: v for k, v in m.items() if k != "name"})
+
+    def resolved(self, *, check_optimizer: bool = True) -> "TrainConfig":
+        """A copy with ``model``, ``data`` and ``loss`` filled in and every field checked.
+
+        Args:
+            check_optimizer: require ``optimizer`` to be a key of :data:`OPTIMIZERS` (off when
+                :func:`train` is given an ``optimizer_factory``).
+
+        Raises:
+            ValueError: a bad field (one line naming it).
+        """
+        desc = self.description
+        loss = self.loss or desc["loss"]
+        if loss not in _TASK_OF_LOSS:
+            raise ValueError(f"training config: unknown loss {loss!r} (choose one of {', '.join(_TASK_OF_LOSS)})")
+        data = self.data or M.default_data(desc)
+        if data is None:
+            raise ValueError(f"training config: model '{desc['name']}' has no embedded data; set 'data'")
+        if data not in D.available():
+            raise ValueError(f"training config: unknown data {data!r} (valid names: {', '.join(D.available())})")
+        for key in ("batch_size", "epochs"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"training config: '{key}' must be a positive integer, got {v!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
+            raise ValueError(f"training config: 'steps' must be an integer >= 0, got {self.steps!r}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1):
+            raise ValueError(f"training config: 'checkpoint_every' must be a positive integer, got {self.checkpoint_every!r}")
+        if self.checkpoint_steps is not None and any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.checkpoint_steps
+        ):
+            raise ValueError(f"training config: 'checkpoint_steps' must be integers >= 0, got {self.checkpoint_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"training config: 'lr' must be a finite number > 0, got {self.lr!r}")
+        if check_optimizer and self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"training config: unknown optimizer {self.optimizer!r} (registered: {', '.join(OPTIMIZERS)})"
+            )
+        return dataclasses.replace(self, model=desc, data=data, loss=loss)
+
+    def checkpoint_schedule(self, total_steps: int) -> list[int]:
+        """The sorted steps in ``[0, total_steps]`` at which a checkpoint is written."""
+        steps: set[int] = set()
+        if self.checkpoint_every:
+            steps.update(range(0, total_steps + 1, self.checkpoint_every))
+        if self.checkpoint_steps:
+            steps.update(s for s in self.checkpoint_steps if s <= total_steps)
+        if self.checkpoint_final:
+            steps.add(total_steps)
+        return sorted(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers
+# --------------------------------------------------------------------------------------------
+
+
+def _sgd(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        **config.optimizer_options,
+    )
+
+
+def _adam(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    opts = dict(config.optimizer_options)
+    if "betas" in opts:
+        opts["betas"] = tuple(opts["betas"])
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **opts)
+
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {"sgd": _sgd, "adam": _adam}
+"""Optimizer factories by name; add entries (or use :func:`register_optimizer`) to plug in more."""
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Decorator: ``@register_optimizer("kfac") def make(params, config, *, model): ...``."""
+
+    def deco(fn: OptimizerFactory) -> OptimizerFactory:
+        OPTIMIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _make_optimizer(factory: OptimizerFactory, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        wants_model = "model" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        wants_model = False
+    opt = factory(params, config, model=model) if wants_model else factory(params, config)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ValueError(f"optimizer factory for '{config.optimizer}' returned {type(opt).__name__}, not a torch.optim.Optimizer")
+    return opt
+
+
+# --------------------------------------------------------------------------------------------
+# results and files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model (on the training device, in eval mode).
+        description: its model description.
+        config: the resolved config.
+        metrics: one dict per step (the rows of ``metrics.csv``).
+        checkpoints: paths of the ``.pt`` checkpoints written, in step order.
+        out_dir: the output folder (``None`` when nothing was written).
+        steps: number of updates done.
+        wall_time: seconds of training.
+        device: the device trained on.
+    """
+
+    model: nn.Module
+    description: dict
+    config: TrainConfig
+    metrics: list[dict]
+    checkpoints: list[Path]
+    out_dir: Path | None
+    steps: int
+    wall_time: float
+    device: str
+
+    @property
+    def losses(self) -> list[float]:
+        """The per-step losses."""
+        return [r["loss"] for r in self.metrics]
+
+    @property
+    def final_loss(self) -> float:
+        """The loss of the last step (``nan`` without steps)."""
+        return self.metrics[-1]["loss"] if self.metrics else float("nan")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: Sequence[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    keys = keys or ["step", "epoch", "loss", "wall_time", "lr"]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_losses(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Path]:
+    """Write ``loss.png`` and ``loss.pdf``: the per-step loss and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    if rows:
+        ax.plot(steps, loss, lw=0.8, alpha=0.45, label="mini-batch loss")
+        k = max(1, len(loss) // 25)
+        smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, lw=1.6, label=f"running mean ({k} steps)")
+        if all(v > 0 for v in loss):
+            ax.set_yscale("log")
+        ax.legend(frameon=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    paths = [out_dir / "loss.png", out_dir / "loss.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint written by :func:`train` and load its weights.
+
+    Args:
+        path: a ``step_XXXXXX.pt`` file; its sidecar ``step_XXXXXX.json`` (or the run's
+            ``run.json`` one folder up) gives the model description.
+        map_location: where to load the tensors.
+
+    Returns:
+        ``(model in eval mode, sidecar dict)``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    side = p.with_suffix(".json")
+    run = p.parent.parent / "run.json"
+    if side.is_file():
+        info = json.loads(side.read_text())
+    elif run.is_file():
+        info = {"model": json.loads(run.read_text())["model"]}
+    else:
+        raise FileNotFoundError(f"checkpoint {p}: no sidecar {side.name} or run.json with the model description")
+    model = M.build(info["model"])
+    model.load_state_dict(torch.load(p, map_location=map_location, weights_only=True))
+    model.eval()
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterable[tuple[int, Tensor]]:
+    """Endless ``(epoch, indices)``: a fresh permutation per epoch, full batches only."""
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n - batch_size + 1, batch_size):
+            yield epoch, perm[s : s + batch_size]
+        epoch += 1
+
+
+def train(
+    config: TrainConfig | dict,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    optimizer_factory: OptimizerFactory | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train ``config.model`` on ``config.data`` and write checkpoints, metrics and plots.
+
+    Args:
+        config: a :class:`TrainConfig` (or a dict for :meth:`TrainConfig.from_dict`).
+        out_dir: the output folder (created); ``None`` writes nothing (metrics stay in memory).
+        optimizer_factory: overrides ``OPTIMIZERS[config.optimizer]``; called as
+            ``factory(params, config)`` (plus ``model=model`` if it accepts it).
+        callbacks: ``cb(step, model, (x, y), loss)`` after every update; a returned dict is
+            added to the step's metrics row.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: a bad config (one line), or a non-finite loss (naming the step).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    cfg = cfg.resolved(check_optimizer=optimizer_factory is None)
+    desc = cfg.model
+    assert isinstance(desc, dict)
+    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    data = D.load(cfg.data, n=cfg.n, seed=cfg.data_seed, task=_TASK_OF_LOSS[cfg.loss])
+    if tuple(data.input_shape) != tuple(desc["input_shape"]) and math.prod(data.input_shape) != math.prod(desc["input_shape"]):
+        raise ValueError(
+            f"data '{cfg.data}' has inputs of shape {list(data.input_shape)} but model '{desc['name']}' "
+            f"expects {desc['input_shape']}"
+        )
+    n = len(data)
+    if cfg.batch_size > n:
+        raise ValueError(f"training config: batch_size={cfg.batch_size} exceeds the n={n} examples of '{cfg.data}'")
+    steps_per_epoch = n // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    schedule = set(cfg.checkpoint_schedule(total)) if out_dir is not None else set()
+
+    torch.manual_seed(cfg.seed)
+    model = M.build(desc, seed=cfg.seed).to(device)
+    model.train()
+    opt = _make_optimizer(optimizer_factory or OPTIMIZERS[cfg.optimizer], model, cfg)
+    wants_closure = bool(getattr(opt, "wants_closure", False))
+    data = data.to(device)
+    loss_kind = L._loss(cfg.loss)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _batches(n, cfg.batch_size, gen)
+
+    out: Path | None = None
+    ckpt_dir: Path | None = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        ckpt_dir = out / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run_info = {
+        "model": desc,
+        "config": cfg.to_dict(),
+        "data": data.describe(),
+        "device": str(device),
+        "steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "checkpoints": [],
+    }
+    checkpoints: list[Path] = []
+    rows: list[dict] = []
+    last_loss = float("nan")
+    t0 = time.perf_counter()
+
+    def save_checkpoint(step: int) -> None:
+        assert ckpt_dir is not None and out is not None
+        path = ckpt_dir / f"step_{step:06d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        side = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "loss": last_loss if step > 0 else None,
+            "file": path.name,
+            "model": desc,
+            "config": run_info["config"],
+            "data": run_info["data"],
+        }
+        _write_json(path.with_suffix(".json"), side)
+        checkpoints.append(path)
+        run_info["checkpoints"].append({"step": step, "file": f"checkpoints/{path.name}"})
+        _write_json(out / "run.json", run_info)
+        _write_csv(out / "metrics.csv", rows)
+
+    if 0 in schedule:
+        save_checkpoint(0)
+    title = f"{desc['name']} (width {desc['width']:g}) on {cfg.data}, {cfg.optimizer} lr={cfg.lr:g}, B={cfg.batch_size}"
+    bar = tqdm(total=total, desc=f"train {desc['name']}", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for step in range(1, total + 1):
+            epoch, idx = next(batches)
+            idx = idx.to(device)
+            x, y = data.batch(idx)
+
+            def closure() -> Tensor:
+                opt.zero_grad(set_to_none=True)
+                z = model(x).reshape(x.shape[0], -1)
+                loss = L.per_example_loss(loss_kind, z, y).mean()
+                loss.backward()
+                return loss
+
+            if wants_closure:
+                loss_t = opt.step(closure)
+            else:
+                loss_t = closure()
+                opt.step()
+            loss_v = float(loss_t.detach()) if isinstance(loss_t, Tensor) else float(loss_t)
+            if not math.isfinite(loss_v):
+                raise ValueError(
+                    f"training diverged: non-finite loss {loss_v} at step {step} "
+                    f"({cfg.optimizer}, lr={cfg.lr:g}); lower the learning rate"
+                )
+            last_loss = loss_v
+            row = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "loss": loss_v,
+                "wall_time": time.perf_counter() - t0,
+                "lr": opt.param_groups[0].get("lr", cfg.lr),
+            }
+            extra = getattr(opt, "last_metrics", None)
+            if isinstance(extra, dict):
+                row.update({k: _scalar(v) for k, v in extra.items()})
+            for cb in callbacks:
+                got = cb(step, model, (x, y), loss_v)
+                if isinstance(got, dict):
+                    row.update({k: _scalar(v) for k, v in got.items()})
+            rows.append(row)
+            if step in schedule:
+                save_checkpoint(step)
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(loss=f"{loss_v:.4g}", epoch=f"{step / steps_per_epoch:.2f}")
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    model.eval()
+    if out is not None:
+        run_info["wall_time"] = wall
+        run_info["final_loss"] = last_loss
+        _write_json(out / "run.json", run_info)
+        _write_csv(out / "metrics.csv", rows)
+        if cfg.plot:
+            plot_losses(rows, out, title)
+    return TrainResult(model, desc, cfg, rows, checkpoints, out, total, wall, str(device))
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return float(v.detach()) if v.numel() == 1 else v.detach().cpu().tolist()
+    return v
