@@ -1,0 +1,229 @@
+"""``fisherlab inspect`` and ``fisherlab capture``: output, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import fisherlab
+from fisherlab import models, store
+from fisherlab.cli import main
+
+from cases import MODELS, make_capture
+
+WIDTH = 0.02  # mnist-ae 784-20-10-5-1-5-10-20-784: p ≈ 33k, a capture of B = 4 in milliseconds
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, pattern: str) -> None:
+    import re
+
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fisherlab: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    """Two complete checkpoints and one a writer left incomplete."""
+    cap, *_ = make_capture(MODELS["cnn"], "cross_entropy", "mc")
+    cap = dataclasses.replace(cap, model={"name": "tiny-cnn"})
+    path = tmp_path / "run.h5"
+    fisherlab.save(cap, path, checkpoint="step-0", step=0, batch_indices=[4, 0, 2])
+    fisherlab.save(cap, path, checkpoint="step-100", step=100, batch_indices=[4, 0, 2], compression="lzf")
+
+    def stop(name, stage):
+        if stage == "1/J":
+            raise KeyboardInterrupt
+
+    store._WRITE_HOOK = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fisherlab.save(cap, path, checkpoint="step-200", step=200)
+    finally:
+        store._WRITE_HOOK = None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_output(capsys, run_file):
+    rc, out, err = run_cli(capsys, "inspect", run_file)
+    assert rc == 0 and err == ""
+    assert "fisherlab file, schema 1" in out
+    assert "loss=cross_entropy  fisher=mc  K=2  B=3  N=6  p=119 in 3 layers" in out
+    assert "checkpoints: 2 complete, 1 incomplete" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  step-")}
+    assert rows["step-0"].split()[1:3] == ["0", "complete"]
+    assert "incomplete (writer stopped)" in rows["step-200"]
+    assert "[4, 0, 2] (3)" in rows["step-100"]
+    assert "layers of checkpoint 'step-100':" in out  # the last complete one
+    layer_rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 ", "2 "))]
+    assert [r[:3] for r in layer_rows] == [["0", "0", "conv2d"], ["1", "2", "conv2d"], ["2", "4", "linear"]]
+    assert "a [3, 1, 9]  g [3, 2, 1, 4]" in out and "J [6, 57]" in out
+    assert layer_rows[0][-1] == "lzf"
+
+
+def test_inspect_named_checkpoint(capsys, run_file):
+    rc, out, _ = run_cli(capsys, "inspect", run_file, "--checkpoint", "step-0")
+    assert rc == 0 and "layers of checkpoint 'step-0':" in out and out.splitlines()[-2].rstrip().endswith("none")
+    rc, _, err = run_cli(capsys, "inspect", run_file, "--checkpoint", "step-200")
+    assert_one_line_error(rc, err, r"run\.h5: no complete checkpoint 'step-200' \(complete checkpoints: step-0, step-100\)")
+
+
+def _not_hdf5(p):
+    p.write_text("just text\n")
+
+
+def _not_fisherlab(p):
+    with h5py.File(p, "w") as f:
+        f["x"] = np.zeros(3)
+
+
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (None, r"x\.h5: no such file"),
+        (_not_hdf5, r"x\.h5: not an HDF5 file"),
+        (_not_fisherlab, r"x\.h5: HDF5 file but not a fisherlab file"),
+    ],
+    ids=["missing", "not-hdf5", "not-fisherlab"],
+)
+def test_inspect_errors(capsys, tmp_path, make, pattern):
+    p = tmp_path / "x.h5"
+    if make is not None:
+        make(p)
+    rc, _, err = run_cli(capsys, "inspect", p)
+    assert_one_line_error(rc, err, pattern)
+
+
+def test_inspect_newer_schema(capsys, run_file):
+    with h5py.File(run_file, "a") as f:
+        f.attrs["schema_version"] = 7
+    rc, _, err = run_cli(capsys, "inspect", run_file)
+    assert_one_line_error(rc, err, r"run\.h5: schema version 7 is newer than this fisherlab")
+
+
+def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
+    p = tmp_path / "x.h5"
+    p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # the HDF5 signature, then nothing
+    code = "import sys; from fisherlab.cli import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, "inspect", str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("fisherlab: error: ") and "x.h5" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# capture
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    desc = models.describe("mnist-ae", width=WIDTH)
+    paths = []
+    for step in (0, 50):
+        p = tmp_path / f"step-{step}.pt"
+        torch.save(models.build(desc, seed=step).state_dict(), p)
+        paths.append(p)
+    return desc, paths
+
+
+def _capture_args(paths, out, *extra):
+    return ["capture", "--model", "mnist-ae", "--width", str(WIDTH), "--checkpoints", *paths,
+            "--batch-size", "4", "--device", "cpu", "--quiet", "--out", out, *extra]
+
+
+def test_capture_two_checkpoints_then_resume(capsys, tmp_path, ckpts, monkeypatch):
+    desc, paths = ckpts
+    out = tmp_path / "run.h5"
+
+    def stop(name, stage):  # the writer dies in the middle of the second checkpoint
+        if name == "step-50" and stage == "before-commit":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_WRITE_HOOK", stop)
+    assert main([str(a) for a in _capture_args(paths, out)]) == 130
+    monkeypatch.setattr(store, "_WRITE_HOOK", None)
+    assert [(c.name, c.complete) for c in store.list_checkpoints(out)] == [("step-0", True), ("step-50", False)]
+    first = fisherlab.load(out, "step-0")
+
+    rc, stdout, err = run_cli(capsys, *_capture_args(paths, out))
+    assert rc == 0, err
+    assert "'step-0' is complete in" in err and "skipped" in err
+    assert "1 checkpoint(s) written, 1 already complete" in stdout
+    infos = store.list_checkpoints(out)
+    assert [(c.name, c.step, c.complete) for c in infos] == [("step-0", 0, True), ("step-50", 50, True)]
+    assert infos[0].batch_indices == infos[1].batch_indices and len(infos[0].batch_indices) == 4
+    assert fisherlab.load(out, "step-0").equals(first)  # untouched by the resume
+
+    # the stored capture is the capture of that checkpoint's weights on that batch
+    cap = fisherlab.load(out, "step-50")
+    assert cap.model == desc and cap.loss == "bce_logits" and cap.fisher == "mc" and cap.K == 1
+    model = models.build(desc)
+    model.load_state_dict(torch.load(paths[1], weights_only=True))
+    x, y = fisherlab.datasets.load("mnist").batch(cap.meta["batch_indices"])
+    ref = fisherlab.capture(model, x, y, loss="bce_logits", fisher="mc", device="cpu",
+                            generator=torch.Generator().manual_seed(0), model_description=desc)
+    assert torch.equal(ref.grad, cap.grad) and all(a.equals(b) for a, b in zip(ref.layers, cap.layers))
+    assert cap.meta["checkpoint_file"] == str(paths[1])
+
+    rc, stdout, _ = run_cli(capsys, "inspect", out)
+    assert rc == 0 and "checkpoints: 2 complete, 0 incomplete" in stdout
+
+
+def test_capture_model_json_indices_and_other_batch(capsys, tmp_path, ckpts):
+    desc, paths = ckpts
+    mfile = tmp_path / "model.json"
+    mfile.write_text(json.dumps(desc))
+    out = tmp_path / "run.h5"
+    args = ["capture", "--model", mfile, "--checkpoints", paths[0], "--data", "mnist", "--batch-size", "3",
+            "--indices", "5", "7", "9", "--fisher", "empirical", "--dtype", "float64", "--compression", "gzip",
+            "--device", "cpu", "-q", "--out", out]
+    rc, _, err = run_cli(capsys, *args)
+    assert rc == 0, err
+    cap = fisherlab.load(out)
+    assert cap.meta["batch_indices"] == [5, 7, 9] and cap.fisher == "empirical" and cap.dtype == torch.float64
+    args[args.index("7")] = "8"
+    args[args.index("--checkpoints") + 1] = paths[1]
+    rc, _, err = run_cli(capsys, *args)
+    assert_one_line_error(rc, err, r"checkpoint 'step-0' was captured on another batch")
+
+
+def test_capture_errors(capsys, tmp_path, ckpts):
+    desc, paths = ckpts
+    out = tmp_path / "run.h5"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    rc, _, err = run_cli(capsys, *_capture_args([bad], out))
+    assert_one_line_error(rc, err, r"checkpoint .*bad\.pt: cannot load a state_dict with weights_only=True")
+    rc, _, err = run_cli(capsys, *_capture_args([tmp_path / "gone.pt"], out))
+    assert_one_line_error(rc, err, r"checkpoint .*gone\.pt: no such file")
+    wrong = tmp_path / "wrong.pt"
+    torch.save(models.build(models.describe("mnist-ae", width=0.05)).state_dict(), wrong)
+    rc, _, err = run_cli(capsys, *_capture_args([wrong], out))
+    assert_one_line_error(rc, err, r"checkpoint .*wrong\.pt: does not fit model 'mnist-ae'")
+    rc, _, err = run_cli(capsys, *_capture_args(paths, out, "--indices", "1", "2"))
+    assert_one_line_error(rc, err, r"--indices gives 2 indices but --batch-size is 4")
+    rc, _, err = run_cli(capsys, "capture", "--model", "no-such-model", "--checkpoints", paths[0], "-B", "2", "--out", out)
+    assert_one_line_error(rc, err, r"unknown model 'no-such-model'")
+    assert not out.exists()
