@@ -336,10 +336,11 @@ def plot_losses(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Pa
     loss = [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     if rows:
-        ax.plot(steps, loss, lw=0.8, alpha=0.45, label="mini-batch loss")
         k = max(1, len(loss) // 25)
-        smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
-        ax.plot(steps, smooth, lw=1.6, label=f"running mean ({k} steps)")
+        ax.plot(steps, loss, lw=0.8 if k > 1 else 1.6, alpha=0.45 if k > 1 else 1.0, label="mini-batch loss")
+        if k > 1:
+            smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
+            ax.plot(steps, smooth, lw=1.6, label=f"running mean ({k} steps)")
         if all(v > 0 for v in loss):
             ax.set_yscale("log")
         ax.legend(frameon=False)
@@ -510,6 +511,8 @@ def train(
                 loss.backward()
                 return loss
 
+            if hasattr(opt, "set_batch"):  # curvature optimizers capture the batch (fisherlab.optim)
+                opt.set_batch(x, y)
             if wants_closure:
                 loss_t = opt.step(closure)
             else:
@@ -560,3 +563,10 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, Tensor):
         return float(v.detach()) if v.numel() == 1 else v.detach().cpu().tolist()
     return v
+
+
+# fisherlab's curvature optimizers (kfac, kfac-tikhonov, two-level-kfac, kfac-2l-<space>, tko,
+# tko-kronecker, ngd, ngd-block): registered here so that `fisherlab train --optimizer kfac` finds them.
+from .optim import register_training_optimizers as _register_fisherlab_optimizers  # noqa: E402
+
+_register_fisherlab_optimizers(OPTIMIZERS)
