@@ -29,10 +29,23 @@ from .capturing.record import Capture, LayerCapture, kfac_factors_from
 from .errors import FisherlabError
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "Jacobian"]
+__all__ = ["LayerJacobian", "Jacobian", "conv_gram_path"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
+
+
+def conv_gram_path(B: int, K: int, T: int, d_in: int, d_out: int) -> str:
+    """Which way a conv layer's Gram is cheaper (flop counts), ``"pairs"`` or ``"dense"``.
+
+    ``"pairs"``: ``⟨Ā_bᵀĀ_c, G_{b,k}ᵀG_{c,l}⟩_F`` from the ``[(b,t),(c,s)]`` Grams of ā and g,
+    ``(BT)²d_in' + (NT)²d_out + (NT)²``; ``"dense"``: the rows ``J_i [N, p_i]`` then ``J_iJ_iᵀ``,
+    ``NT·d_in'·d_out + N²·d_in'·d_out``.
+    """
+    N = B * K
+    cost_pairs = (B * T) ** 2 * d_in + (N * T) ** 2 * d_out + (N * T) ** 2
+    cost_dense = N * T * d_in * d_out + N * N * d_in * d_out
+    return "dense" if cost_dense <= cost_pairs else "pairs"
 
 
 @dataclass(eq=False)
@@ -126,27 +139,35 @@ class LayerJacobian:
 
     # ---- Grams ---------------------------------------------------------------------------
     def gram(self) -> Tensor:
-        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3)."""
+        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3).
+
+        Linear (T = 1): ``(ā_b·ā_c)(g_{b,k}·g_{c,l})/B``, the B × B Gram of ā broadcast over the
+        K × K sub-blocks of the N × N Gram of g (no repeated copies). Conv (T > 1): the
+        ``"pairs"`` or ``"dense"`` path chosen by :func:`conv_gram_path`.
+        """
         if self.dense is not None:
-            return self.dense @ self.dense.T / self.B
+            return torch.mm(self.dense, self.dense.T).div_(self.B)
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
         d_in = a.shape[-1]
         N = B * K
         if T == 1:
-            Ga = a[:, 0] @ a[:, 0].T  # [B, B]
-            gf = g.reshape(N, d_out)
-            return Ga.repeat_interleave(K, 0).repeat_interleave(K, 1) * (gf @ gf.T) / B
-        cost_pairs = (B * T) ** 2 * d_in + (N * T) ** 2 * d_out + (N * T) ** 2
-        cost_dense = N * T * d_in * d_out + N * N * d_in * d_out
-        if cost_dense <= cost_pairs:
+            a0 = a.reshape(B, d_in).contiguous()
+            gf = g.reshape(N, d_out).contiguous()
+            Gg = torch.mm(gf, gf.T)  # [N, N]
+            Ga = torch.mm(a0, a0.T).div_(B)  # [B, B]
+            if K == 1:
+                return Gg.mul_(Ga)
+            return Gg.view(B, K, B, K).mul_(Ga[:, None, :, None]).view(N, N)
+        if conv_gram_path(B, K, T, d_in, d_out) == "dense":
             J = dense_from_factors(a, g)
-            return J @ J.T / B
-        AA = a.reshape(B * T, d_in) @ a.reshape(B * T, d_in).T  # [(b,t), (c,s)]
-        GG = g.reshape(N * T, d_out) @ g.reshape(N * T, d_out).T  # [(n,t), (m,s)]
-        AA = AA.reshape(B, T, B, T).repeat_interleave(K, 0).repeat_interleave(K, 2)  # [N, T, N, T]
-        return (AA * GG.reshape(N, T, N, T)).sum(dim=(1, 3)) / B
+            return torch.mm(J, J.T).div_(B)
+        af = a.reshape(B * T, d_in)
+        gf = g.reshape(N * T, d_out)
+        AA = torch.mm(af, af.T).view(B, 1, T, B, 1, T)  # [(b,t), (c,s)]
+        GG = torch.mm(gf, gf.T).view(B, K, T, B, K, T)  # [(b,k,t), (c,l,s)]
+        return GG.mul_(AA).sum(dim=(2, 5)).reshape(N, N).div_(B)
 
     # ---- KFAC factors ----------------------------------------------------------------------
     @cached_property
