@@ -1,0 +1,762 @@
+"""Natural-gradient optimizers built on fisherlab's operators (§2.3–§3, Algorithm 1).
+
+Every optimizer is a :class:`torch.optim.Optimizer` whose step, on a mini-batch (x_b, y_b),
+
+1. captures the batch with :func:`fisherlab.capture` on the model's device (one forward and
+   K + 1 backward passes to the layer outputs: ā, g, ∇h and the KFAC factors; MATH.md §2);
+2. builds the method's operator from :mod:`fisherlab.operators` (no algebra is duplicated here);
+3. computes the negative increment ζ = op⁻¹ w with w = ∇h + ω θ (3.1)–(3.4), ω the weight decay;
+4. maps ζ from fisherlab order to the parameters through the :class:`~fisherlab.layout.Layout`
+   and updates θ ← θ − α ζ (2.31a) (with heavy-ball momentum μ when asked:
+   b ← μ b + ζ, θ ← θ − α b).
+
+| class | ζ | operator |
+|---|---|---|
+| :class:`KFACOptimizer` | F•KFAC⁻¹w (3.3), π- or Tikhonov-damped | :class:`~fisherlab.operators.KFAC` |
+| :class:`TwoLevelKFACOptimizer` | ζ_KFAC + R_0ᵀβ*, β* = F_coarse⁻¹R_0r (3.9)–(3.11) | :class:`~fisherlab.operators.TwoLevelKFAC` |
+| :class:`TKOOptimizer` | ζ_KFAC + R_0ᵀF_coarse⁻¹R_0w (4.7) | :class:`~fisherlab.operators.TKO` |
+| :class:`NaturalGradient` | F•⁻¹w (3.2) by Woodbury, or blockdiag (3.7) | :class:`~fisherlab.operators.ExactFisher` / :class:`~fisherlab.operators.BlockDiagonalFisher` |
+
+Design choices (documented here once, referred to by the classes):
+
+* **Weight decay** ω is added to the gradient *before* preconditioning, w = ∇h + ωθ (the paper's
+  setup, §4: weight decay 10⁻³ for all optimizers), so ζ = op⁻¹(∇h + ωθ). The coarse spaces
+  that depend on the right-hand side (residuals, Krylov-residuals, Taylor) and the gap (4.6) are
+  built for this w.
+* **Running averages** (``factor_decay`` ρ ∈ [0, 1)): A_i ← ρA_i + (1 − ρ)A_i^batch, and the same
+  for G_i; the first step starts from the batch factors; ρ = 0 uses the batch factors only.
+* **Inverse update period** T_inv: the one-level KFAC operator (the factor eigendecompositions
+  (3.26)–(3.27)) is rebuilt from the current (averaged) factors on steps 1, 1 + T_inv, 1 + 2T_inv, …
+  and reused in between, unchanged, as the one-level preconditioner F•KFAC⁻¹ of the new batch.
+  The coarse correction (R_0, F_coarse = R_0F•R_0ᵀ, the residual) is rebuilt every step from the
+  current batch, so the multiplicative correction stays optimal (3.10) for the KFAC operator in
+  use and its gap (4.6) stays ≤ 0.
+* **Parameters outside the Fisher** (BatchNorm affine parameters, …) get a plain SGD step with
+  the same lr, weight decay and momentum on their gradient of the mean loss, computed by one
+  ordinary forward/backward in the model's current mode (which also updates BatchNorm running
+  statistics, once per step).
+* **BatchNorm during the capture**: :func:`fisherlab.capture` runs the model in eval mode. While
+  the model is training, the optimizer hides the running statistics of its BatchNorm layers for
+  the duration of the capture, so that they normalise with the batch statistics exactly as the
+  training forward does; the captured ∇h is then the training gradient. (Examples are coupled
+  through the batch statistics; as in every KFAC implementation, the per-example vectors are the
+  backpropagated ones.) Dropout is off during the capture.
+* **Where the algebra runs**: the capture runs on the model's device and dtype; the operators
+  run in float64 on the CPU (where :mod:`fisherlab.operators` lives); ζ is moved back to the
+  parameters' device and dtype.
+* **Monte-Carlo draws** (``fisher="mc"``, K = ``n_samples``) come from one CPU generator per
+  optimizer (``generator``, or ``torch.Generator().manual_seed(seed)``), advanced step by step.
+
+Each step appends ``{"step", "loss", "gap", "ratio", "seconds", …}`` to :attr:`history`:
+``loss`` is h of the batch before the update; ``gap`` (``record_gap=True``) is
+𝔈(β) − 𝔈(0) of (4.6) for the two-level methods (0 for KFAC); ``ratio`` (``record_ratio=True``)
+is the reduction ratio 𝔈(β)/𝔈(0), 𝔈 of (4.1), which needs the exact ζ = F•⁻¹w (one more
+Woodbury solve). The paper's Fig. 5 is the ``gap`` column over training.
+
+The batch is given to the step, ``opt.step(inputs=x, targets=y)``, or beforehand with
+``opt.set_batch(x, y)`` (consumed by the next step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .capturing import losses as L
+from .capturing.record import Capture, FisherMode
+from .capturing.run import capture as _capture
+from .jacobian import Jacobian
+from .layout import Layout, layer_modules
+from .operators import KFAC, TKO, BlockDiagonalFisher, CoarseCorrection, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
+from .operators.coarse import COARSE_SPACES
+from .operators.kfac import DampingMode
+
+__all__ = [
+    "FisherOptimizer",
+    "KFACOptimizer",
+    "TwoLevelKFACOptimizer",
+    "TKOOptimizer",
+    "NaturalGradient",
+    "OPTIMIZERS",
+    "LEGENDS",
+    "make_optimizer",
+    "training_factory",
+    "register_training_optimizers",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers (one-line errors)
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+def _in_unit(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return v
+
+
+def _nonneg(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+def _posint(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+@contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """While the model trains, let its BatchNorm layers use batch statistics in eval mode.
+
+    ``F.batch_norm`` normalises with the batch statistics when a module has no running
+    statistics; hiding them (and restoring them afterwards) makes the eval-mode capture compute
+    the training forward without updating the running averages.
+    """
+    hidden: list[tuple[nn.Module, Tensor, Tensor]] = []
+    if model.training:
+        for m in model.modules():
+            if isinstance(m, _BN_TYPES) and m.training and m.running_mean is not None:
+                hidden.append((m, m.running_mean, m.running_var))
+                m.running_mean = None
+                m.running_var = None
+    try:
+        yield
+    finally:
+        for m, mean, var in hidden:
+            m.running_mean = mean
+            m.running_var = var
+
+
+# ---------------------------------------------------------------------------------------------
+# the base optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+class FisherOptimizer(torch.optim.Optimizer):
+    """Base class: capture → operator → ζ = op⁻¹(∇h + ωθ) → θ ← θ − αζ (module docstring).
+
+    Subclasses implement :meth:`_operator` (the operator for this step's Jacobian and
+    right-hand side). All arguments are keyword-only except the model.
+
+    Args:
+        model: the network; its ``nn.Linear``/``nn.Conv2d`` layers are preconditioned, every
+            other parameter gets SGD (module docstring). All its parameters form one group.
+        lr: learning rate α > 0 (2.31a).
+        damping: λ > 0 of F• = F + λI (2.17); validated, one-line :class:`DampingError`.
+        loss: ``"cross_entropy"``, ``"mse"`` (½‖y − z‖²) or ``"bce_logits"`` — the training
+            objective h = (1/B)Σ_b L(y_b, f(x_b)) (2.10) and its likelihood for the Fisher.
+        fisher: ``"mc"`` (the paper's, K = ``n_samples`` draws), ``"exact"`` or ``"empirical"``.
+        n_samples: K for ``"mc"``.
+        weight_decay: ω ≥ 0, added to the gradient before preconditioning: w = ∇h + ωθ.
+        momentum: μ ∈ [0, 1) (heavy ball on ζ: b ← μb + ζ, θ ← θ − αb); 0 by default.
+        generator: CPU generator for the MC draws (advanced by every step).
+        seed: seed of a fresh generator when ``generator`` is ``None`` (random when both are).
+        record_gap: record the gap (4.6) of each step in :attr:`history`.
+        record_ratio: record the reduction ratio 𝔈(β)/𝔈(0) (4.1) (one extra exact solve).
+
+    Attributes:
+        history: one dict per step: ``step``, ``loss``, ``gap``, ``ratio``, ``seconds``,
+            ``method``, ``coarse_dim``.
+        last_metrics: the recorded ``gap``/``ratio``/``coarse_dim`` and ``step_seconds`` of the
+            last step (the training loop adds them to its metrics CSV).
+        layout: the :class:`Layout` of the model.
+        last_operator: the operator of the last step (for inspection).
+    """
+
+    method: str = "fisher"
+    wants_closure: bool = True
+    """For :func:`fisherlab.train.train`: step with the closure, whose gradients serve the
+    parameters outside the Fisher (see :meth:`step`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        damping: float,
+        loss: str,
+        fisher: str = "mc",
+        n_samples: int = 1,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        record_gap: bool = False,
+        record_ratio: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (nn.Module), not {type(model).__name__}: "
+                "each step captures the model on the batch"
+            )
+        lr = _positive("lr", lr)
+        lam = check_damping(damping)
+        self.loss = L._loss(loss).value
+        try:
+            self.fisher = FisherMode(fisher).value
+        except ValueError:
+            raise ValueError(
+                f"unknown fisher mode {fisher!r} (choose one of {', '.join(m.value for m in FisherMode)})"
+            ) from None
+        self.n_samples = _posint("n_samples", n_samples)
+        wd = _nonneg("weight_decay", weight_decay)
+        mom = _in_unit("momentum", momentum)
+        if generator is None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)))
+            generator = torch.Generator().manual_seed(int(seed))
+        self.generator = generator
+        self.record_gap = bool(record_gap)
+        self.record_ratio = bool(record_ratio)
+
+        self.model = model
+        self.layout = Layout.from_model(model, warn=False)
+        if self.layout.excluded:
+            warnings.warn(
+                f"fisherlab {type(self).__name__}: these modules are not part of the Fisher and get plain SGD "
+                f"steps (same lr, weight decay, momentum): {', '.join(self.layout.excluded)}",
+                UserWarning,
+                stacklevel=3,
+            )
+        params = list(model.parameters())
+        super().__init__(params, dict(lr=lr, damping=lam, weight_decay=wd, momentum=mom))
+        self._params = params
+        self._offsets: list[int] = []
+        pos = 0
+        for p in params:
+            self._offsets.append(pos)
+            pos += p.numel()
+        inside = {id(p) for m in layer_modules(model, self.layout) for p in m.parameters(recurse=False)}
+        self._outside = [p for p in params if id(p) not in inside]
+        self._has_bn = any(isinstance(m, _BN_TYPES) for m in model.modules())
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._steps = 0
+        self.history: list[dict] = []
+        self.last_metrics: dict = {}
+        self.last_operator: FisherOperator | None = None
+
+    # ---- the batch -------------------------------------------------------------------------
+    def set_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Give the batch ``inputs [B, ...]``, ``targets [B]``/``[B, d_y]`` to the next step."""
+        self._batch = (inputs, targets)
+
+    @property
+    def steps(self) -> int:
+        """Number of steps taken."""
+        return self._steps
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:  # pragma: no cover
+        raise NotImplementedError
+
+    def _record(self, op: FisherOperator, rhs: Tensor, zeta: Tensor, rec: dict) -> None:
+        """Fill ``gap``/``ratio``/``coarse_dim`` of the step record (subclasses refine)."""
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _capture(self, x: Tensor, y: Tensor) -> Capture:
+        ref = self._params[0]
+        with _batch_statistics(self.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="fisherlab: these modules have parameters")
+            return _capture(
+                self.model, x, y, loss=self.loss, fisher=self.fisher, n_samples=self.n_samples,
+                generator=self.generator, device=ref.device, dtype=ref.dtype,
+            )
+
+    def _outside_gradients(self, x: Tensor, y: Tensor) -> list[Tensor | None]:
+        """Gradients of the mean loss for parameters outside the Fisher (one ordinary
+        forward/backward in the model's mode; it also updates BatchNorm running statistics)."""
+        trainable = [p for p in self._outside if p.requires_grad]
+        if not trainable:
+            if self._has_bn and self.model.training:
+                with torch.no_grad():
+                    self.model(x)  # running statistics only
+            return [None] * len(self._outside)
+        with torch.enable_grad():
+            z = self.model(x).reshape(x.shape[0], -1)
+            h = L.per_example_loss(self.loss, z, y).mean()
+            grads = torch.autograd.grad(h, trainable, allow_unused=True)
+        by_id = {id(p): g for p, g in zip(trainable, grads)}
+        return [by_id.get(id(p)) for p in self._outside]
+
+    def step(self, closure: Callable[[], Any] | None = None, *, inputs: Tensor | None = None, targets: Tensor | None = None) -> Any:
+        """One update θ ← θ − α·op⁻¹(∇h + ωθ) on the batch (module docstring).
+
+        Args:
+            closure: optional, as in torch: zeroes the gradients, evaluates the mean loss of
+                **the same batch** in the model's mode, backpropagates and returns the loss. It
+                is called first (gradients enabled); its ``.grad`` then serves the parameters
+                outside the Fisher and its forward has updated the BatchNorm statistics, so the
+                optimizer runs no pass of its own besides the capture. Without a closure the
+                optimizer runs that forward/backward itself (when the model has such
+                parameters or BatchNorm layers).
+            inputs: ``[B, ...]`` batch inputs (or given earlier by :meth:`set_batch`).
+            targets: true targets ``[B]`` (class indices) or ``[B, d_y]``.
+
+        Returns:
+            The closure's value when given, else the batch loss h before the update (float).
+        """
+        if (inputs is None) != (targets is None):
+            raise ValueError(f"{type(self).__name__}.step: give both inputs and targets")
+        if inputs is None:
+            if self._batch is None:
+                raise ValueError(
+                    f"{type(self).__name__}.step needs the batch: step(inputs=x, targets=y) or set_batch(x, y) first"
+                )
+            inputs, targets = self._batch
+        self._batch = None
+        assert targets is not None
+        closure_value = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_value = closure()
+
+        t0 = time.perf_counter()
+        group = self.param_groups[0]
+        lr = _positive("lr", group["lr"])
+        lam = check_damping(group["damping"])
+        wd = _nonneg("weight_decay", group["weight_decay"])
+        mom = _in_unit("momentum", group["momentum"])
+        ref = self._params[0]
+        x = inputs.to(ref.device, ref.dtype if inputs.is_floating_point() else None)
+        y = targets.to(ref.device, ref.dtype if targets.is_floating_point() else None)
+
+        cap = self._capture(x, y)
+        if closure is not None:
+            outside_grads = [p.grad for p in self._outside]
+        else:
+            outside_grads = self._outside_gradients(x, y)
+        self._steps += 1
+
+        jac = Jacobian.from_capture(cap, torch.float64)
+        rhs = cap.grad.to(torch.float64)
+        if wd > 0:
+            rhs = rhs + wd * self.layout.parameters_vector(self.model).to("cpu", torch.float64)
+        op = self._operator(jac, rhs, lam)
+        zeta = op.solve(rhs)
+        self.last_operator = op
+
+        rec: dict = {
+            "step": self._steps,
+            "loss": float(cap.loss_value),
+            "gap": None,
+            "ratio": None,
+            "seconds": 0.0,
+            "method": self.method,
+            "coarse_dim": None,
+        }
+        self._record(op, rhs, zeta, rec)
+
+        direction = self.layout.to_torch_order(zeta)
+        outside = {id(p): g for p, g in zip(self._outside, outside_grads)}
+        with torch.no_grad():
+            for p, off in zip(self._params, self._offsets):
+                if not p.requires_grad:
+                    continue
+                if id(p) in outside:
+                    g = outside[id(p)]
+                    if g is None:
+                        continue
+                    d = g.detach().to(p.dtype)
+                    if wd > 0:
+                        d = d + wd * p
+                else:
+                    d = direction[off : off + p.numel()].view_as(p).to(p.device, p.dtype)
+                if mom > 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        rec["seconds"] = time.perf_counter() - t0
+        self.history.append(rec)
+        self.last_metrics = {k: rec[k] for k in ("gap", "ratio", "coarse_dim") if rec[k] is not None}
+        self.last_metrics["step_seconds"] = rec["seconds"]
+        return closure_value if closure is not None else float(cap.loss_value)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {"steps": self._steps, "generator": self.generator.get_state()}
+
+    def _load_extra_state(self, d: dict) -> None:
+        self._steps = int(d.get("steps", 0))
+        if "generator" in d:
+            self.generator.set_state(d["generator"])
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus ``"fisherlab"``: step count, generator state (and the
+        running KFAC factors for the KFAC-based optimizers)."""
+        sd = super().state_dict()
+        sd["fisherlab"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("fisherlab", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._load_extra_state(extra)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        return (
+            f"{type(self).__name__}(method={self.method!r}, lr={g['lr']:g}, damping={g['damping']:g}, "
+            f"fisher={self.fisher!r}, weight_decay={g['weight_decay']:g}, momentum={g['momentum']:g})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# KFAC and the corrections built on it
+# ---------------------------------------------------------------------------------------------
+
+
+class _KFACBased(FisherOptimizer):
+    """Keeps the running factors and the one-level KFAC operator (module docstring).
+
+    Args (besides :class:`FisherOptimizer`'s):
+        damping_mode: ``"pi"`` (2.30) or ``"tikhonov"`` (A ⊗ G + λI).
+        factor_decay: ρ ∈ [0, 1): A ← ρA + (1 − ρ)A_batch, G likewise; 0 = batch factors.
+        inverse_update_period: T_inv ≥ 1: the KFAC eigendecompositions are rebuilt every T_inv
+            steps and reused in between.
+
+    Attributes:
+        factors: the current ``[(A_i, G_i)]`` (float64, CPU), ``None`` before the first step.
+        kfac: the one-level operator of the last step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping_mode: str = "pi",
+        factor_decay: float = 0.0,
+        inverse_update_period: int = 1,
+        **kw: Any,
+    ) -> None:
+        try:
+            self.damping_mode = DampingMode(damping_mode).value
+        except ValueError:
+            raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
+        self.factor_decay = _in_unit("factor_decay", factor_decay)
+        self.inverse_update_period = _posint("inverse_update_period", inverse_update_period)
+        super().__init__(model, **kw)
+        self.factors: list[tuple[Tensor, Tensor]] | None = None
+        self.kfac: KFAC | None = None
+        self._kfac_built_at = 0
+
+    def _update_factors(self, jac: Jacobian) -> list[tuple[Tensor, Tensor]]:
+        batch = [lj.kfac_factors for lj in jac.layers]
+        rho = self.factor_decay
+        if self.factors is None or rho == 0.0:
+            self.factors = [(A.clone(), G.clone()) for A, G in batch]
+        else:
+            self.factors = [
+                (rho * A + (1 - rho) * Ab, rho * G + (1 - rho) * Gb) for (A, G), (Ab, Gb) in zip(self.factors, batch)
+            ]
+        return self.factors
+
+    def _one_level(self, jac: Jacobian, damping: float) -> KFAC:
+        """F•KFAC for this step: rebuilt from the current factors every T_inv steps (and when λ
+        changes); otherwise the previous operator's blocks, bound to this step's Jacobian."""
+        factors = self._update_factors(jac)
+        due = self.kfac is None or (self._steps - 1) % self.inverse_update_period == 0
+        if due or self.kfac.damping != damping:  # type: ignore[union-attr]
+            self.kfac = KFAC(jac, damping, self.damping_mode, factors=factors)
+            self._kfac_built_at = self._steps
+        else:
+            stale = copy.copy(self.kfac)  # the same Kronecker blocks (eigenbases), new Jacobian
+            stale.jac = jac
+            self.kfac = stale
+        return self.kfac
+
+    def _extra_state(self) -> dict:
+        d = super()._extra_state()
+        d["factors"] = None if self.factors is None else [(A.clone(), G.clone()) for A, G in self.factors]
+        return d
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        f = d.get("factors")
+        self.factors = None if f is None else [(A.clone(), G.clone()) for A, G in f]
+        self.kfac = None  # rebuilt from the loaded factors on the next step
+
+    def _record(self, op: FisherOperator, rhs: Tensor, zeta: Tensor, rec: dict) -> None:
+        if isinstance(op, CoarseCorrection):
+            rec["coarse_dim"] = op.coarse_dim
+            if self.record_gap:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    rec["gap"] = float(op.gap())
+            if self.record_ratio:
+                exact = op.exact
+                z = exact.solve(rhs)
+                e0 = float(exact.fisher_norm2(op.zeta_kfac - z))
+                e = float(exact.fisher_norm2(zeta - z))
+                rec["ratio"] = e / e0 if e0 > 0 else float("nan")
+        else:  # one-level KFAC: β = 0
+            if self.record_gap:
+                rec["gap"] = 0.0
+            if self.record_ratio:
+                rec["ratio"] = 1.0
+
+
+class KFACOptimizer(_KFACBased):
+    """KFAC (2.31): θ ← θ − α F•KFAC⁻¹(∇h + ωθ), F•KFAC = blockdiag(Ã_i ⊗ G̃_i) (2.30).
+
+    Args: see :class:`FisherOptimizer` and :class:`_KFACBased` (``damping_mode``,
+    ``factor_decay``, ``inverse_update_period``).
+    """
+
+    def __init__(self, model: nn.Module, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self.method = "kfac" if self.damping_mode == "pi" else "kfac-tikhonov"
+
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        return self._one_level(jac, damping)
+
+
+class TwoLevelKFACOptimizer(_KFACBased):
+    """Two-level KFAC (Algorithm 1): ζ = ζ_KFAC + R_0ᵀβ*, β* = F_coarse⁻¹R_0(w − F•ζ_KFAC) (3.9)–(3.11).
+
+    Args:
+        coarse: ``"nicolaides"`` (3.24), ``"spectral"`` (3.28, ``k`` eigenvectors),
+            ``"krylov-nicolaides"`` (3.29, ``m`` columns), ``"residuals"`` (3.32),
+            ``"krylov-residuals"`` (``m``), ``"taylor"`` (3.37)–(3.38), ``q`` columns.
+        k, m, q: sizes of the spectral, Krylov and Taylor spaces.
+        Others: see :class:`FisherOptimizer` and :class:`_KFACBased`.
+
+    The gap (4.6) of each step is ≤ 0 (``record_gap=True``).
+    """
+
+    def __init__(self, model: nn.Module, *, coarse: str = "nicolaides", k: int = 1, m: int = 2, q: int = 2, **kw: Any) -> None:
+        if coarse not in COARSE_SPACES:
+            raise ValueError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
+        self.coarse = coarse
+        self.k, self.m, self.q = _posint("k", k), _posint("m", m), _posint("q", q)
+        super().__init__(model, **kw)
+        self.method = coarse
+
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        kfac = self._one_level(jac, damping)
+        exact = ExactFisher(jac, damping)
+        return TwoLevelKFAC(jac, damping, self.coarse, kfac=kfac, exact=exact, rhs=rhs, k=self.k, m=self.m, q=self.q)
+
+
+class TKOOptimizer(_KFACBased):
+    """The additive two-level KFAC of Tselepidis, Kohler and Orvieto (PREVIOUS, (4.7), (3.17)).
+
+    ζ = F•KFAC⁻¹w + R_0ᵀF_coarse⁻¹R_0w with F_coarse exact (3.12) or, as published, from the
+    Kronecker cross-layer blocks (3.18) (Linear layers only).
+
+    Args:
+        coarse_operator: ``"exact"`` or ``"kronecker"``.
+        coarse: the coarse space (default Nicolaides, as published); k, m, q as in
+            :class:`TwoLevelKFACOptimizer`. Others: see :class:`_KFACBased`.
+
+    Its gap (4.6) may be positive.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, coarse_operator: str = "exact", coarse: str = "nicolaides",
+        k: int = 1, m: int = 2, q: int = 2, **kw: Any,
+    ) -> None:
+        if coarse_operator not in ("exact", "kronecker"):
+            raise ValueError(f"coarse_operator must be 'exact' or 'kronecker', got {coarse_operator!r}")
+        if coarse not in COARSE_SPACES:
+            raise ValueError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
+        self.coarse_operator = coarse_operator
+        self.coarse = coarse
+        self.k, self.m, self.q = _posint("k", k), _posint("m", m), _posint("q", q)
+        super().__init__(model, **kw)
+        self.method = "tko" if coarse_operator == "exact" else "tko-kronecker"
+
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        kfac = self._one_level(jac, damping)
+        exact = ExactFisher(jac, damping)
+        return TKO(
+            jac, damping, self.coarse_operator, coarse=self.coarse, kfac=kfac, exact=exact, rhs=rhs,
+            k=self.k, m=self.m, q=self.q,
+        )
+
+
+class NaturalGradient(FisherOptimizer):
+    """The exact regularized natural gradient ζ = F•⁻¹w (3.2), by Woodbury (MATH.md §3), or its
+    exact block-diagonal version (3.7) with ``block_diagonal=True``.
+
+    Args:
+        block_diagonal: use blockdiag([F•]_11, …, [F•]_ℓℓ) instead of F•.
+        solver: for the full F•: ``"auto"`` (Woodbury unless the N × N matrix is too large, then
+            KFAC-preconditioned CG), ``"woodbury"`` or ``"cg"``.
+        Others: see :class:`FisherOptimizer`.
+
+    ``history`` has no gap; ``ratio`` (``record_ratio=True``) is 0 for the full F• and
+    𝔈(ζ_block)/𝔈(ζ_KFAC) (π-damped batch KFAC) for the block diagonal.
+    """
+
+    def __init__(self, model: nn.Module, *, block_diagonal: bool = False, solver: str = "auto", **kw: Any) -> None:
+        if solver not in ("auto", "woodbury", "cg"):
+            raise ValueError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}")
+        self.block_diagonal = bool(block_diagonal)
+        self.solver = solver
+        super().__init__(model, **kw)
+        self.method = "block-diagonal" if self.block_diagonal else "exact"
+
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        if self.block_diagonal:
+            return BlockDiagonalFisher(jac, damping)
+        return ExactFisher(jac, damping, solver=self.solver)  # type: ignore[arg-type]
+
+    def _record(self, op: FisherOperator, rhs: Tensor, zeta: Tensor, rec: dict) -> None:
+        if not self.record_ratio:
+            return
+        if not self.block_diagonal:
+            rec["ratio"] = 0.0
+            return
+        exact = ExactFisher(op.jac, op.damping)  # type: ignore[attr-defined]
+        z = exact.solve(rhs)
+        zk = KFAC(op.jac, op.damping, "pi").solve(rhs)  # type: ignore[attr-defined]
+        e0 = float(exact.fisher_norm2(zk - z))
+        rec["ratio"] = float(exact.fisher_norm2(zeta - z)) / e0 if e0 > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: name -> factory(model, **options)
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_level(coarse: str) -> Callable[..., torch.optim.Optimizer]:
+    def make(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+        kw.setdefault("coarse", coarse)
+        return TwoLevelKFACOptimizer(model, **kw)
+
+    make.__doc__ = f"Two-level KFAC with the '{coarse}' coarse space."
+    return make
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "kfac": lambda model, **kw: KFACOptimizer(model, **kw),
+    "kfac-tikhonov": lambda model, **kw: KFACOptimizer(model, **{"damping_mode": "tikhonov", **kw}),
+    "two-level-kfac": lambda model, **kw: TwoLevelKFACOptimizer(model, **kw),
+    **{f"kfac-2l-{c}": _two_level(c) for c in COARSE_SPACES},
+    "tko": lambda model, **kw: TKOOptimizer(model, **{"coarse_operator": "exact", **kw}),
+    "tko-kronecker": lambda model, **kw: TKOOptimizer(model, **{"coarse_operator": "kronecker", **kw}),
+    "ngd": lambda model, **kw: NaturalGradient(model, **kw),
+    "ngd-block": lambda model, **kw: NaturalGradient(model, **{"block_diagonal": True, **kw}),
+}
+"""fisherlab's optimizers by name: ``factory(model, **options)``; options are the keyword
+arguments of the classes (``lr``, ``damping``, ``loss``, ``fisher``, ``n_samples``,
+``weight_decay``, ``momentum``, ``damping_mode``, ``factor_decay``, ``inverse_update_period``,
+``coarse``, ``k``, ``m``, ``q``, ``seed``, ``record_gap``, ``record_ratio``, …).
+``two-level-kfac`` takes ``coarse``; ``kfac-2l-<space>`` fixes it."""
+
+LEGENDS = {
+    "kfac": "KFAC",
+    "kfac-tikhonov": "KFAC-TIKHONOV",
+    "two-level-kfac": "KFAC-2L",
+    "kfac-2l-nicolaides": "NICO",
+    "kfac-2l-spectral": "SPECTRAL",
+    "kfac-2l-krylov-nicolaides": "KRY-NICO",
+    "kfac-2l-residuals": "RESIDU",
+    "kfac-2l-krylov-residuals": "KRY-RESIDU",
+    "kfac-2l-taylor": "TAYLOR",
+    "tko": "PREVIOUS",
+    "tko-kronecker": "PREVIOUS-KRON",
+    "ngd": "NGD",
+    "ngd-block": "NGD-BLOCK",
+}
+"""Figure legends (the paper's Table 1 for the two-level methods)."""
+
+
+def make_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (see :data:`OPTIMIZERS`) for ``model``.
+
+    Raises:
+        ValueError: an unknown name, an option the optimizer does not take, a missing required
+            option (``lr``, ``damping``, ``loss``) or a bad value — one line each.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
+    try:
+        return OPTIMIZERS[name](model, **options)
+    except TypeError as err:
+        msg = str(err)
+        if "unexpected keyword argument" in msg:
+            raise ValueError(f"optimizer {name!r} does not take the option {msg.split('argument')[-1].strip()}") from None
+        if "required keyword-only argument" in msg:
+            raise ValueError(f"optimizer {name!r} needs the option(s) {msg.split(':', 1)[-1].strip()}") from None
+        raise
+
+
+def training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
+    """A :mod:`fisherlab.train` factory ``factory(params, config, *, model)`` for optimizer ``name``.
+
+    The options come from the :class:`~fisherlab.train.TrainConfig`: ``lr``, ``momentum``,
+    ``weight_decay``, ``loss`` and ``seed`` (the MC generator), then ``optimizer_options``
+    (``damping`` — required, never implied —, ``fisher``, ``n_samples``, ``damping_mode``,
+    ``factor_decay``, ``inverse_update_period``, ``coarse``, ``k``/``m``/``q``,
+    ``record_gap``, ``record_ratio``, …), which override the former.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
+
+    def factory(params: list[nn.Parameter], config: Any, *, model: nn.Module) -> torch.optim.Optimizer:
+        mine = {id(p) for p in model.parameters()}
+        if any(id(p) not in mine for p in params):
+            raise ValueError(f"optimizer {name!r}: the parameters given are not the model's")
+        options: dict[str, Any] = {
+            "lr": config.lr,
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            "loss": config.loss,
+            "seed": config.seed,
+        }
+        options.update(config.optimizer_options or {})
+        if "damping" not in options:
+            raise ValueError(
+                f"optimizer {name!r} needs the damping λ > 0: set optimizer_options.damping in the training config"
+            )
+        return make_optimizer(name, model, **options)
+
+    factory.__doc__ = f"fisherlab optimizer {name!r} ({LEGENDS[name]}) for fisherlab.train."
+    return factory
+
+
+def register_training_optimizers(registry: dict[str, Callable[..., torch.optim.Optimizer]]) -> None:
+    """Add every :data:`OPTIMIZERS` name to the training registry (``fisherlab.train.OPTIMIZERS``),
+    without replacing an entry already there."""
+    for name in OPTIMIZERS:
+        registry.setdefault(name, training_factory(name))
