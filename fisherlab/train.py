@@ -23,7 +23,8 @@ Conventions:
   global RNG is seeded with ``seed`` (for optimizers that sample); the data with ``data_seed``.
 
 Optimizers come from the registry :data:`OPTIMIZERS` (``sgd`` and ``adam`` here). Others add
-factories to it (see :func:`register_optimizer`). A factory is called as
+factories to it (see :func:`register_optimizer`); a name not registered yet triggers
+``fisherlab.optim.register_training_optimizers(OPTIMIZERS)`` when that module exists. A factory is called as
 ``factory(params, config)``, and also gets ``model=model`` when it accepts a ``model`` keyword
 (curvature optimizers hook the layers). An optimizer whose class sets ``wants_closure = True``
 is stepped as ``loss = optimizer.step(closure)`` where ``closure()`` zeroes the gradients,
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -200,6 +203,8 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"training config: 'lr' must be a finite number > 0, got {self.lr!r}")
         if check_optimizer and self.optimizer not in OPTIMIZERS:
+            _load_fisherlab_optimizers()
+        if check_optimizer and self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"training config: unknown optimizer {self.optimizer!r} (registered: {', '.join(OPTIMIZERS)})"
             )
@@ -248,6 +253,20 @@ def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFacto
         return fn
 
     return deco
+
+
+def _load_fisherlab_optimizers() -> None:
+    """Add :mod:`fisherlab.optim`'s curvature optimizers (KFAC, two-level KFAC, TKO, NGD) to
+    :data:`OPTIMIZERS`, when that module exists (kfac, kfac-tikhonov, two-level-kfac,
+    kfac-2l-<space>, tko, tko-kronecker, ngd, ngd-block). Called lazily, for a name not
+    registered yet: plain SGD/Adam runs never import it, and this module works in checkouts
+    without ``fisherlab/optim.py``."""
+    if importlib.util.find_spec(f"{__package__}.optim") is None:
+        return
+    optim = importlib.import_module(f"{__package__}.optim")
+    register = getattr(optim, "register_training_optimizers", None)
+    if register is not None:
+        register(OPTIMIZERS)
 
 
 def _make_optimizer(factory: OptimizerFactory, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -563,10 +582,3 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, Tensor):
         return float(v.detach()) if v.numel() == 1 else v.detach().cpu().tolist()
     return v
-
-
-# fisherlab's curvature optimizers (kfac, kfac-tikhonov, two-level-kfac, kfac-2l-<space>, tko,
-# tko-kronecker, ngd, ngd-block): registered here so that `fisherlab train --optimizer kfac` finds them.
-from .optim import register_training_optimizers as _register_fisherlab_optimizers  # noqa: E402
-
-_register_fisherlab_optimizers(OPTIMIZERS)

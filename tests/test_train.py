@@ -184,10 +184,19 @@ def test_cli_train_flags_only_and_error(cli, tmp_path, capsys):
     out = tmp_path / "o"
     rc = cli.main(["train", "--out", str(out), "--model", "deep-linear-64", "--model-arg", "input_dim=10",
                    "--width", "0.3", "--n", "32", "--batch-size", "8", "--steps", "2", "--quiet", "--no-plot",
+                   "--optimizer", "sgd", "--optimizer-option", "nesterov=true", "--momentum", "0.9",
                    "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((out / "run.json").read_text())["config"]["data"] == "random-vectors"
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["data"] == "random-vectors" and config["optimizer_options"] == {"nesterov": True}
     assert not (out / "loss.png").exists()
     rc = cli.main(["train", "--out", str(out), "--model", "nope", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("fisherlab: error: unknown model 'nope'") and err.count("\n") == 1
+
+
+def test_fisherlab_optimizers_are_registered_lazily():
+    if importlib.util.find_spec("fisherlab.optim") is None:
+        pytest.skip("fisherlab.optim not in this checkout")
+    assert tiny_config(optimizer="kfac").resolved().optimizer == "kfac"
+    assert "kfac" in OPTIMIZERS

@@ -15,7 +15,7 @@ from pathlib import Path
 def _model_arg(text: str) -> tuple[str, object]:
     """``key=value`` with ``value`` parsed as JSON when possible (``n_classes=100``, ``batchnorm=false``)."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--model-arg expects KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
         return key, json.loads(value)
@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", "-b", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int, help="number of updates (overrides --epochs)")
-    p.add_argument("--optimizer", help=f"registered optimizer ({', '.join(OPTIMIZERS)})")
+    p.add_argument("--optimizer", help=f"sgd, adam, or a fisherlab.optim name (kfac, two-level-kfac, …); registered now: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--optimizer-option", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="optimizer option, e.g. damping=1e-3, nesterov=true (repeatable; JSON values)")
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
@@ -90,6 +92,8 @@ def config_from_args(args: argparse.Namespace):
         "checkpoint_steps": args.checkpoint_steps, "device": args.device,
     }
     base.update({k: v for k, v in flags.items() if v is not None})
+    if args.optimizer_option:
+        base["optimizer_options"] = {**base.get("optimizer_options", {}), **dict(args.optimizer_option)}
     if args.all_data:
         base["n"] = None
     if args.no_plot:
