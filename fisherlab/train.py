@@ -26,7 +26,8 @@ Optimizers come from the registry :data:`OPTIMIZERS` (``sgd`` and ``adam`` here)
 factories to it (see :func:`register_optimizer`); a name not registered yet triggers
 ``fisherlab.optim.register_training_optimizers(OPTIMIZERS)`` when that module exists. A factory is called as
 ``factory(params, config)``, and also gets ``model=model`` when it accepts a ``model`` keyword
-(curvature optimizers hook the layers). An optimizer whose class sets ``wants_closure = True``
+(curvature optimizers hook the layers). An optimizer with a ``set_batch(x, y)`` method is
+given each batch before its step. An optimizer whose class sets ``wants_closure = True``
 is stepped as ``loss = optimizer.step(closure)`` where ``closure()`` zeroes the gradients,
 runs forward and backward on the current batch and returns the loss; others are stepped after
 one ``closure()``. If the optimizer has a dict attribute ``last_metrics`` (e.g. the gap (4.6)),
