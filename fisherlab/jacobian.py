@@ -29,7 +29,7 @@ from .capturing.record import Capture, LayerCapture, kfac_factors_from
 from .errors import FisherlabError
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "Jacobian", "conv_gram_path"]
+__all__ = ["LayerJacobian", "Jacobian", "conv_gram_path", "factor_eigh"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -46,6 +46,13 @@ def conv_gram_path(B: int, K: int, T: int, d_in: int, d_out: int) -> str:
     cost_pairs = (B * T) ** 2 * d_in + (N * T) ** 2 * d_out + (N * T) ** 2
     cost_dense = N * T * d_in * d_out + N * N * d_in * d_out
     return "dense" if cost_dense <= cost_pairs else "pairs"
+
+
+def factor_eigh(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(s_A, Q_A, s_G, Q_G)``: ascending eigenpairs of (undamped) KFAC factors."""
+    sA, QA = torch.linalg.eigh(A)
+    sG, QG = torch.linalg.eigh(G)
+    return sA, QA, sG, QG
 
 
 @dataclass(eq=False)
@@ -178,6 +185,12 @@ class LayerJacobian:
         if self.A_stored is None or self.G_stored is None:
             raise FisherlabError(f"layer '{self.spec.name}': dense storage without KFAC factors")
         return self.A_stored, self.G_stored
+
+    @cached_property
+    def kfac_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(s_A, Q_A, s_G, Q_G)``: eigenpairs of the undamped KFAC factors, computed once and
+        shared by every KFAC operator (both damping modes), spectra and spectral coarse spaces."""
+        return factor_eigh(*self.kfac_factors)
 
     def dense_rows(self) -> Tensor:
         """``J_i [N, p_i]`` (not scaled). For references and small layers."""

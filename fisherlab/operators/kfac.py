@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
-from ..jacobian import Jacobian
+from ..jacobian import Jacobian, factor_eigh
 from .base import BlockDiagonalOperator, BlockOperator, check_damping
 from .exact import as_jacobian
 
-__all__ = ["KFAC", "DampingMode", "KroneckerBlock", "pi_damping"]
+__all__ = ["KFAC", "DampingMode", "KroneckerBlock", "factor_eigh", "pi_damping"]
 
 
 class DampingMode(str, Enum):
@@ -64,12 +64,15 @@ class KroneckerBlock(BlockOperator):
     G: Tensor
     damping: float
     mode: DampingMode
+    eigh: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    """Precomputed ``(s_A, Q_A, s_G, Q_G)`` of the undamped factors (shared between modes)."""
 
     def __post_init__(self) -> None:
         self.d_in, self.d_out = self.A.shape[0], self.G.shape[0]
         self.p = self.d_in * self.d_out
-        self.sA, self.QA = torch.linalg.eigh(self.A)
-        self.sG, self.QG = torch.linalg.eigh(self.G)
+        if self.eigh is None:
+            self.eigh = factor_eigh(self.A, self.G)
+        self.sA, self.QA, self.sG, self.QG = self.eigh
         # PSD in theory: clip round-off negatives.
         self.sA = self.sA.clamp_min(0)
         self.sG = self.sG.clamp_min(0)
@@ -162,6 +165,7 @@ class KFAC(BlockDiagonalOperator):
         except ValueError:
             raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
         self.jac: Jacobian = as_jacobian(source, dtype)
+        shared = factors is None
         if factors is None:
             factors = [lj.kfac_factors for lj in self.jac.layers]
         elif len(factors) != len(self.jac.layers):
@@ -172,7 +176,14 @@ class KFAC(BlockDiagonalOperator):
                     f"KFAC: layer '{lj.spec.name}' needs A [{lj.spec.d_in_bar}, {lj.spec.d_in_bar}] and "
                     f"G [{lj.spec.d_out}, {lj.spec.d_out}], got {tuple(A.shape)} and {tuple(G.shape)}"
                 )
-        blocks = [KroneckerBlock(A.to(dtype), G.to(dtype), self.damping, self.damping_mode) for A, G in factors]
+        # the capture's factors are decomposed once per Jacobian and shared by both damping modes
+        blocks = [
+            KroneckerBlock(
+                A.to(dtype), G.to(dtype), self.damping, self.damping_mode,
+                eigh=lj.kfac_eigh if shared and A.dtype == dtype else None,
+            )
+            for (A, G), lj in zip(factors, self.jac.layers)
+        ]
         super().__init__(blocks, self.jac.layout.sizes, dtype)
         self.name = "kfac" if self.damping_mode is DampingMode.PI else "kfac-tikhonov"
 
