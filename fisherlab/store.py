@@ -42,7 +42,7 @@ import math
 import os
 import warnings
 import zlib
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -179,6 +179,16 @@ def _to_numpy(t: Tensor, dtype: torch.dtype | None) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         raise StoreError("cannot store bfloat16 arrays in HDF5; pass dtype=torch.float32")
     return t.contiguous().numpy()
+
+
+def _count_non_finite(arr: np.ndarray) -> int:
+    """Number of NaN/Inf in a float array (0 quickly when its sum is finite)."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(arr.sum()):  # NaN/Inf propagate into the sum; an overflow only costs the exact count
+            return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
 
 
 def _fsync(path: Path) -> None:
@@ -511,10 +521,9 @@ class CaptureFile:
                     f"{where}: checksum mismatch in dataset '{key}' (stored crc32 {int(stored):08x}, "
                     f"read {got:08x}); the file is corrupted"
                 )
-        if arr.dtype.kind == "f":
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            if bad:
-                raise NonFiniteError(f"{where}: {bad} non-finite value(s) (NaN/Inf) in dataset '{key}'")
+        bad = _count_non_finite(arr)
+        if bad:
+            raise NonFiniteError(f"{where}: {bad} non-finite value(s) (NaN/Inf) in dataset '{key}'")
         return arr
 
     def _layer_rows(self, name: str, g: Any, layout: Layout) -> list[dict]:
@@ -729,12 +738,8 @@ def _validate(capture: Capture) -> None:
                     f"capture layer {i} '{lc.spec.name}': {k} has shape {None if t is None else list(t.shape)}, "
                     f"expected {expect[k]}"
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"capture layer {i} '{lc.spec.name}': non-finite value(s) (NaN/Inf) in {k}; not saved")
     if list(capture.grad.shape) != [capture.p]:
         raise StoreError(f"capture grad has shape {list(capture.grad.shape)}, expected [{capture.p}]")
-    if not bool(torch.isfinite(capture.grad).all()):
-        raise NonFiniteError("capture: non-finite value(s) (NaN/Inf) in grad; not saved")
 
 
 def _check_name(name: str) -> str:
@@ -887,7 +892,14 @@ def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
     return (rows, *shape[1:])
 
 
-def _write_ds(g: Any, key: str, arr: np.ndarray, compression: str | None, chunked: bool) -> None:
+def _write_ds(
+    g: Any, key: str, arr: np.ndarray, compression: str | None, chunked: bool, pool: ThreadPoolExecutor, where: str
+) -> None:
+    """Write one dataset and its ``crc32`` attribute. The CRC and the NaN/Inf check run in ``pool``
+    while HDF5 writes (``zlib.crc32`` and numpy's sum release the GIL): checks almost for free."""
+    arr = np.ascontiguousarray(arr)
+    crc_job = pool.submit(_crc, arr)
+    bad_job = pool.submit(_count_non_finite, arr)
     kw: dict[str, Any] = {}
     chunks = _chunks(arr.shape, arr.itemsize) if (chunked or compression) else None
     if chunks is not None:
@@ -896,8 +908,11 @@ def _write_ds(g: Any, key: str, arr: np.ndarray, compression: str | None, chunke
             kw["compression"] = compression
     ds = g.create_dataset(key, shape=arr.shape, dtype=arr.dtype, **kw)
     if arr.size:
-        ds.write_direct(np.ascontiguousarray(arr))
-    ds.attrs["crc32"] = np.int64(_crc(arr))
+        ds.write_direct(arr)
+    crc, bad = crc_job.result(), bad_job.result()
+    if bad:
+        raise NonFiniteError(f"{where}: {bad} non-finite value(s) (NaN/Inf) in {key}; not saved")
+    ds.attrs["crc32"] = np.int64(crc)
 
 
 def _hook(name: str, stage: str) -> None:
@@ -947,24 +962,30 @@ def _write_checkpoint(
     }
     for k, v in attrs.items():
         g.attrs[k] = v
-    nbytes = 0
-    layers = g.create_group("layers")
-    for i, lc in enumerate(capture.layers):
-        lg = layers.create_group(str(i))
-        lg.attrs["name"] = lc.spec.name
-        lg.attrs["kind"] = lc.spec.kind.value
-        lg.attrs["storage"] = lc.storage.value
-        lg.attrs["positions"] = int(lc.positions)
-        for key, t in _layer_arrays(lc).items():
-            arr = cast(t)
-            _write_ds(lg, key, arr, compression, chunked=True)
-            nbytes += arr.nbytes
-            _hook(name, f"{i}/{key}")
-    for key, t in (("grad", capture.grad), ("targets", capture.targets), ("sampled", capture.sampled)):
-        if t is not None:
-            arr = cast(t)
-            _write_ds(g, key, arr, compression, chunked=False)
-            nbytes += arr.nbytes
+    try:
+        nbytes = 0
+        layers = g.create_group("layers")
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fisherlab-check") as pool:
+            for i, lc in enumerate(capture.layers):
+                lg = layers.create_group(str(i))
+                lg.attrs["name"] = lc.spec.name
+                lg.attrs["kind"] = lc.spec.kind.value
+                lg.attrs["storage"] = lc.storage.value
+                lg.attrs["positions"] = int(lc.positions)
+                for key, t in _layer_arrays(lc).items():
+                    arr = cast(t)
+                    _write_ds(lg, key, arr, compression, chunked=True, pool=pool, where=f"capture layer {i} '{lc.spec.name}'")
+                    nbytes += arr.nbytes
+                    _hook(name, f"{i}/{key}")
+            for key, t in (("grad", capture.grad), ("targets", capture.targets), ("sampled", capture.sampled)):
+                if t is not None:
+                    arr = cast(t)
+                    _write_ds(g, key, arr, compression, chunked=False, pool=pool, where="capture")
+                    nbytes += arr.nbytes
+    except NonFiniteError:
+        del staging[name]  # nothing of it may remain
+        f.flush()
+        raise
     g.attrs["nbytes"] = int(nbytes)
     _hook(name, "before-commit")
     f.flush()

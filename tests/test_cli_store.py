@@ -227,3 +227,23 @@ def test_capture_errors(capsys, tmp_path, ckpts):
     rc, _, err = run_cli(capsys, "capture", "--model", "no-such-model", "--checkpoints", paths[0], "-B", "2", "--out", out)
     assert_one_line_error(rc, err, r"unknown model 'no-such-model'")
     assert not out.exists()
+
+
+def test_capture_reads_training_sidecars(capsys, tmp_path, ckpts):
+    """Without --model, the model (and data, step) come from ``fisherlab train``'s sidecar JSON."""
+    desc, paths = ckpts
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    target = ck / "step_000007.pt"
+    paths[1].rename(target)
+    (ck / "step_000007.json").write_text(json.dumps(
+        {"step": 7, "file": target.name, "model": desc, "data": {"name": "mnist", "task": "autoencoder"}}
+    ))
+    out = tmp_path / "run.h5"
+    rc, _, err = run_cli(capsys, "capture", "--checkpoints", target, "-B", "2", "--device", "cpu", "-q", "--out", out)
+    assert rc == 0, err
+    (info,) = store.list_checkpoints(out)
+    assert (info.name, info.step, info.complete) == ("step_000007", 7, True)
+    assert fisherlab.load(out).model == desc
+    rc, _, err = run_cli(capsys, "capture", "--checkpoints", paths[0], "-B", "2", "--out", out)
+    assert_one_line_error(rc, err, r"--model is required: the checkpoints have no sidecar JSON")

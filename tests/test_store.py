@@ -281,11 +281,17 @@ def test_non_finite_in_file(saved):
         fisherlab.load(path, "c1")
 
 
-def test_non_finite_capture_is_not_saved(tmp_path, small):
-    small.layers[2].a[0, 0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"layer 2 '4': non-finite"):
-        fisherlab.save(small, tmp_path / "bad.h5", checkpoint="c")
-    assert not (tmp_path / "bad.h5").exists()
+def test_non_finite_capture_is_not_saved(saved, tmp_path):
+    path, cap = saved
+    bad = cap.to()
+    bad.layers[2].a[0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"capture layer 2 '4': 1 non-finite value\(s\) \(NaN/Inf\) in a; not saved"):
+        fisherlab.save(bad, tmp_path / "bad.h5", checkpoint="c")
+    assert not (tmp_path / "bad.h5").exists() and not (tmp_path / "bad.h5.partial").exists()
+    bad.grad[3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"capture layer 2 '4'"):  # appending: nothing left behind
+        fisherlab.save(bad, path, checkpoint="c2")
+    assert [(c.name, c.complete) for c in store.list_checkpoints(path)] == [("c1", True)]
 
 
 def test_truncated_file(saved):

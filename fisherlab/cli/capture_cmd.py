@@ -4,8 +4,11 @@ The same batch (recorded by its indices in the data set) is captured at every ch
 appended to one run file, one atomic checkpoint at a time (:func:`fisherlab.save`). Rerunning
 the same command resumes: checkpoints already complete in ``--out`` are skipped.
 
-Checkpoint names are the file stems (``ckpt/step-1000.pt`` → ``step-1000``); the training step
-is the stem's trailing integer (``None`` without one). State dicts are loaded with
+Checkpoint names are the file stems (``ckpt/step_001000.pt`` → ``step_001000``); the training
+step is the sidecar's ``step`` (``step_001000.json``, written by ``fisherlab train``), else the
+stem's trailing integer (``None`` without one). Without ``--model`` the model description is
+taken from the sidecar (or the training run's ``run.json``), and without ``--data`` the data set
+name and task too. State dicts are loaded with
 ``torch.load(path, weights_only=True, map_location="cpu")``: nothing is unpickled.
 """
 
@@ -35,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Capture per-example layer Jacobians of the same batch at each state_dict checkpoint "
         "and append them to one HDF5 run file (resumable: complete checkpoints are skipped).",
     )
-    p.add_argument("--model", required=True, metavar="DESC",
-                   help="a model name (see fisherlab.models, e.g. mnist-ae) or a JSON file with a model description")
+    p.add_argument("--model", default=None, metavar="DESC",
+                   help="a model name (see fisherlab.models, e.g. mnist-ae) or a JSON file with a model description "
+                   "(default: the checkpoints' sidecar JSON written by fisherlab train)")
     p.add_argument("--width", type=float, default=None, help="hidden-width multiplier for a model given by name")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    help="state_dict files (torch.save(model.state_dict(), ...)), captured in this order")
@@ -96,6 +100,19 @@ def checkpoint_name(path: Path) -> tuple[str, int | None]:
     return name, (int(m.group(1)) if m else None)
 
 
+def sidecar(path: Path) -> dict:
+    """The JSON written next to a ``fisherlab train`` checkpoint (``<stem>.json``, else ``../run.json``); ``{}``."""
+    for side in (path.with_suffix(".json"), path.parent.parent / "run.json"):
+        if side.is_file():
+            try:
+                obj = json.loads(side.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"checkpoint {path}: unreadable sidecar {side} ({err})") from None
+            if isinstance(obj, dict):
+                return obj
+    return {}
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict, never unpickling (``weights_only=True``); ``{"state_dict": …}``/``{"model": …}`` unwrapped."""
     if not path.is_file():
@@ -136,24 +153,41 @@ def run(args: argparse.Namespace) -> int:
     from .. import datasets, models
     from ..store import save
 
-    desc = model_description(args.model, args.width)
+    ckpts = [Path(c) for c in args.checkpoints]
+    for c in ckpts:  # fail before any work
+        if not c.is_file():
+            raise ValueError(f"checkpoint {c}: no such file")
+    sides = [sidecar(c) for c in ckpts]
+    if args.model is not None:
+        desc = model_description(args.model, args.width)
+    else:
+        found = [s["model"] for s in sides if isinstance(s.get("model"), dict)]
+        if len(found) != len(ckpts):
+            raise ValueError("--model is required: the checkpoints have no sidecar JSON with a model description")
+        desc = models.describe(found[0]["name"], **{k: v for k, v in found[0].items() if k != "name"})
+        if any(f != found[0] for f in found[1:]):
+            raise ValueError("the checkpoints' sidecars describe different models; pass --model or capture them separately")
+        if args.width is not None:
+            desc = models.describe(desc["name"], **{**{k: v for k, v in desc.items() if k != "name"}, "width": args.width})
     loss = args.loss or models.default_loss(desc)
-    data_name = args.data or models.default_data(desc)
+    side_data = sides[0].get("data") if isinstance(sides[0].get("data"), dict) else {}
+    data_name = args.data or side_data.get("name") or models.default_data(desc)
     if data_name is None:
         raise ValueError(f"model '{desc['name']}' has no embedded default data set; pass --data")
-    task = args.task or _TASK_OF_LOSS.get(loss)
+    task = args.task or _TASK_OF_LOSS.get(loss) or (side_data.get("task") if not args.data else None)
     data = datasets.load(data_name, n=args.n_data, seed=args.data_seed, **({"task": task} if task else {}))
     idx = batch_indices(len(data), args.batch_size, args.indices, args.batch_seed)
     x, y = data.batch(idx)
 
-    ckpts = [Path(c) for c in args.checkpoints]
-    names = [checkpoint_name(c) for c in ckpts]
+    names = []
+    for c, side in zip(ckpts, sides):
+        name, step = checkpoint_name(c)
+        if isinstance(side.get("step"), int) and side.get("file") == c.name:
+            step = side["step"]
+        names.append((name, step))
     dup = {n for n, _ in names if [m for m, _ in names].count(n) > 1}
     if dup:
         raise ValueError(f"--checkpoints: several files give the checkpoint name {sorted(dup)[0]!r} (names are file stems)")
-    for c in ckpts:  # fail before any work
-        if not c.is_file():
-            raise ValueError(f"checkpoint {c}: no such file")
 
     out = Path(args.out)
     done: set[str] = set()
