@@ -15,6 +15,8 @@ One file per run, one group per checkpoint, one subgroup per layer::
             a  [B, T, d_in']       ā       ┐ storage "factored"
             g  [B, K, T, d_out]    g       ┘
             J  [N, p_i]            dense per-example gradients (storage "dense"), N = B·K
+            A  [d_in', d_in']      KFAC factors of a dense layer (J no longer determines them)
+            G  [d_out, d_out]
     /staging/<name>                a checkpoint being written (same layout, no ``complete``)
 
 Every dataset carries ``crc32`` (zlib CRC-32 of its C-order bytes). The example axis is the
@@ -38,12 +40,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -409,7 +410,7 @@ class CaptureFile:
             if grp is None:
                 continue
             for name in _safe_keys(grp):
-                if group_name == "staging" and name in seen:
+                if group_name == "staging" and (name in seen or name.startswith(".stale-")):
                     continue
                 out.append(self._info(grp, name, staging=group_name == "staging"))
                 seen.add(name)
@@ -469,7 +470,8 @@ class CaptureFile:
         complete = [n for n in names if bool(_attr(ckpts[n], "complete", False))]
         if checkpoint is None:
             if not complete:
-                pending = names + (_safe_keys(f["staging"]) if "staging" in f else [])
+                staged = _safe_keys(f["staging"]) if "staging" in f else []
+                pending = names + [n for n in staged if not n.startswith(".stale-")]
                 extra = f" (incomplete: {', '.join(pending)})" if pending else ""
                 raise StoreError(f"{self.path}: no complete checkpoint{extra}")
             if len(complete) > 1:
@@ -842,11 +844,34 @@ def save(
         name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
         if name in ckpts and bool(_attr(ckpts[name], "complete", False)) and not overwrite:
             raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True to replace it)")
-        staging = f.require_group("staging")
-        for old in list(staging.keys()):  # left by killed writers: unreachable from any checkpoint
-            del staging[old]
-        f.flush()
+        _clear_staging(f, path)
         _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
+
+
+def _clear_staging(f: h5py.File, path: Path) -> None:
+    """Unlink what killed writers left in ``/staging`` (unreachable from any checkpoint).
+
+    A staging group whose metadata a crash left unreadable may refuse to be deleted; its link is
+    then renamed ``.stale-<name>-<n>`` (hidden from listings) so that the name can be reused.
+    """
+    staging = f.require_group("staging")
+    for old in _safe_keys(staging):
+        if old.startswith(".stale-"):
+            continue
+        try:
+            del staging[old]
+        except Exception:
+            n = 0
+            while f".stale-{old}-{n}" in staging:
+                n += 1
+            try:
+                staging.move(old, f".stale-{old}-{n}")
+            except Exception as err:
+                raise StoreError(
+                    f"{path}: cannot remove the incomplete checkpoint '{old}' left by a killed writer "
+                    f"({_first_line(err)}); copy the complete checkpoints out with h5copy or h5repack"
+                ) from None
+    f.flush()
 
 
 def _run_attrs(capture: Capture) -> dict:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fisherlab
-from fisherlab import models, store
+from fisherlab import datasets, models, store
 from fisherlab.cli import main
 
 from cases import MODELS, make_capture
@@ -181,7 +181,7 @@ def test_capture_two_checkpoints_then_resume(capsys, tmp_path, ckpts, monkeypatc
     assert cap.model == desc and cap.loss == "bce_logits" and cap.fisher == "mc" and cap.K == 1
     model = models.build(desc)
     model.load_state_dict(torch.load(paths[1], weights_only=True))
-    x, y = fisherlab.datasets.load("mnist").batch(cap.meta["batch_indices"])
+    x, y = datasets.load("mnist").batch(cap.meta["batch_indices"])
     ref = fisherlab.capture(model, x, y, loss="bce_logits", fisher="mc", device="cpu",
                             generator=torch.Generator().manual_seed(0), model_description=desc)
     assert torch.equal(ref.grad, cap.grad) and all(a.equals(b) for a, b in zip(ref.layers, cap.layers))
