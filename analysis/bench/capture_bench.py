@@ -30,7 +30,7 @@ so drift of the machine hits all alike; medians reported, after warm-up):
 
 Peak memory (optional, on by default, CPU only): each method runs once in a fresh subprocess
 after the model and batch are built; the figure is the growth of the process's peak resident
-set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over that call — what the call needed on top
+set over that call (Linux: ``VmHWM`` in ``/proc/self/status``; elsewhere ``ru_maxrss``) — what the call needed on top
 of what was already resident, including what it returns. Torch's CPU allocator hands large
 blocks back to the OS, so this is close to the call's peak allocation; it is coarse (pages, and
 the first call pays for lazily loaded kernels). On CUDA ``torch.cuda.max_memory_allocated`` is
@@ -211,6 +211,16 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], reps: dict[str, int]
 
 
 def _maxrss_bytes() -> int:
+    """Peak resident set of this process. On Linux ``VmHWM`` of ``/proc/self/status``: unlike
+    ``ru_maxrss``, it is not inherited from the parent across fork + exec (which would hide the
+    growth when the parent is larger)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
