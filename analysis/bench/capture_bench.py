@@ -30,7 +30,8 @@ so drift of the machine hits all alike; medians reported, after warm-up):
 
 Peak memory (optional, on by default, CPU only): each method runs once in a fresh subprocess
 after the model and batch are built; the figure is the growth of the process's peak resident
-set over that call (Linux: ``VmHWM`` in ``/proc/self/status``; elsewhere ``ru_maxrss``) — what the call needed on top
+set over that call (Linux: ``VmHWM`` minus ``VmRSS`` of ``/proc/self/status``, the high-water
+mark reset just before the call through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``) — what the call needed on top
 of what was already resident, including what it returns. Torch's CPU allocator hands large
 blocks back to the OS, so this is close to the call's peak allocation; it is coarse (pages, and
 the first call pays for lazily loaded kernels). On CUDA ``torch.cuda.max_memory_allocated`` is
@@ -210,6 +211,14 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], reps: dict[str, int]
 # ---- memory ------------------------------------------------------------------------------------
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise OSError(key)
+
+
 def _maxrss_bytes() -> int:
     """Peak resident set of this process. On Linux ``VmHWM`` of ``/proc/self/status``: unlike
     ``ru_maxrss``, it is not inherited from the parent across fork + exec (which would hide the
@@ -232,7 +241,12 @@ def _measure_memory_here(problem: str, method: str, quick: bool) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     pb = make_problem(problem, quick, torch.device("cpu"))
     fn = METHODS[method](pb)
-    before = _maxrss_bytes()
+    try:  # Linux ≥ 4.0: restart the high-water mark at the current RSS (setup peaks drop out)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS:")
+    except OSError:
+        before = _maxrss_bytes()
     out = fn()
     after = _maxrss_bytes()
     kept = out.nbytes() if isinstance(out, fisherlab.Capture) else None
