@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"fisherlab: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `fisherlab inspect f.h5 | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("fisherlab: interrupted", file=sys.stderr)
         return 130

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .. import store
-from ..capturing import FisherMode, Loss, capture
-from ..errors import StoreError
+from ..capturing import FisherMode, Loss
+from ..capturing.checkpoints import batch_indices, capture_checkpoints, checkpoint_name, load_state_dict, sidecar
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TASK_OF_LOSS = {"cross_entropy": "classification"}
@@ -89,69 +85,8 @@ def model_description(spec: str, width: float | None) -> dict:
     return models.describe(desc["name"], **{k: v for k, v in desc.items() if k != "name"})
 
 
-def checkpoint_name(path: Path) -> tuple[str, int | None]:
-    """``step-1000.pt`` → (``"step-1000"``, 1000); no trailing integer → step ``None``."""
-    name = path.name
-    for suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    m = re.search(r"(\d+)$", name)
-    return name, (int(m.group(1)) if m else None)
-
-
-def sidecar(path: Path) -> dict:
-    """The JSON written next to a ``fisherlab train`` checkpoint (``<stem>.json``, else ``../run.json``); ``{}``."""
-    for side in (path.with_suffix(".json"), path.parent.parent / "run.json"):
-        if side.is_file():
-            try:
-                obj = json.loads(side.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"checkpoint {path}: unreadable sidecar {side} ({err})") from None
-            if isinstance(obj, dict):
-                return obj
-    return {}
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict, never unpickling (``weights_only=True``); ``{"state_dict": …}``/``{"model": …}`` unwrapped."""
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path}: no such file")
-    try:
-        obj: Any = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path}: cannot load a state_dict with weights_only=True ({msg})") from None
-    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {path}: not a state_dict (a dict of tensors)")
-    return obj
-
-
-def batch_indices(n: int, B: int, indices: list[int] | None, seed: int) -> list[int]:
-    """The batch: ``indices`` as given (checked), or B distinct indices drawn with ``seed``."""
-    if B < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {B}")
-    if indices is not None:
-        if len(indices) != B:
-            raise ValueError(f"--indices gives {len(indices)} indices but --batch-size is {B}")
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"--indices {bad[0]} is out of range for a data set of {n} examples")
-        return list(indices)
-    if B > n:
-        raise ValueError(f"--batch-size {B} exceeds the data set's {n} examples")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:B].tolist()
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import datasets, models
-    from ..store import save
 
     ckpts = [Path(c) for c in args.checkpoints]
     for c in ckpts:  # fail before any work
@@ -179,60 +114,16 @@ def run(args: argparse.Namespace) -> int:
     idx = batch_indices(len(data), args.batch_size, args.indices, args.batch_seed)
     x, y = data.batch(idx)
 
-    names = []
-    for c, side in zip(ckpts, sides):
-        name, step = checkpoint_name(c)
-        if isinstance(side.get("step"), int) and side.get("file") == c.name:
-            step = side["step"]
-        names.append((name, step))
-    dup = {n for n, _ in names if [m for m, _ in names].count(n) > 1}
-    if dup:
-        raise ValueError(f"--checkpoints: several files give the checkpoint name {sorted(dup)[0]!r} (names are file stems)")
-
-    out = Path(args.out)
-    done: set[str] = set()
-    if out.exists():
-        for info in store.list_checkpoints(out):
-            if info.complete:
-                done.add(info.name)
-                if info.batch_indices is not None and info.batch_indices != idx:
-                    raise StoreError(
-                        f"{out}: checkpoint '{info.name}' was captured on another batch; use the same "
-                        "--data/--batch-size/--batch-seed/--indices or another --out"
-                    )
-
     dtype = _DTYPES[args.dtype]
     compression = None if args.compression == "none" else args.compression
-    meta_common = {
-        "data": data.describe(),
-        "batch_seed": None if args.indices is not None else args.batch_seed,
-    }
-    todo = [(c, n, s) for c, (n, s) in zip(ckpts, names) if n not in done]
-    for c, (n, _) in zip(ckpts, names):
-        if n in done:
-            print(f"fisherlab capture: '{n}' is complete in {out}, skipped", file=sys.stderr)
-
-    from tqdm import tqdm
-
-    bar = tqdm(todo, desc="capture", unit="ckpt", disable=args.quiet or not todo, file=sys.stderr)
-    for path, name, step in bar:
-        bar.set_postfix_str(name)
-        model = models.build(desc)
-        sd = load_state_dict(path)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {path}: does not fit model '{desc['name']}' ({str(err).splitlines()[0]})") from None
-        cap = capture(
-            model, x, y, loss=loss, fisher=args.fisher, n_samples=args.n_samples,
-            generator=torch.Generator().manual_seed(args.seed), device=args.device, dtype=dtype,
-            storage=args.storage, model_description=desc,
-            meta={**meta_common, "checkpoint_file": str(path)},
-        )
-        save(cap, out, checkpoint=name, step=step, compression=compression, batch_indices=idx)
-        del cap, model
-    bar.close()
-    print(f"fisherlab capture: {out}: {len(todo)} checkpoint(s) written, {len(done)} already complete")
+    meta = {"data": data.describe(), "batch_seed": None if args.indices is not None else args.batch_seed}
+    out = Path(args.out)
+    written = capture_checkpoints(
+        desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
+        indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
+        meta=meta, progress=not args.quiet,
+    )
+    print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0
 
 
