@@ -128,12 +128,12 @@ class LayerJacobian:
         B, K, T, d_out = g.shape
         d_in = a.shape[-1]
         out = []
-        for yc in self._column_chunks(y, B * T * d_out):
+        for yc in self._column_chunks(y * self.scale, B * T * d_out):  # scale the small side
             c = yc.shape[1]
             W = torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))  # [B, T·d_out, c]
             Xt = a.reshape(B * T, d_in).T @ W.reshape(B * T, d_out * c)  # [d_in', d_out·c]
             out.append(Xt.reshape(d_in * d_out, c))
-        return torch.cat(out, dim=1) * self.scale
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
     @staticmethod
     def _column_chunks(x: Tensor, per_column: int) -> list[Tensor]:
@@ -245,8 +245,11 @@ class Jacobian:
         return out
 
     def matmat(self, y: Tensor) -> Tensor:
-        """``U y``: ``[N, c] -> [p, c]``."""
-        return torch.cat([lj.matmat(y) for lj in self.layers], dim=0)
+        """``U y``: ``[N, c] -> [p, c]`` (each layer's block written into one output: no concatenated copy)."""
+        out = y.new_empty(self.p, y.shape[1])
+        for lj, block in zip(self.layers, self.layout.split(out)):
+            block.copy_(lj.matmat(y))
+        return out
 
     @cached_property
     def grams(self) -> list[Tensor]:

@@ -147,7 +147,7 @@ class ExactFisher(FisherOperator):
         if self.solver == "woodbury":
             Y = self.jac.rmatmat(W)
             Z = torch.cholesky_solve(Y, self.woodbury_cholesky)
-            out = (W - self.jac.matmat(Z)) / self.damping
+            out = torch.sub(W, self.jac.matmat(Z)).div_(self.damping)
             self.last_solve = SolveInfo("woodbury", time.perf_counter() - t0)
             return out
         out, iters, ok = self._cg(W)
