@@ -1,0 +1,483 @@
+"""Figures from metric tables, spectra and structure results (no computation here).
+
+One style (:func:`set_style`, applied inside every function through :func:`style`), one fixed
+colour per method under the paper's legend names (:data:`COLORS`), and one convention: every
+function returns its :class:`matplotlib.figure.Figure` and, given ``path``, also writes
+``<path>.png`` and ``<path>.pdf`` (:func:`save_figure`).
+
+Metric tables are lists of row dicts as produced by :func:`fisherlab.compare` (keys ``method``,
+``legend``, ``energy_error``, ``relative_error``, ``reduction_ratio``, ``gap``,
+``euclidean_relative_error``, ``cosine``, …, and over files ``checkpoint``, ``step``,
+``damping``), a :class:`~fisherlab.metrics.ComparisonTable`, or the CSV it writes (numbers are
+parsed back from strings). Missing values (``None``, empty, NaN: methods reported n/a) are left
+out of the plots.
+
+| function | figure |
+|---|---|
+| :func:`plot_error_reduction` | the paper's Fig. 5: gap 𝔈(β*) − 𝔈(0) and ratio 𝔈/𝔈_KFAC vs training step |
+| :func:`plot_method_errors` | bars of relative F•-norm and Euclidean errors at one checkpoint |
+| :func:`plot_spectra` | overlaid densities and cumulative distributions of spectra |
+| :func:`plot_interactions` | heatmap of ρ_ij |
+| :func:`plot_kfac_block_errors` | bars of ‖F_ii − A⊗G‖/‖F_ii‖ per layer |
+| :func:`plot_damping_sweep` | errors against λ (log-log), one line per method |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+
+__all__ = [
+    "COLORS",
+    "METHOD_LEGENDS",
+    "MARKERS",
+    "set_style",
+    "style",
+    "color_for",
+    "legend_for",
+    "save_figure",
+    "read_rows",
+    "plot_error_reduction",
+    "plot_method_errors",
+    "plot_spectra",
+    "plot_interactions",
+    "plot_kfac_block_errors",
+    "plot_damping_sweep",
+]
+
+METHOD_LEGENDS: dict[str, str] = {
+    "exact": "EXACT",
+    "block-diagonal": "BLOCK-DIAG",
+    "kfac": "KFAC",
+    "kfac-tikhonov": "KFAC-TIKHONOV",
+    "nicolaides": "NICO",
+    "spectral": "SPECTRAL",
+    "krylov-nicolaides": "KRY-NICO",
+    "residuals": "RESIDU",
+    "krylov-residuals": "KRY-RESIDU",
+    "taylor": "TAYLOR",
+    "tko": "PREVIOUS",
+    "tko-kronecker": "PREVIOUS-KRON",
+    # operators of the spectra
+    "fisher": "EXACT",
+    "preconditioned": "PRECONDITIONED",
+}
+"""Method (or operator) key → the paper's legend name."""
+
+_PALETTE = sns.color_palette("tab20", 20).as_hex()
+COLORS: dict[str, str] = {
+    "EXACT": "#000000",
+    "KFAC": _PALETTE[14],  # grey
+    "KFAC-TIKHONOV": _PALETTE[15],  # light grey
+    "BLOCK-DIAG": _PALETTE[16],  # olive
+    "NICO": _PALETTE[0],  # blue
+    "SPECTRAL": _PALETTE[2],  # orange
+    "RESIDU": _PALETTE[4],  # green
+    "KRY-NICO": _PALETTE[1],  # light blue
+    "KRY-RESIDU": _PALETTE[5],  # light green
+    "TAYLOR": _PALETTE[8],  # purple
+    "PREVIOUS": _PALETTE[6],  # red
+    "PREVIOUS-KRON": _PALETTE[7],  # light red
+    "PRECONDITIONED": _PALETTE[18],  # cyan
+}
+"""Legend name → colour, fixed across every figure."""
+
+MARKERS: dict[str, str] = {
+    "EXACT": "", "KFAC": "s", "KFAC-TIKHONOV": "D", "BLOCK-DIAG": "P", "NICO": "o", "SPECTRAL": "v",
+    "RESIDU": "^", "KRY-NICO": "<", "KRY-RESIDU": ">", "TAYLOR": "*", "PREVIOUS": "x",
+    "PREVIOUS-KRON": "+", "PRECONDITIONED": "",
+}
+
+_RC = {
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "lines.linewidth": 1.6,
+    "lines.markersize": 4,
+    "pdf.fonttype": 42,
+}
+
+
+def set_style() -> None:
+    """Apply fisherlab's plotting style globally (seaborn ``whitegrid``/``paper`` plus a few rc)."""
+    sns.set_theme(context="paper", style="whitegrid", rc=_RC)
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """fisherlab's style for the figures made inside the block; the global state is restored."""
+    with plt.rc_context():
+        set_style()
+        yield
+
+
+def legend_for(key: str) -> str:
+    """Legend name of a method/operator key (``"nicolaides"`` → ``"NICO"``); legends map to themselves."""
+    if key in COLORS:
+        return key
+    if key.startswith("error-"):
+        return METHOD_LEGENDS.get(key[len("error-") :], key)
+    return METHOD_LEGENDS.get(key, key.upper())
+
+
+def color_for(key: str) -> str:
+    """The fixed colour of a method, operator or legend name (dark grey for unknown keys)."""
+    return COLORS.get(legend_for(key), "#444444")
+
+
+def save_figure(fig: Figure, path: str | Path) -> list[Path]:
+    """Write ``fig`` as PNG and PDF next to each other (``path`` with or without a suffix)."""
+    p = Path(path)
+    if p.suffix.lower() in (".png", ".pdf"):
+        p = p.with_suffix("")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext in ("png", "pdf"):
+        q = p.with_name(p.name + "." + ext)
+        fig.savefig(q)
+        out.append(q)
+    return out
+
+
+def _finish(fig: Figure, path: str | Path | None) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, str):
+        s = v.strip()
+        if s == "" or s.lower() in ("none", "nan", "n/a"):
+            return None
+        try:
+            f = float(s)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() and "." not in s and "e" not in s.lower() else f
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def read_rows(source: Any) -> list[dict]:
+    """Row dicts from a list of dicts, an object with ``.rows`` (``ComparisonTable``) or a CSV
+    path; numeric strings become numbers, empty/NaN become ``None``."""
+    if isinstance(source, (str, Path)):
+        with Path(source).open(newline="") as f:
+            rows: Iterable[Mapping] = list(csv.DictReader(f))
+    elif hasattr(source, "rows"):
+        rows = source.rows
+    else:
+        rows = source
+    return [{k: _num(v) for k, v in r.items()} for r in rows]
+
+
+def _ok(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and not math.isfinite(v))
+
+
+def _methods(rows: Sequence[dict], methods: Sequence[str] | None, exclude: Sequence[str] = ()) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        m = r.get("method")
+        if m is not None and m not in seen and m not in exclude:
+            seen.append(m)
+    if methods is not None:
+        return [m for m in methods if m in seen]
+    return seen
+
+
+def _label(rows: Sequence[dict], method: str) -> str:
+    for r in rows:
+        if r.get("method") == method and r.get("legend"):
+            return str(r["legend"])
+    return legend_for(method)
+
+
+def _series(rows: Sequence[dict], method: str, x: str, y: str) -> tuple[list, list]:
+    pts = [(r[x], r[y]) for r in rows if r.get("method") == method and _ok(r.get(x)) and _ok(r.get(y))]
+    pts.sort(key=lambda t: t[0])
+    return [a for a, _ in pts], [b for _, b in pts]
+
+
+def _x_key(rows: Sequence[dict]) -> tuple[str, str]:
+    """``step`` when every row has one, else the checkpoint order."""
+    if rows and all(_ok(r.get("step")) for r in rows):
+        return "step", "training step"
+    order: dict[Any, int] = {}
+    for r in rows:
+        order.setdefault(r.get("checkpoint"), len(order))
+    for r in rows:
+        r["_index"] = order[r.get("checkpoint")]
+    return "_index", "checkpoint"
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+_ONE_LEVEL = ("kfac",)
+
+
+def plot_error_reduction(
+    rows: Any,
+    path: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The paper's Fig. 5 over checkpoints: (a) the gap 𝔈 − 𝔈_KFAC (4.6) per method against the
+    training step (0 dashed: below it a method improves on KFAC), (b) the reduction ratio
+    𝔈/𝔈_KFAC on a log scale (1 dashed).
+
+    Args:
+        rows: comparison rows over checkpoints (``method``, ``gap``, ``reduction_ratio`` and
+            ``step`` or ``checkpoint``).
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        methods: method keys to show, in order (default: all but ``kfac``, the reference).
+        title: figure title.
+
+    Returns:
+        The figure: two axes, one line per method on each plus the dashed reference.
+    """
+    rows = read_rows(rows)
+    ms = _methods(rows, methods, exclude=() if methods is not None else _ONE_LEVEL)
+    xk, xlabel = _x_key(rows)
+    with style():
+        fig, (ax_gap, ax_ratio) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for m in ms:
+            lab, c, mk = _label(rows, m), color_for(m), MARKERS.get(legend_for(m), "o")
+            ax_gap.plot(*_series(rows, m, xk, "gap"), color=c, marker=mk, label=lab)
+            ax_ratio.plot(*_series(rows, m, xk, "reduction_ratio"), color=c, marker=mk, label=lab)
+        ax_gap.axhline(0.0, color="k", ls="--", lw=0.8)
+        ax_ratio.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax_gap.set_xlabel(xlabel)
+        ax_gap.set_ylabel(r"$\mathfrak{E}(\beta) - \mathfrak{E}(0)$  (gap to KFAC)")
+        ax_gap.set_title("(a) error gap to KFAC")
+        ax_ratio.set_xlabel(xlabel)
+        ax_ratio.set_ylabel(r"$\mathfrak{E} / \mathfrak{E}_{\mathrm{KFAC}}$")
+        ax_ratio.set_yscale("log")
+        ax_ratio.set_title("(b) error reduction ratio")
+        ax_ratio.legend(loc="best", ncol=2)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
+
+
+def plot_method_errors(
+    rows: Any,
+    path: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Per-method errors at one checkpoint: (a) relative F•-norm error 𝔈/‖ζ‖²_F•, (b) Euclidean
+    relative error ‖ζ_m − ζ‖/‖ζ‖; log-scaled bars, one per method (n/a methods left out).
+
+    Args:
+        rows: the comparison rows of one checkpoint (``method``, ``relative_error``,
+            ``euclidean_relative_error``).
+        path, methods, title: as in :func:`plot_error_reduction` (default: every method).
+
+    Returns:
+        The figure: two axes with one bar per method each.
+    """
+    rows = read_rows(rows)
+    ms = _methods(rows, methods)
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, ylabel, t in (
+            (axes[0], "relative_error", r"$\mathfrak{E} / \|\zeta\|^2_{F_\bullet}$", r"(a) relative $F_\bullet$-norm error"),
+            (axes[1], "euclidean_relative_error", r"$\|\zeta_m - \zeta\| / \|\zeta\|$", "(b) Euclidean relative error"),
+        ):
+            pts = [(m, r[key]) for m in ms for r in rows if r.get("method") == m and _ok(r.get(key))]
+            labels = [_label(rows, m) for m, _ in pts]
+            ax.bar(range(len(pts)), [v for _, v in pts], color=[color_for(m) for m, _ in pts])
+            ax.set_xticks(range(len(pts)), labels, rotation=45, ha="right")
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.set_title(t)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
+
+
+def plot_spectra(
+    spectra: Any,
+    path: str | Path | None = None,
+    *,
+    log: bool | None = None,
+    n_grid: int = 400,
+    sigma: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Overlaid spectra: (a) Gaussian-broadened densities, (b) cumulative distributions.
+
+    Args:
+        spectra: :class:`fisherlab.spectra.Spectrum` objects (a list or a ``{key: Spectrum}``).
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        log: eigenvalue axis in ``log10`` (default: when every spectrum is positive).
+        n_grid: grid points of the densities.
+        sigma: broadening in axis units (default: 1/100 of the common range).
+        title: figure title.
+
+    Returns:
+        The figure: two axes, one line per spectrum on each.
+    """
+    specs = list(spectra.values()) if isinstance(spectra, Mapping) else list(spectra)
+    if log is None:
+        log = all(s.values.size and s.values[0] > 0 for s in specs)
+    lo = min((float(s.grid(2, log=log)[0]) for s in specs), default=0.0)
+    hi = max((float(s.grid(2, log=log)[-1]) for s in specs), default=1.0)
+    grid = np.linspace(lo, hi, n_grid)
+    sig = sigma if sigma is not None else (hi - lo) / 100
+    xlabel = "log10 eigenvalue" if log else "eigenvalue"
+    with style():
+        fig, (ax_d, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for s in specs:
+            lab = f"{s.label} ({s.method})"
+            c = color_for(s.operator)
+            ax_d.plot(grid, s.density(grid, sig, log=log), color=c, label=lab)
+            ax_c.plot(grid, s.cdf(grid, log=log), color=c, label=lab)
+        ax_d.set_xlabel(xlabel)
+        ax_d.set_ylabel("spectral density")
+        ax_d.set_yscale("symlog", linthresh=1e-3)
+        ax_d.set_title("(a) density")
+        ax_c.set_xlabel(xlabel)
+        ax_c.set_ylabel("fraction of eigenvalues ≤ x")
+        ax_c.set_title("(b) cumulative distribution")
+        ax_c.legend(loc="best")
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
+
+
+def plot_interactions(
+    interactions: Any,
+    path: str | Path | None = None,
+    *,
+    annotate: bool | None = None,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Heatmap of the layer-interaction matrix ρ_ij = ‖F_ij‖_F/√(‖F_ii‖_F‖F_jj‖_F).
+
+    Args:
+        interactions: a :class:`fisherlab.structure.LayerInteractions` or a ρ matrix ``[ℓ, ℓ]``.
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        annotate: write the values in the cells (default: ℓ ≤ 12).
+        names: layer names (default: from ``interactions``, else indices).
+        title: axes title (default mentions the off-diagonal share when known).
+
+    Returns:
+        The figure: the heatmap axes and its colour bar.
+    """
+    if hasattr(interactions, "rho"):
+        rho = np.asarray(interactions.rho)
+        names = list(names or interactions.names)
+        share = getattr(interactions, "off_diagonal_share", None)
+    else:
+        rho = np.asarray(interactions, dtype=float)
+        names = list(names or range(rho.shape[0]))
+        share = None
+    ell = rho.shape[0]
+    annotate = ell <= 12 if annotate is None else annotate
+    with style():
+        size = min(2.0 + 0.55 * ell, 12.0)
+        fig, ax = plt.subplots(figsize=(size + 1.2, size))
+        sns.heatmap(
+            rho, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", square=True, annot=annotate, fmt=".2f",
+            xticklabels=names, yticklabels=names, cbar_kws={"label": r"$\rho_{ij}$"}, annot_kws={"fontsize": 7},
+        )
+        ax.set_xlabel("layer j")
+        ax.set_ylabel("layer i")
+        t = title or r"layer interactions $\rho_{ij}$"
+        if share is not None and title is None:
+            t += rf"  (off-diagonal share of $\|F\|_F^2$: {share:.2f})"
+        ax.set_title(t)
+        return _finish(fig, path)
+
+
+def plot_kfac_block_errors(errors: Any, path: str | Path | None = None, *, title: str | None = None) -> Figure:
+    """Bars of the KFAC block errors ‖F_ii − A_i⊗G_i‖_F/‖F_ii‖_F, one per layer.
+
+    Args:
+        errors: a :class:`fisherlab.structure.KFACBlockErrors` or rows with ``name`` and
+            ``relative_error`` (e.g. its CSV).
+        path, title: as elsewhere.
+
+    Returns:
+        The figure: one axes, one bar per layer.
+    """
+    if hasattr(errors, "relative_error"):
+        names, vals = list(errors.names), [float(v) for v in errors.relative_error]
+    else:
+        rows = read_rows(errors)
+        names, vals = [str(r["name"]) for r in rows], [float(r["relative_error"]) for r in rows]
+    with style():
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.5))
+        ax.bar(range(len(vals)), vals, color=color_for("kfac"))
+        ax.set_xticks(range(len(vals)), names, rotation=45, ha="right")
+        ax.set_ylabel(r"$\|F_{ii} - A_i \otimes G_i\|_F / \|F_{ii}\|_F$")
+        ax.set_xlabel("layer")
+        ax.set_title(title or "KFAC error of the diagonal blocks")
+        return _finish(fig, path)
+
+
+def plot_damping_sweep(
+    rows: Any,
+    path: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    metrics: Sequence[str] = ("relative_error", "euclidean_relative_error"),
+    title: str | None = None,
+) -> Figure:
+    """Errors against the damping λ, log-log, one line per method and one axes per metric.
+
+    Args:
+        rows: comparison rows with ``damping`` (e.g. from :func:`fisherlab.analysis.run_damping_sweep`).
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        methods: method keys (default: all present).
+        metrics: row keys to plot (default: relative F•-norm and Euclidean errors).
+        title: figure title.
+
+    Returns:
+        The figure: ``len(metrics)`` axes, one line per method each.
+    """
+    rows = read_rows(rows)
+    ms = _methods(rows, methods)
+    labels = {
+        "relative_error": r"$\mathfrak{E} / \|\zeta\|^2_{F_\bullet}$",
+        "euclidean_relative_error": r"$\|\zeta_m - \zeta\| / \|\zeta\|$",
+        "reduction_ratio": r"$\mathfrak{E} / \mathfrak{E}_{\mathrm{KFAC}}$",
+        "energy_error": r"$\mathfrak{E}$",
+    }
+    with style():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+        for ax, key in zip(axes[0], metrics):
+            for m in ms:
+                xs, ys = _series(rows, m, "damping", key)
+                ax.plot(xs, ys, color=color_for(m), marker=MARKERS.get(legend_for(m), "o"), label=_label(rows, m))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(r"damping $\lambda$")
+            ax.set_ylabel(labels.get(key, key))
+        axes[0][-1].legend(loc="best", ncol=2)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
