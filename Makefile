@@ -11,6 +11,7 @@ VENV        ?= .venv
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 PY          := $(VENV)/bin/python
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.fisherlab-installed
 DEMO_OUT    ?= out/demo
 

@@ -1,6 +1,10 @@
 import os
 
-import pytest
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so that small tensor
+# operations do not slow down by orders of magnitude when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 from cases import LOSSES, MODELS, MODES, make_capture

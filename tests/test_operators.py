@@ -63,7 +63,7 @@ def build(case_id: str, mode: str, name: str):
     if name == "exact-woodbury":
         return ExactFisher(cap, DAMPING, solver="woodbury"), Fb
     if name == "exact-cg":
-        return ExactFisher(cap, DAMPING, solver="cg"), Fb
+        return ExactFisher(cap, DAMPING, solver="cg", preconditioner="kfac"), Fb
     if name == "exact-cg-noprec":
         return ExactFisher(cap, DAMPING, solver="cg", preconditioner=None), Fb
     if name == "block-diagonal":
@@ -412,3 +412,15 @@ def test_mismatched_damping_of_a_shared_kfac():
 def test_bad_solver_name():
     with pytest.raises(ValueError, match="solver"):
         ExactFisher(cached_capture("mlp", LOSS, "mc"), DAMPING, solver="lu")
+
+
+def test_cg_preconditioner_auto_is_kfac_only_when_F_can_have_full_rank():
+    """F = UUᵀ has rank ≤ N: plain CG needs ≤ N + 1 steps when N < p, so "auto" drops KFAC there."""
+    from cases import MODELS, make_capture
+
+    small, *_ = make_capture(MODELS["mlp"], "mse", "exact", B=3)  # N = 12 < p = 73
+    large, *_ = make_capture(MODELS["mlp"], "mse", "exact", B=20)  # N = 80 ≥ p = 73
+    assert ExactFisher(small, DAMPING, solver="cg").preconditioner is None
+    assert ExactFisher(large, DAMPING, solver="cg").preconditioner == "kfac"
+    with pytest.raises(ValueError, match="preconditioner"):
+        ExactFisher(small, DAMPING, preconditioner="jacobi")
