@@ -1,0 +1,155 @@
+"""Paper reproduction (fisherlab.reproduce, analysis/reproduce_paper.py): the quick mode end to
+end, the files it writes, the sign of the multiplicative gaps, and the verdict criteria on
+synthetic inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fisherlab import reproduce as R
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The script's ``--quick`` mode, in-process, with one thread (what the test suite can afford)."""
+    out = tmp_path_factory.mktemp("reproduce")
+    n = torch.get_num_threads()
+    script = runpy.run_path(str(ROOT / "analysis" / "reproduce_paper.py"), run_name="reproduce_paper")
+    try:
+        rc = script["main"](["--quick", "--out", str(out), "--threads", "1", "--no-progress"])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def test_quick_writes_every_file(quick_run):
+    for stem in ("fig2", "fig4a", "fig5"):
+        png, pdf = quick_run / f"{stem}.png", quick_run / f"{stem}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pdf.read_bytes()[:5] == b"%PDF-"
+    for name in ("fig2_curves", "fig2_final", "fig2_grid", "fig4a_curves", "fig4a_final", "fig4a_grid", "fig5_gap"):
+        assert (quick_run / f"{name}.csv").is_file(), name
+    summary = json.loads((quick_run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert set(summary["verdicts"]) >= {"i", "ii", "iii"}
+
+
+def test_quick_trains_every_optimizer_of_the_figures(quick_run):
+    for name in ("fig2_final", "fig4a_final"):
+        rows = _rows(quick_run / f"{name}.csv")
+        assert [r["optimizer"] for r in rows] == list(R.CURVATURE + R.BASELINES)
+        assert {r["legend"] for r in rows} == {"KFAC", "NICO", "SPECTRAL", "KRY-NICO", "RESIDU", "KRY-RESIDU", "TAYLOR", "PREVIOUS", "SGD", "ADAM"}
+    curves = _rows(quick_run / "fig2_curves.csv")
+    assert {"step", "loss", "wall_time", "gap"} <= set(curves[0])
+
+
+def test_report_has_three_verdict_sections_and_tables(quick_run):
+    text = (quick_run / "report.md").read_text()
+    for key in ("(i)", "(ii)", "(iii)"):
+        assert f"### Verdict {key}" in text
+    assert text.count("**HOLDS.**") + text.count("**DOES NOT HOLD.**") + text.count("**UNDECIDED.**") == 3
+    assert "| KFAC |" in text and "| TAYLOR |" in text and "_Criterion:_" in text
+    assert "random-vectors" in text or "fashion-mnist" in text  # which data Fig. 4(a) used is stated
+
+
+def test_multiplicative_gaps_are_never_positive(quick_run):
+    gap_rows = _rows(quick_run / "fig5_gap.csv")
+    assert {r["method"] for r in gap_rows} == set(R.GAP_METHODS)
+    for r in gap_rows:
+        assert float(r["reduction_ratio"]) >= 0
+        if r["method"] in R.MULTIPLICATIVE_GAP_METHODS:
+            assert float(r["gap"]) <= 0.0, r
+            assert float(r["reduction_ratio"]) <= 1.0 + 1e-9, r
+    own = [r for r in _rows(quick_run / "fig2_curves.csv") if r["optimizer"] in R.TWO_LEVEL]
+    assert own and all(float(r["gap"]) <= 0.0 for r in own)
+
+
+def test_a_diverging_run_is_recorded_not_raised():
+    cfg = R.default_config(quick=True, fig4a=False)
+    p = cfg.fig2[0]
+    r = R.run_training(p, "sgd", 1e8, None, 3, cfg)
+    assert r.diverged and "non-finite" in r.error
+    assert r.final == math.inf
+
+
+# ---- criteria on synthetic inputs ------------------------------------------------------------
+
+
+def test_final_loss_is_the_tail_mean_and_inf_when_diverged():
+    assert R.final_loss([9.0, 1.0, 2.0, 3.0], 3) == pytest.approx(2.0)
+    assert R.final_loss([1.0, 2.0], 5) == pytest.approx(1.5)
+    assert R.final_loss([1.0, 2.0], 2, diverged=True) == math.inf
+    assert R.final_loss([1.0, float("nan")], 2) == math.inf
+    assert R.final_loss([], 3) == math.inf
+
+
+def _finals(kfac: float, **others: float) -> dict:
+    d = {"kfac": kfac}
+    d.update({k.replace("_", "-"): v for k, v in others.items()})
+    return d
+
+
+TWO = {m: 1.0 for m in R.TWO_LEVEL + ("tko",)}
+
+
+def test_overlay_holds_within_tolerance_and_fails_outside():
+    v = R.overlay_verdict({"kfac": 100.0, **{m: 100.0 + 4.9 * (i % 2 * 2 - 1) for i, m in enumerate(TWO)}}, rtol=0.05)
+    assert v.holds is True and len(v.rows) == 7
+    v = R.overlay_verdict({"kfac": 100.0, **{m: 100.0 for m in TWO}, "kfac-2l-taylor": 106.0}, rtol=0.05)
+    assert v.holds is False and "TAYLOR" in v.summary
+    v = R.overlay_verdict({"kfac": 100.0, **{m: 100.0 for m in TWO}, "tko": math.inf}, rtol=0.05)
+    assert v.holds is False  # a diverged two-level method is not ≈ KFAC
+    assert R.overlay_verdict({"kfac": math.inf, **TWO}).holds is None
+    assert R.overlay_verdict({"kfac": 1.0}).holds is None
+
+
+def test_gain_needs_a_small_positive_median():
+    base = {"kfac": 1.0}
+    assert R.gain_verdict({**base, **{m: 0.95 for m in TWO}}).holds is True  # 5 % gain
+    assert R.gain_verdict({**base, **{m: 1.0 for m in TWO}}).holds is False  # no gain
+    assert R.gain_verdict({**base, **{m: 1.02 for m in TWO}}).holds is False  # a loss
+    v = R.gain_verdict({**base, **{m: 0.5 for m in TWO}}, gain_max=0.25)
+    assert v.holds is False and "small" in v.summary  # a large gain is not the paper's *small* gain
+    # the median decides: 4 of 7 methods gain 5 %, 3 diverge
+    mixed = {**base, **{m: 0.95 for m in list(TWO)[:4]}, **{m: math.inf for m in list(TWO)[4:]}}
+    v = R.gain_verdict(mixed)
+    assert v.holds is True and v.rows[-1]["gain"] == -math.inf
+    assert R.gain_verdict({"kfac": math.inf, **TWO}).holds is None
+
+
+def test_gap_verdict_judges_multiplicative_methods_only():
+    neg = {m: [-1.0, -0.5, -1e-30] for m in R.MULTIPLICATIVE_GAP_METHODS}
+    v = R.gap_verdict({**neg, "tko": [-1.0, 3.0]})
+    assert v.holds is True  # TKO's positive gap is reported, not judged
+    tko = next(r for r in v.rows if r["method"] == "tko")
+    assert tko["judged"] is False and tko["max_gap"] == 3.0 and tko["n_negative"] == 1
+    v = R.gap_verdict({**neg, "residuals": [-1.0, 1e-9]})
+    assert v.holds is False and "RESIDU" in v.summary
+    assert R.gap_verdict({**neg, "taylor": [-1.0, float("nan")]}).holds is False  # a missing gap is a violation
+    assert R.gap_verdict({**neg, "spectral": [0.0]}).holds is True  # ≤ 0: no reduction, no violation
+    assert R.gap_verdict({**neg, "spectral": [1e-12]}, atol=1e-9).holds is True
+    assert R.gap_verdict({"tko": [-1.0]}).holds is None
+
+
+def test_baseline_verdict():
+    assert R.baseline_verdict({"kfac": 1.0, "sgd": 2.0, "adam": 1.5}).holds is True
+    assert R.baseline_verdict({"kfac": 1.0, "sgd": 2.0, "adam": 0.5}).holds is False
+    assert R.baseline_verdict({"kfac": math.inf, "sgd": 2.0}).holds is False
+    assert R.baseline_verdict({"kfac": 1.0}).holds is None
