@@ -387,3 +387,12 @@ def test_default_device_is_cpu_without_cuda():
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert default_device().type == expected
+
+
+def test_auto_storage_keeps_single_position_layers_factored():
+    """A Linear layer with d_out = 1 has dense rows smaller than its factors, yet stays factored."""
+    from fisherlab.capturing.record import Storage, choose_storage
+
+    assert choose_storage(B=8, K=1, T=1, d_in_bar=6, d_out=1, storage="auto") is Storage.FACTORED
+    assert choose_storage(B=8, K=1, T=196, d_in_bar=26, d_out=8, storage="auto") is Storage.DENSE
+    assert choose_storage(B=8, K=1, T=1, d_in_bar=6, d_out=1, storage="dense") is Storage.DENSE

@@ -116,10 +116,17 @@ def kfac_factors_from(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def choose_storage(B: int, K: int, T: int, d_in_bar: int, d_out: int, storage: Storage | str) -> Storage:
-    """Factored unless dense ``[N, p_i]`` takes fewer numbers than ``a`` and ``g`` together."""
+    """Factored unless dense ``[N, p_i]`` takes fewer numbers than ``a`` and ``g`` together.
+
+    Layers seen at one position (plain Linear, T = 1) always stay factored under ``auto``: dense
+    rows can only be smaller for layers of a few parameters, and the factors are what KFAC, the
+    Kronecker TKO coarse operator (3.18) and the Hadamard Grams use.
+    """
     storage = Storage(storage)
     if storage is not Storage.AUTO:
         return storage
+    if T == 1:
+        return Storage.FACTORED
     factored = B * T * d_in_bar + B * K * T * d_out
     dense = B * K * d_in_bar * d_out
     return Storage.DENSE if dense < factored else Storage.FACTORED

@@ -18,6 +18,7 @@ COMMANDS = [
     "capture_cmd",
     "inspect_cmd",
     "analyze_cmd",
+    "demo_cmd",
     "train_cmd",
 ]
 
