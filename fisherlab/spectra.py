@@ -358,12 +358,19 @@ def write_summary_csv(rows: Sequence[dict], path: str | Path) -> Path:
 
 
 class PreconditionedFisher(FisherOperator):
-    """``S = F•KFAC^{-1/2} F• F•KFAC^{-1/2}`` ``[p, p]``, symmetric positive definite.
+    """The KFAC-preconditioned F• in KFAC's eigenbasis, ``[p, p]``, symmetric positive definite:
 
-    Its eigenvalues are those of F•KFAC⁻¹F•; it is the identity when KFAC is exact.
+        S' = D^{-1/2} (Ũ Ũᵀ + λI) D^{-1/2} = Qᵀ (F•KFAC^{-1/2} F• F•KFAC^{-1/2}) Q,
+
+    with ``F•KFAC = Q D Qᵀ``, ``Q = blockdiag(Q_{A,i} ⊗ Q_{G,i})`` (orthogonal) and ``Ũ = QᵀU``.
+    S' and ``F•KFAC^{-1/2}F•F•KFAC^{-1/2}`` are orthogonally similar: same eigenvalues (those of
+    F•KFAC⁻¹F•), eigenvectors mapped by :meth:`to_parameter_basis`. ``Ũ`` is U with rotated
+    factors, ``ã = Q_Aᵀā``, ``g̃ = Q_Gᵀg`` (rows of dense layers rotated as ``Q_GᵀMAT(j)Q_A``),
+    computed once, so a product costs one F• matvec instead of one plus four eigenbasis
+    transforms (O(d_out²d_in' + d_out d_in'²) per column and layer).
 
     Args:
-        kfac: the one-level :class:`KFAC` (its factor eigenbases give ``F•KFAC^{-1/2}``).
+        kfac: the one-level :class:`KFAC` (its factor eigenbases and eigenvalues D).
         exact: the exact :class:`ExactFisher` F• (same λ and Jacobian).
     """
 
@@ -375,12 +382,47 @@ class PreconditionedFisher(FisherOperator):
             raise ValueError(f"KFAC has p = {kfac.p}, F• has p = {exact.p}")
         super().__init__(kfac.p, kfac.dtype)
         self.kfac, self.exact = kfac, exact
+        self.damping = exact.damping
+        self.jac = _rotated_jacobian(exact.jac, kfac)
+        d = torch.cat([b.eig.mT.reshape(-1) for b in kfac.blocks])  # vec(eig): Y[r, c] ↔ index c·d_out + r
+        self.d_inv_sqrt = d.to(self.dtype).rsqrt()[:, None]
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self.kfac.power(self.exact._matmat(self.kfac.power(V, -0.5)), -0.5)
+        W = V * self.d_inv_sqrt
+        return (self.jac.matmat(self.jac.rmatmat(W)) + self.damping * W) * self.d_inv_sqrt
 
     def _solve(self, W: Tensor) -> Tensor:
-        return self.kfac.power(self.exact._solve(self.kfac.power(W, 0.5)), 0.5)
+        return self.from_parameter_basis(self.exact._solve(self.to_parameter_basis(W / self.d_inv_sqrt))) / self.d_inv_sqrt
+
+    def to_parameter_basis(self, Y: Tensor) -> Tensor:
+        """``Q Y`` for ``Y [p, c]`` in KFAC-eigenbasis coordinates (e.g. eigenvectors of S')."""
+        return torch.cat([b._from_eigen(y.T.reshape(-1, b.d_in, b.d_out).mT) for b, y in zip(self.kfac.blocks, self.kfac._split(Y))], dim=0)
+
+    def from_parameter_basis(self, X: Tensor) -> Tensor:
+        """``Qᵀ X`` for ``X [p, c]``."""
+        out = []
+        for b, x in zip(self.kfac.blocks, self.kfac._split(X)):
+            Yh = b._to_eigen(x)  # [c, d_out, d_in']
+            out.append(Yh.mT.reshape(Yh.shape[0], -1).T)
+        return torch.cat(out, dim=0)
+
+
+def _rotated_jacobian(jac: Jacobian, kfac: KFAC) -> Jacobian:
+    """``Ũ = QᵀU`` with ``Q = blockdiag(Q_A ⊗ Q_G)``: factors ``ā Q_A``, ``g Q_G`` (row vectors), or
+    dense rows ``vec(Q_Gᵀ MAT(j) Q_A)``."""
+    from .jacobian import LayerJacobian
+
+    layers = []
+    for lj, b in zip(jac.layers, kfac.blocks):
+        QA, QG = b.QA.to(jac.dtype), b.QG.to(jac.dtype)
+        if lj.factored:
+            assert lj.a is not None and lj.g is not None
+            layers.append(LayerJacobian(lj.spec, lj.B, lj.K, a=lj.a @ QA, g=lj.g @ QG))
+        else:
+            J = lj.dense_rows()
+            Y = QG.T @ J.reshape(-1, b.d_in, b.d_out).mT @ QA  # [N, d_out, d_in']
+            layers.append(LayerJacobian(lj.spec, lj.B, lj.K, dense=Y.mT.reshape(J.shape[0], -1)))
+    return Jacobian(jac.layout, layers, jac.B, jac.K)
 
 
 class FisherSquareRoot:
@@ -503,8 +545,9 @@ def lanczos_tridiagonal(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Lanczos with full reorthogonalization, run on the columns of ``Z`` at once.
 
-    For each column z: ``q_1 = z/‖z‖``, ``A Q_j = Q_j T_j + β_j q_{j+1} e_jᵀ`` with every new
-    vector orthogonalized against all previous ones (classical Gram–Schmidt, twice). A column
+    For each column z: ``q_1 = z/‖z‖``, ``A Q_j = Q_j T_j + β_j q_{j+1} e_jᵀ``: the three-term
+    recurrence, then every new vector orthogonalized against all previous ones (classical
+    Gram–Schmidt, repeated when it removed more than 30 % of the norm: DGKS). A column
     stops early when its Krylov space is exhausted (``β_j ≤ breakdown_rtol · ‖T_j‖``).
 
     Args:
@@ -517,20 +560,25 @@ def lanczos_tridiagonal(
     """
     p, c = Z.shape
     m = max(1, min(int(n_steps), p))
-    Q = Z.new_zeros(m, p, c)
+    Q = Z.new_zeros(c, m, p)  # the bases, one [m, p] block per column (contiguous rows for bmm)
     q = Z / Z.norm(dim=0, keepdim=True)
     alpha = Z.new_zeros(m, c)
     beta = Z.new_zeros(m, c)
     length = [m] * c
     active = torch.ones(c, dtype=torch.bool)
     scale = Z.new_zeros(c)
+    q_prev = torch.zeros_like(Z)
     for j in range(m):
-        Q[j] = q
+        Q[:, j, :] = q.T
         w = matmat(q)
         alpha[j] = (q * w).sum(0)
-        for _ in range(2):  # "twice is enough"
-            h = torch.einsum("jpc,pc->jc", Q[: j + 1], w)
-            w = w - torch.einsum("jpc,jc->pc", Q[: j + 1], h)
+        w = w - alpha[j] * q - (beta[j - 1] * q_prev if j > 0 else 0.0)  # the three-term recurrence
+        Qj = Q[:, : j + 1, :]  # [c, j+1, p]
+        for _ in range(2):  # full reorthogonalization; a second pass only when the first removed a lot (DGKS)
+            before = w.norm(dim=0)
+            w = w - torch.bmm(Qj.mT, torch.bmm(Qj, w.T.unsqueeze(2))).squeeze(2).T
+            if not bool((w.norm(dim=0) < 0.7 * before).any()):
+                break
         b = w.norm(dim=0)
         scale = torch.maximum(scale, alpha[j].abs() + b)
         if j == m - 1:
@@ -542,6 +590,7 @@ def lanczos_tridiagonal(
         if not bool(active.any()):
             break
         beta[j] = torch.where(active, b, torch.zeros_like(b))
+        q_prev = q
         q = torch.where(active, w / b.clamp_min(torch.finfo(Z.dtype).tiny), torch.zeros_like(w))
     out = []
     for col in range(c):
@@ -581,7 +630,7 @@ def slq(
         n_steps: m, Lanczos steps per probe (capped at p).
         seed: seeds the probes (:func:`rademacher_probes`).
         operator, damping: recorded in the result (default ``op.name``).
-        memory_bytes: the Lanczos bases ``[m, p, c]`` of c probes run together stay under this.
+        memory_bytes: the Lanczos bases ``[c, m, p]`` of c probes run together stay under this.
 
     Returns:
         A :class:`Spectrum` with method ``"slq"``; ``condition_number`` from the extreme Ritz values.
@@ -973,8 +1022,9 @@ def spectra(
         coarse: coarse spaces whose two-level error operators to add (``"error-<space>"``).
         damping_mode: KFAC damping of the preconditioned and error operators.
         method: ``"auto"`` or one method (``"dense"``, ``"lanczos"``, ``"slq"``) for the
-            preconditioned and error operators (``"slq"`` gives densities); F•KFAC is always
-            exact, F• exact unless a method other than ``"auto"``/``"exact"`` is named.
+            preconditioned and error operators (``"slq"`` gives densities). F•KFAC is always
+            exact; F• is exact whenever N ≤ :data:`GRAM_N_LIMIT`, else Lanczos (or SLQ when
+            ``method="slq"``).
         rhs: right-hand side for the residual-based coarse spaces (default ``capture.grad``).
         k, n_probes, n_steps, seed: Lanczos and SLQ parameters.
 
@@ -999,7 +1049,8 @@ def spectra(
     out: dict[str, Spectrum] = {}
     for o in operators:
         if o == "fisher":
-            out[o] = fisher_spectrum(exact, method="auto" if method in ("auto", "exact") else method, **lk)
+            fm = "exact" if jac.N <= GRAM_N_LIMIT else ("lanczos" if method in ("auto", "dense") else method)
+            out[o] = fisher_spectrum(exact, method=fm, **lk)
         elif o in ("kfac", "kfac-tikhonov"):
             out[o] = kfac_spectrum(kf("pi" if o == "kfac" else "tikhonov"))
         else:
