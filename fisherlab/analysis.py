@@ -95,6 +95,7 @@ def run_error_reduction(
     checkpoints: Sequence[str] | None = None,
     progress: bool = True,
     figures: bool = True,
+    **compare_kw,
 ) -> list[dict]:
     """:func:`fisherlab.compare` for every checkpoint of a file: the paper's Fig. 5 data.
 
@@ -106,6 +107,7 @@ def run_error_reduction(
         checkpoints: checkpoint names (default: every complete one).
         progress: show a tqdm bar over checkpoints × methods.
         figures: also draw ``error_reduction.*`` and ``method_errors_<last checkpoint>.*``.
+        **compare_kw: ``k``, ``m``, ``q`` (spectral, Krylov and Taylor sizes) for :func:`fisherlab.compare`.
 
     Returns:
         The comparison rows (with ``checkpoint``, ``step``, ``damping``); also in ``errors.csv``.
@@ -117,7 +119,7 @@ def run_error_reduction(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in _checkpoints(path, checkpoints)]
-    table = compare_file(path, lam, methods, checkpoints=names, progress=progress)
+    table = compare_file(path, lam, methods, checkpoints=names, progress=progress, **compare_kw)
     table.to_csv(out / "errors.csv")
     rows = table.rows
     if figures:
@@ -334,9 +336,13 @@ def _csv_list(s: str) -> list[str]:
 def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``error_reduction``: FILE --damping λ [--methods a,b] [--checkpoints c1,c2] --out DIR."""
     _add_common(parser)
-    parser.add_argument("--damping", type=float, required=True, help="λ > 0")
+    parser.add_argument("--damping", type=float, default=1e-3, help="λ > 0 (default 1e-3)")
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
+    parser.add_argument("--spectral-k", type=int, default=1, help="eigenvectors per layer of the spectral coarse space (default 1)")
+    parser.add_argument("--krylov-m", type=int, default=2, help="Krylov block size m (default 2)")
+    parser.add_argument("--taylor-q", type=int, default=2, help="Taylor order q (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
     return parser
 
 
@@ -376,7 +382,17 @@ def add_damping_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
 
 
 def error_reduction_main(args: argparse.Namespace) -> int:
-    rows = run_error_reduction(args.file, args.damping, args.out, methods=args.methods, checkpoints=args.checkpoints, progress=args.progress, figures=args.figures)
+    from .metrics import ComparisonTable
+
+    rows = run_error_reduction(
+        args.file, args.damping, args.out, methods=args.methods, checkpoints=args.checkpoints,
+        progress=args.progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
+    )
+    if not args.quiet:
+        for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+            sub = [r for r in rows if r["checkpoint"] == ckpt]
+            print(f"\n== checkpoint {ckpt} (step {sub[0]['step']}), λ = {args.damping:g} ==")
+            print(ComparisonTable(sub).format())
     print(f"{len(rows)} rows → {args.out / 'errors.csv'}")
     return 0
 

@@ -103,12 +103,29 @@ def test_analyze_cli_writes_errors_csv(tmp_path, capsys):
     for i in range(2):
         cap, *_ = make_capture(MODELS["cnn"], "cross_entropy", "mc", B=3, seed=i)
         fisherlab.save(cap, path, checkpoint=f"step{i}", step=i)
-    assert main(["analyze", str(path), "--damping", "0.1", "--methods", "kfac", "taylor", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["analyze", str(path), "--damping", "0.1", "--methods", "kfac,taylor", "--out", str(tmp_path), "--no-progress", "--no-figures"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint step0" in out and "TAYLOR" in out
     rows = list(csv.DictReader((tmp_path / "errors.csv").open()))
     assert [(r["checkpoint"], r["method"]) for r in rows] == [
         ("step0", "kfac"), ("step0", "taylor"), ("step1", "kfac"), ("step1", "taylor")
     ]
-    assert main(["analyze", str(path), "--damping", "0"]) == 2
+    assert main(["analyze", str(path), "--damping", "0", "--out", str(tmp_path)]) == 2
     assert "damping" in capsys.readouterr().err
+
+
+def test_analyze_subcommands_through_the_cli(tmp_path, capsys):
+    from fisherlab.cli import main
+
+    path = tmp_path / "run.h5"
+    cap, *_ = make_capture(MODELS["mlp"], "cross_entropy", "mc", B=4)
+    fisherlab.save(cap, path, checkpoint="c0", step=0)
+    out = tmp_path / "res"
+    common = ["--out", str(out), "--no-progress", "--no-figures"]
+    assert main(["analyze", "spectra", str(path), "--damping", "0.1", *common]) == 0
+    assert main(["analyze", "interactions", str(path), *common]) == 0
+    assert main(["analyze", "damping-sweep", str(path), "--dampings", "0.01,0.1", "--methods", "kfac,residuals", *common]) == 0
+    for name in ["spectra_summary.csv", "interactions.csv", "kfac_block_errors.csv", "damping_sweep.csv"]:
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "damping_sweep.csv").open()))
+    assert sorted({float(r["damping"]) for r in rows}) == [0.01, 0.1]
