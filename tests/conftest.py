@@ -5,13 +5,30 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from cases import LOSSES, MODELS, MODES, make_capture
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' tensors are tiny: intra-op threads only add overhead, and on shared cores they
+    contend. One torch thread (and one BLAS thread where threadpoolctl is installed)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=list(MODELS.values()), ids=list(MODELS))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import pytest
 import torch
 from torch import Tensor
 
@@ -117,11 +116,3 @@ def same_span(V: Tensor, W: Tensor, tol: float) -> bool:
     return V.shape[1] == rank_W and float((Wn - V @ (V.T @ Wn)).norm()) <= tol
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny products here are slower with intra-op threads (and collapse ~1000× when the
-    2 cores are oversubscribed): run these modules single-threaded, restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

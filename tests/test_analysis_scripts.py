@@ -14,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fisherlab  # noqa: E402
 from cases import MODELS, make_capture  # noqa: E402
@@ -26,12 +25,6 @@ CHECKPOINTS = ["step-0", "step-5", "step-10"]
 METHODS = "kfac,nicolaides,residuals,tko"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,6 @@ from fisherlab.datasets import DatasetUnavailableError
 N = 64  # examples per generated load: fast, enough for shape and range checks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # name: (x shape of one example, default task, y shape of one example, y dtype)
 DOCUMENTED = {

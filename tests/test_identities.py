@@ -30,7 +30,6 @@ from oprefs import (
     eye,
     fnorm2,
     same_span,
-    single_thread,  # noqa: F401 (autouse fixture)
 )
 
 ID_RTOL = 1e-10

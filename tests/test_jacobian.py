@@ -16,7 +16,7 @@ from fisherlab.errors import FisherlabError
 from fisherlab.jacobian import Jacobian
 from fisherlab.testing import dense_kfac_factors
 
-from oprefs import cached_capture, single_thread  # noqa: F401 (autouse fixture)
+from oprefs import cached_capture
 
 RTOL = 1e-12
 """float64 products of O(1) numbers over ≤ a few hundred terms: round-off ~1e-15, margin 1e3."""

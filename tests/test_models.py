@@ -15,13 +15,6 @@ SMALL = 0.05  # width multiplier: every model builds and runs in milliseconds
 WITH_BATCHNORM = {"cuda-convnet", "resnet18", "resnet34", "deep-linear-64", "deep-linear-14"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=models.available())

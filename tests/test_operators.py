@@ -28,7 +28,6 @@ from oprefs import (
     kfac_factors_reference,
     pi_of,
     same_span,
-    single_thread,  # noqa: F401 (autouse fixture)
 )
 
 OP_RTOL = 1e-10

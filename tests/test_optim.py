@@ -31,13 +31,6 @@ from fisherlab.optim import (
 
 from cases import MODELS, build_model, make_batch
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 STEP_RTOL = 1e-10

@@ -9,7 +9,6 @@ matplotlib.use("Agg")
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import fisherlab  # noqa: E402
 from cases import MODELS, make_capture  # noqa: E402
@@ -22,12 +21,6 @@ METHODS = ["kfac", "block-diagonal", "nicolaides", "residuals", "tko"]
 STEPS = [0, 10, 20]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cases import MODELS, make_capture
+from cases import make_capture
 from fisherlab import spectra as S
 from fisherlab.operators import KFAC, ExactFisher, TwoLevelKFAC
 from fisherlab.testing import dense_fisher_from_capture
@@ -22,19 +22,6 @@ N_SE = 4.0  # the Hutchinson estimate lies within 4 standard errors of tr(A^k)/p
 SPACES = ["nicolaides", "spectral", "residuals", "taylor"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: extra torch/BLAS threads only add overhead (and stall on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

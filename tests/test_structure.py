@@ -15,19 +15,6 @@ NORM_RTOL = 1e-12  # Gram route vs dense blocks: float64 round-off relative to �
 ERR_ATOL = 1e-7  # relative KFAC block error from a difference of three O(‖F_ii‖²) terms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: extra torch/BLAS threads only add overhead (and stall on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
 
 
 def _dense_blocks(cap) -> list[list[torch.Tensor]]:

@@ -15,13 +15,6 @@ from fisherlab.train import OPTIMIZERS, TrainConfig, load_checkpoint, train
 TINY_AE = {"name": "curves-ae", "width": 0.02}  # 784-8-4-2-1-1-1-…-784: ~15k parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_config(**kw) -> TrainConfig:

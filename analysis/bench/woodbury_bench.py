@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     print(f"  measured  {'this process: RSS growth (psutil; freed memory is reused)':<66}{mem.growth / 2**20:>10.1f} MiB")
     print(f"  measured  {'this process: ru_maxrss growth (moves only past earlier peaks)':<66}{mem.maxrss_growth / 2**20:>10.1f} MiB")
 
-    print(f"\n== Gram step: per-layer Hadamard Grams, flops 2·B²·d_in' + 2·N²·d_out ==")
+    print("\n== Gram step: per-layer Hadamard Grams, flops 2·B²·d_in' + 2·N²·d_out ==")
     print(f"  {'layer':<8}{'p_i':>12}{'d_in_bar':>10}{'d_out':>8}{'MFLOP':>10}{'ms':>9}{'GFLOP/s':>10}{'% f64 peak':>12}")
     tf, tt, lf, lt = 0, 0.0, 0, 0.0
     for name, pi, di, do, fl, ts in grams:

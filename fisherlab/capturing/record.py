@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor

@@ -196,7 +196,7 @@ def capture(
 
         g_true = backward(true_vec) if mode is not FisherMode.EMPIRICAL else None
         g_k = [backward(vectors[k]) for k in range(K)]
-        del z, outs
+        z = outs = None  # release the graph before the per-layer work
 
     layers: list[LayerCapture] = []
     grad = torch.empty(layout.p, device=device, dtype=dtype)  # ∇h, written block by block
