@@ -38,8 +38,8 @@ class DemoConfig:
     """Hidden-width multiplier of ``mnist-ae`` (784-1000-500-250-30-…; 0.1 → 784-100-50-25-3-…)."""
     n_train: int = 2000
     batch_size: int = 100
-    steps: int = 40
-    checkpoint_steps: list[int] = field(default_factory=lambda: [0, 10, 20, 40])
+    steps: int = 100
+    checkpoint_steps: list[int] = field(default_factory=lambda: [0, 10, 25, 50, 100])
     optimizer: str = "kfac"
     lr: float = 0.1
     train_damping: float = 0.1

@@ -116,24 +116,45 @@ class LayerJacobian:
             c = xc.shape[1]
             Xt = xc.reshape(d_in, d_out * c)  # MAT(x)ᵀ, columns stacked: index = col·d_out + row
             Z = (a.reshape(B * T, d_in) @ Xt).reshape(B, T * d_out, c)  # X ā_{b,t}
-            out.append(torch.bmm(g.reshape(B, K, T * d_out), Z).reshape(B * K, c))
+            if K == 1:  # a row-wise dot product: avoids bmm's per-example GEMM calls
+                out.append(torch.einsum("bd,bdc->bc", g.reshape(B, T * d_out), Z))
+            else:
+                out.append(torch.bmm(g.reshape(B, K, T * d_out), Z).reshape(B * K, c))
         return torch.cat(out, dim=1) * self.scale
 
-    def matmat(self, y: Tensor) -> Tensor:
-        """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14)."""
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14), written into ``out [p_i, c]`` when given."""
+        if out is not None and (out.shape != (self.p, y.shape[1]) or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous [{self.p}, {y.shape[1]}] tensor, got {tuple(out.shape)}")
         if self.dense is not None:
-            return (self.dense.T @ y) * self.scale
+            return torch.mm(self.dense.T, y * self.scale, out=out) if out is not None else (self.dense.T @ y) * self.scale
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
         d_in = a.shape[-1]
-        out = []
-        for yc in self._column_chunks(y * self.scale, B * T * d_out):  # scale the small side
+        chunks = self._column_chunks(y * self.scale, B * T * d_out)  # scale the small side
+        if out is not None and len(chunks) == 1:  # the usual case: the last GEMM writes into out
+            c = y.shape[1]
+            W = self._matmat_inner(g, chunks[0])
+            torch.mm(a.reshape(B * T, d_in).T, W.reshape(B * T, d_out * c), out=out.view(d_in, d_out * c))
+            return out
+        parts = []
+        for yc in chunks:
             c = yc.shape[1]
-            W = torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))  # [B, T·d_out, c]
+            W = self._matmat_inner(g, yc)
             Xt = a.reshape(B * T, d_in).T @ W.reshape(B * T, d_out * c)  # [d_in', d_out·c]
-            out.append(Xt.reshape(d_in * d_out, c))
-        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+            parts.append(Xt.reshape(d_in * d_out, c))
+        res = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return out.copy_(res) if out is not None else res
+
+    @staticmethod
+    def _matmat_inner(g: Tensor, yc: Tensor) -> Tensor:
+        """``W[b, (t, d), c] = Σ_k g_{b,k,t,d} y_{(b,k), c}``: ``[B, T·d_out, c]``."""
+        B, K, T, d_out = g.shape
+        c = yc.shape[1]
+        if K == 1:  # an outer product per example: avoids bmm's per-example GEMM calls
+            return g.reshape(B, T * d_out, 1) * yc.reshape(B, 1, c)
+        return torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))
 
     @staticmethod
     def _column_chunks(x: Tensor, per_column: int) -> list[Tensor]:
@@ -248,7 +269,7 @@ class Jacobian:
         """``U y``: ``[N, c] -> [p, c]`` (each layer's block written into one output: no concatenated copy)."""
         out = y.new_empty(self.p, y.shape[1])
         for lj, block in zip(self.layers, self.layout.split(out)):
-            block.copy_(lj.matmat(y))
+            lj.matmat(y, out=block)
         return out
 
     @cached_property

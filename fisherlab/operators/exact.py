@@ -156,7 +156,8 @@ class ExactFisher(FisherOperator):
         if self.solver == "woodbury":
             Y = self.jac.rmatmat(W)
             Z = torch.cholesky_solve(Y, self.woodbury_cholesky)
-            out = torch.sub(W, self.jac.matmat(Z)).div_(self.damping)
+            out = self.jac.matmat(Z)
+            torch.sub(W, out, out=out).div_(self.damping)  # in place: no second p-sized allocation
             self.last_solve = SolveInfo("woodbury", time.perf_counter() - t0)
             return out
         out, iters, ok = self._cg(W)
