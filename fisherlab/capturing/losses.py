@@ -102,8 +102,8 @@ def sample_targets(loss: str | Loss, z: Tensor, n_samples: int, generator: torch
     if loss is Loss.MSE:
         eps = torch.randn((K, *zc.shape), generator=generator, dtype=torch.float64)
         return (zc + eps).to(z.device, z.dtype)
-    p = torch.sigmoid(zc).expand(K, *zc.shape)
-    return torch.bernoulli(p, generator=generator).to(z.device, z.dtype)
+    u = torch.rand((K, *zc.shape), generator=generator, dtype=torch.float64)
+    return (u < torch.sigmoid(zc)).to(z.device, z.dtype)  # Bernoulli(σ(z)); faster than torch.bernoulli
 
 
 def hessian_sqrt(loss: str | Loss, z: Tensor) -> Tensor:
