@@ -29,7 +29,18 @@ from torch import Tensor
 from .capturing.record import Capture
 from .errors import FisherlabError
 from .jacobian import Jacobian
-from .operators import KFAC, TKO, BlockDiagonalFisher, CoarseCorrection, ExactFisher, FisherOperator, TwoLevelKFAC, as_jacobian, check_damping
+from .operators import (
+    KFAC,
+    TKO,
+    BlockDiagonalFisher,
+    CoarseCorrection,
+    ExactFisher,
+    FisherOperator,
+    TwoLevelKFAC,
+    as_jacobian,
+    check_damping,
+)
+from .operators import LEGEND as COARSE_LEGEND
 
 __all__ = ["METHODS", "LEGENDS", "ComparisonTable", "compare", "compare_file", "build_method", "COLUMNS"]
 
@@ -53,16 +64,12 @@ LEGENDS = {
     "block-diagonal": "BLOCK-DIAG",
     "kfac": "KFAC",
     "kfac-tikhonov": "KFAC-TIKHONOV",
-    "nicolaides": "NICO",
-    "spectral": "SPECTRAL",
-    "krylov-nicolaides": "KRY-NICO",
-    "residuals": "RESIDU",
-    "krylov-residuals": "KRY-RESIDU",
-    "taylor": "TAYLOR",
+    **COARSE_LEGEND,  # NICO, SPECTRAL, KRY-NICO, RESIDU, KRY-RESIDU, TAYLOR
     "tko": "PREVIOUS",
     "tko-kronecker": "PREVIOUS-KRON",
 }
-"""The paper's legend names (Table 1), extended to the one-level methods."""
+"""Method name → the paper's legend name (Table 1), extended to the one-level methods. The one
+source of legend names: plots, optimizers and the reproduction derive theirs from it."""
 
 COLUMNS = [
     "method",

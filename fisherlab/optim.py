@@ -74,7 +74,17 @@ from .capturing.record import Capture, FisherMode
 from .capturing.run import capture as _capture
 from .jacobian import Jacobian
 from .layout import Layout, layer_modules
-from .operators import KFAC, TKO, BlockDiagonalFisher, CoarseCorrection, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
+from .metrics import LEGENDS as METHOD_LEGENDS
+from .operators import (
+    KFAC,
+    TKO,
+    BlockDiagonalFisher,
+    CoarseCorrection,
+    ExactFisher,
+    FisherOperator,
+    TwoLevelKFAC,
+    check_damping,
+)
 from .operators.coarse import COARSE_SPACES
 from .operators.kfac import DampingMode
 
@@ -684,17 +694,12 @@ arguments of the classes (``lr``, ``damping``, ``loss``, ``fisher``, ``n_samples
 ``two-level-kfac`` takes ``coarse``; ``kfac-2l-<space>`` fixes it."""
 
 LEGENDS = {
-    "kfac": "KFAC",
-    "kfac-tikhonov": "KFAC-TIKHONOV",
+    "kfac": METHOD_LEGENDS["kfac"],
+    "kfac-tikhonov": METHOD_LEGENDS["kfac-tikhonov"],
     "two-level-kfac": "KFAC-2L",
-    "kfac-2l-nicolaides": "NICO",
-    "kfac-2l-spectral": "SPECTRAL",
-    "kfac-2l-krylov-nicolaides": "KRY-NICO",
-    "kfac-2l-residuals": "RESIDU",
-    "kfac-2l-krylov-residuals": "KRY-RESIDU",
-    "kfac-2l-taylor": "TAYLOR",
-    "tko": "PREVIOUS",
-    "tko-kronecker": "PREVIOUS-KRON",
+    **{f"kfac-2l-{space}": METHOD_LEGENDS[space] for space in COARSE_SPACES},
+    "tko": METHOD_LEGENDS["tko"],
+    "tko-kronecker": METHOD_LEGENDS["tko-kronecker"],
     "ngd": "NGD",
     "ngd-block": "NGD-BLOCK",
 }

@@ -35,6 +35,8 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from .metrics import LEGENDS
+
 __all__ = [
     "COLORS",
     "METHOD_LEGENDS",
@@ -54,18 +56,7 @@ __all__ = [
 ]
 
 METHOD_LEGENDS: dict[str, str] = {
-    "exact": "EXACT",
-    "block-diagonal": "BLOCK-DIAG",
-    "kfac": "KFAC",
-    "kfac-tikhonov": "KFAC-TIKHONOV",
-    "nicolaides": "NICO",
-    "spectral": "SPECTRAL",
-    "krylov-nicolaides": "KRY-NICO",
-    "residuals": "RESIDU",
-    "krylov-residuals": "KRY-RESIDU",
-    "taylor": "TAYLOR",
-    "tko": "PREVIOUS",
-    "tko-kronecker": "PREVIOUS-KRON",
+    **LEGENDS,
     # operators of the spectra
     "fisher": "EXACT",
     "preconditioned": "PRECONDITIONED",

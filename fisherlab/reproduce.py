@@ -68,6 +68,8 @@ from torch import Tensor, nn
 
 from . import datasets as D
 from .errors import FisherlabError
+from .metrics import LEGENDS as METHOD_LEGENDS
+from .optim import LEGENDS as OPTIMIZER_LEGENDS
 
 __all__ = [
     "TWO_LEVEL",
@@ -127,24 +129,7 @@ MULTIPLICATIVE_GAP_METHODS: tuple[str, ...] = GAP_METHODS[:-1]
 
 _OPT_TO_GAP = {f"kfac-2l-{m}": m for m in MULTIPLICATIVE_GAP_METHODS} | {"tko": "tko"}
 
-LEGENDS: dict[str, str] = {
-    "kfac": "KFAC",
-    "kfac-2l-nicolaides": "NICO",
-    "kfac-2l-spectral": "SPECTRAL",
-    "kfac-2l-krylov-nicolaides": "KRY-NICO",
-    "kfac-2l-residuals": "RESIDU",
-    "kfac-2l-krylov-residuals": "KRY-RESIDU",
-    "kfac-2l-taylor": "TAYLOR",
-    "tko": "PREVIOUS",
-    "sgd": "SGD",
-    "adam": "ADAM",
-    "nicolaides": "NICO",
-    "spectral": "SPECTRAL",
-    "krylov-nicolaides": "KRY-NICO",
-    "residuals": "RESIDU",
-    "krylov-residuals": "KRY-RESIDU",
-    "taylor": "TAYLOR",
-}
+LEGENDS: dict[str, str] = {**METHOD_LEGENDS, **OPTIMIZER_LEGENDS, "sgd": "SGD", "adam": "ADAM"}
 """Optimizer / compare-method key → the paper's legend name (Table 1; PREVIOUS = TKO)."""
 
 _BASELINE_COLOURS = {"SGD": "#8c564b", "ADAM": "#e377c2"}  # tab20 brown and pink: unused by plots.COLORS
