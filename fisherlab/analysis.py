@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import FisherlabError
 from .operators import check_damping
 
 __all__ = [
@@ -53,22 +52,10 @@ def _safe(name: str) -> str:
 
 
 def _checkpoints(path: str | Path, names: Sequence[str] | None) -> list:
-    """The complete checkpoints of ``path``, by training step when every one has a step (those
-    named, in the order given, when ``names`` is set)."""
-    from .store import list_checkpoints
+    """The complete checkpoints of ``path`` (:func:`fisherlab.store.select_checkpoints`)."""
+    from .store import select_checkpoints
 
-    infos = [c for c in list_checkpoints(path) if c.complete]
-    if all(c.step is not None for c in infos):  # training order, not the file's name order
-        infos.sort(key=lambda c: c.step)
-    if names:
-        known = {c.name: c for c in infos}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise FisherlabError(f"{path}: no complete checkpoint named {', '.join(missing)} (have: {', '.join(known) or 'none'})")
-        infos = [known[n] for n in names]
-    if not infos:
-        raise FisherlabError(f"{path}: no complete checkpoint to analyse")
-    return infos
+    return select_checkpoints(path, names)
 
 
 def _bar(total: int, desc: str, progress: bool):

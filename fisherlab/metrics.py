@@ -365,18 +365,10 @@ def compare_file(
     """
     from tqdm.auto import tqdm
 
-    from .store import list_checkpoints, load
+    from .store import load, select_checkpoints
 
     lam = check_damping(damping)
-    infos = [c for c in list_checkpoints(path) if c.complete]
-    if checkpoints is not None:
-        known = {c.name: c for c in infos}
-        missing = [c for c in checkpoints if c not in known]
-        if missing:
-            raise FisherlabError(f"{path}: no complete checkpoint named {', '.join(missing)} (have: {', '.join(known)})")
-        infos = [known[c] for c in checkpoints]
-    if not infos:
-        raise FisherlabError(f"{path}: no complete checkpoint to analyse")
+    infos = select_checkpoints(path, checkpoints)
     names = list(methods) if methods is not None else list(METHODS)
     bar = tqdm(total=len(infos) * len(names), desc="compare", unit="method", disable=not progress, leave=False)
     tables = []

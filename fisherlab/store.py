@@ -65,6 +65,7 @@ __all__ = [
     "LayerInfo",
     "file_info",
     "list_checkpoints",
+    "select_checkpoints",
     "load",
     "save",
 ]
@@ -714,6 +715,27 @@ def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
     """Every checkpoint of a file, complete ones first, with step, batch and layer table."""
     with CaptureFile(path) as cf:
         return cf.checkpoints
+
+
+def select_checkpoints(path: str | os.PathLike, names: Sequence[str] | None = None) -> list[CheckpointInfo]:
+    """The complete checkpoints of ``path`` to analyse: those named, in the order given, or all of
+    them in training order (by step when every one has a step, else in file order).
+
+    Raises:
+        StoreError: a named checkpoint is not complete in the file, or none is complete.
+    """
+    infos = [c for c in list_checkpoints(path) if c.complete]
+    if all(c.step is not None for c in infos):
+        infos.sort(key=lambda c: c.step)
+    if names:
+        known = {c.name: c for c in infos}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise StoreError(f"{path}: no complete checkpoint named {', '.join(missing)} (have: {', '.join(known) or 'none'})")
+        infos = [known[n] for n in names]
+    if not infos:
+        raise StoreError(f"{path}: no complete checkpoint to analyse")
+    return infos
 
 
 def file_info(path: str | os.PathLike) -> dict:

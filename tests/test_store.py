@@ -405,3 +405,19 @@ def test_sigkill_during_first_checkpoint_leaves_no_file(tmp_path):
     fisherlab.save(c1, path, checkpoint="c1", step=100)
     assert not path.with_name("run.h5.partial").exists()
     assert fisherlab.load(path).equals(expected(c1, "c1", 100))
+
+
+def test_select_checkpoints_orders_by_step_and_names_what_is_missing(tmp_path):
+    from fisherlab.errors import StoreError
+    from fisherlab.store import select_checkpoints
+
+    from cases import MODELS, make_capture
+
+    path = tmp_path / "run.h5"
+    for name, step in [("late", 20), ("early", 5)]:
+        cap, *_ = make_capture(MODELS["mlp"], "mse", "empirical")
+        fisherlab.save(cap, path, checkpoint=name, step=step, fsync=False)
+    assert [c.name for c in select_checkpoints(path)] == ["early", "late"]
+    assert [c.name for c in select_checkpoints(path, ["late"])] == ["late"]
+    with pytest.raises(StoreError, match="no complete checkpoint named nope"):
+        select_checkpoints(path, ["nope"])
