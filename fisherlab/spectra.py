@@ -672,7 +672,7 @@ def lanczos_extremes(
     M=None,
     Minv=None,
     tol: float = 1e-10,
-    maxiter: int | None = None,
+    maxiter: int | None = 500,
     seed: int = 0,
     v0: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
@@ -683,7 +683,8 @@ def lanczos_extremes(
         k: eigenvalues per end (capped at p − 1; small operators fall back to dense).
         which: ``"both"``, ``"largest"`` or ``"smallest"``.
         M, Minv: for the generalized problem ``A x = μ M x`` (M SPD) and its inverse.
-        tol, maxiter: ARPACK's relative accuracy and iteration cap.
+        tol, maxiter: ARPACK's relative accuracy and restart cap (default 500 restarts, about
+            500·(2k+1) products, instead of ARPACK's 10·p; what converged is returned with a warning).
         seed: seeds the starting vector (results are reproducible).
         v0: the starting vector ``[p]`` (default: seeded Gaussian).
 
@@ -903,7 +904,8 @@ def preconditioned_spectrum(
         source, damping: the capture (or Jacobian) and λ, unless ``kfac`` and ``exact`` are given.
         kfac, exact: ready operators to reuse (they must share λ).
         damping_mode: KFAC damping when ``kfac`` is built here.
-        method: ``"auto"`` (dense for p ≤ :data:`DENSE_P_LIMIT`, else Lanczos extremes),
+        method: ``"auto"`` (dense for p ≤ :data:`DENSE_P_LIMIT`, else SLQ: ARPACK on the small
+            end of this wide spectrum converges only after minutes),
             ``"dense"``, ``"lanczos"`` or ``"slq"``.
         **kw: ``k``, ``n_probes``, ``n_steps``, ``seed``.
     """
@@ -916,8 +918,8 @@ def preconditioned_spectrum(
     if abs(exact.damping - kfac.damping) > 1e-15 * kfac.damping:
         raise ValueError(f"KFAC has λ = {kfac.damping:g}, F• has λ = {exact.damping:g}")
     S = PreconditionedFisher(kfac, exact)
-    if method == "auto":
-        method = "dense" if S.p <= DENSE_P_LIMIT else "lanczos"
+    if method == "auto":  # ARPACK on the small end of this wide, dense spectrum takes minutes: SLQ
+        method = "dense" if S.p <= DENSE_P_LIMIT else "slq"
     out = operator_spectrum(S, method, operator="preconditioned", damping=kfac.damping, **kw)
     out.info["kfac"] = kfac.name
     return out
@@ -939,7 +941,8 @@ def error_spectrum(
 
     Args:
         two_level: a :class:`TwoLevelKFAC` (its coarse space, KFAC and F•).
-        method: ``"auto"`` (dense for p ≤ :data:`DENSE_P_LIMIT`, else Lanczos), ``"dense"`` (all
+        method: ``"auto"`` (dense for p ≤ :data:`DENSE_P_LIMIT`, else SLQ when the Gram fits,
+            else Lanczos), ``"dense"`` (all
             p eigenvalues of the symmetric-definite pencil, ``scipy.linalg.eigh(F•PMP, F•)``),
             ``"lanczos"`` (k per end) or ``"slq"``. Lanczos and SLQ run on the symmetric
             ``F•^{1/2}PMPF•^{-1/2}`` (:class:`FisherSquareRoot`, N ≤ :data:`GRAM_N_LIMIT`);
@@ -953,7 +956,7 @@ def error_spectrum(
     E = TwoLevelErrorOperator(two_level)
     F = two_level.exact
     if method == "auto":
-        method = "dense" if E.p <= DENSE_P_LIMIT else "lanczos"
+        method = "dense" if E.p <= DENSE_P_LIMIT else ("slq" if F.jac.N <= GRAM_N_LIMIT else "lanczos")
     method = _method(method)
     info: dict = {"coarse_dim": two_level.coarse_dim, "coarse": two_level.name}
     gram_ok = F.jac.N <= GRAM_N_LIMIT
