@@ -168,7 +168,7 @@ def _write_report(out, cfg, desc, result, rows, last, spectra, structure, sweep,
         "## Headline",
         "",
         f"* At the last checkpoint (`{last}`) KFAC's increment has relative F•-norm error "
-        f"{_fmt(last_rows['kfac']['relative_error'])} against the exact natural gradient "
+        f"{_fmt(last_rows['kfac']['relative_error'], '.4g')} against the exact natural gradient "
         f"(cosine {_fmt(last_rows['kfac']['cosine'], '.4f')}).",
         f"* The best method is {best['legend']}: 𝔈/𝔈_KFAC = {_fmt(best['reduction_ratio'])}.",
         f"* Two-level gaps (4.6) ≤ 0 at every checkpoint and for every coarse space: "
