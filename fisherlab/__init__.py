@@ -5,7 +5,15 @@ Stage 1 (capture): :func:`capture` records per-example layer Jacobians of a mini
 exact regularized Fisher, its block diagonal, KFAC and two-level KFAC, and their comparison.
 """
 
-from .capturing import Capture, FisherMode, LayerCapture, Loss, NonFiniteError, Storage, capture
+from .capturing import (
+    Capture,
+    FisherMode,
+    LayerCapture,
+    Loss,
+    NonFiniteError,
+    Storage,
+    capture,
+)
 from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
 from .metrics import METHODS, ComparisonTable, compare
 from .operators import KFAC, TKO, BlockDiagonalFisher, ExactFisher, TwoLevelKFAC

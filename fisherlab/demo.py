@@ -72,7 +72,12 @@ class DemoResult:
 def run_demo(out: str | Path = "out/demo", config: DemoConfig | None = None, *, progress: bool = True, echo=print) -> DemoResult:
     """Run the whole pipeline into ``out`` (see the module docstring). Returns the error rows."""
     from . import models
-    from .analysis import run_damping_sweep, run_error_reduction, run_interactions, run_spectra
+    from .analysis import (
+        run_damping_sweep,
+        run_error_reduction,
+        run_interactions,
+        run_spectra,
+    )
     from .capturing.checkpoints import capture_checkpoints
     from .datasets import load as load_data
     from .metrics import ComparisonTable
@@ -151,7 +156,9 @@ def _fmt(x: float, spec: str = ".3g") -> str:
 
 
 def _write_report(out, cfg, desc, result, rows, last, spectra, structure, sweep, seconds) -> Path:
-    two_level = ["nicolaides", "spectral", "krylov-nicolaides", "residuals", "krylov-residuals", "taylor"]
+    from .operators import COARSE_SPACES
+
+    two_level = list(COARSE_SPACES)
     last_rows = {r["method"]: r for r in rows if r["checkpoint"] == last}
     gaps = [r["gap"] for r in rows if r["method"] in two_level]
     best = min((r for r in last_rows.values() if not math.isnan(r["energy_error"])), key=lambda r: r["energy_error"])

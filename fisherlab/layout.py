@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 from typing import Callable, Iterable, Sequence
 
 import torch

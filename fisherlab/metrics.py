@@ -30,6 +30,7 @@ from .capturing.record import Capture
 from .errors import FisherlabError
 from .jacobian import Jacobian
 from .operators import (
+    COARSE_SPACES,
     KFAC,
     TKO,
     BlockDiagonalFisher,
@@ -85,7 +86,7 @@ COLUMNS = [
     "note",
 ]
 
-_TWO_LEVEL = {"nicolaides", "spectral", "krylov-nicolaides", "residuals", "krylov-residuals", "taylor"}
+_TWO_LEVEL = set(COARSE_SPACES)
 
 
 @dataclass

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from . import datasets as D
 from .errors import FisherlabError
 from .metrics import LEGENDS as METHOD_LEGENDS
+from .operators.coarse import COARSE_SPACES
 from .optim import LEGENDS as OPTIMIZER_LEGENDS
 
 __all__ = [
@@ -113,15 +114,7 @@ CURVATURE: tuple[str, ...] = ("kfac", *TWO_LEVEL, "tko")
 BASELINES: tuple[str, ...] = ("sgd", "adam")
 """The first-order baselines."""
 
-GAP_METHODS: tuple[str, ...] = (
-    "nicolaides",
-    "spectral",
-    "krylov-nicolaides",
-    "residuals",
-    "krylov-residuals",
-    "taylor",
-    "tko",
-)
+GAP_METHODS: tuple[str, ...] = (*COARSE_SPACES, "tko")
 """:func:`fisherlab.compare` names of the corrections whose gap (4.6) Fig. 5 shows."""
 
 MULTIPLICATIVE_GAP_METHODS: tuple[str, ...] = GAP_METHODS[:-1]

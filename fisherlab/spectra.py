@@ -47,7 +47,14 @@ from torch import Tensor
 from .capturing.record import Capture
 from .errors import FisherlabError
 from .jacobian import Jacobian
-from .operators import KFAC, ExactFisher, FisherOperator, TwoLevelKFAC, as_jacobian, check_damping
+from .operators import (
+    KFAC,
+    ExactFisher,
+    FisherOperator,
+    TwoLevelKFAC,
+    as_jacobian,
+    check_damping,
+)
 
 __all__ = [
     "DENSE_P_LIMIT",

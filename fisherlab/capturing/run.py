@@ -27,7 +27,14 @@ from ..errors import NonFiniteError
 from ..layout import Layout, layer_modules
 from . import losses as L
 from .layers import dense_from_factors, layer_inputs, layer_output_grads
-from .record import Capture, FisherMode, LayerCapture, Storage, choose_storage, kfac_factors_from
+from .record import (
+    Capture,
+    FisherMode,
+    LayerCapture,
+    Storage,
+    choose_storage,
+    kfac_factors_from,
+)
 
 __all__ = ["capture", "NonFiniteError", "default_device"]
 

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from ..capturing import FisherMode, Loss
-from ..capturing.checkpoints import batch_indices, capture_checkpoints, checkpoint_name, load_state_dict, sidecar
+from ..capturing.checkpoints import (
+    batch_indices,
+    capture_checkpoints,
+    checkpoint_name,
+    load_state_dict,
+    sidecar,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TASK_OF_LOSS = {"cross_entropy": "classification"}

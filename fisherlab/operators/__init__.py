@@ -8,7 +8,13 @@
 """
 
 from .base import BlockDiagonalOperator, FisherOperator, InverseOperator, check_damping
-from .coarse import COARSE_SPACES, LEGEND, CoarseSpace, make_coarse_space, orthonormalize
+from .coarse import (
+    COARSE_SPACES,
+    LEGEND,
+    CoarseSpace,
+    make_coarse_space,
+    orthonormalize,
+)
 from .exact import BlockDiagonalFisher, ExactFisher, as_jacobian
 from .kfac import KFAC, DampingMode, KroneckerBlock, pi_damping
 from .twolevel import TKO, CoarseCorrection, TwoLevelKFAC
