@@ -107,34 +107,28 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: Any) -> float:
+def _number(name: str, value: Any, *, low: float, strict: bool, high: float = math.inf) -> float:
+    """``value`` as a finite float in (low, high) (``strict``) or [low, high); a one-line error."""
+    rng = f"{'(' if strict else '['}{low:g}, {high:g})" if math.isfinite(high) else f"{'>' if strict else '>='} {low:g}"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise ValueError(f"{name} must be a number {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}") from None
+    if not math.isfinite(v) or v < low or (strict and v == low) or v >= high:
+        raise ValueError(f"{name} must be finite and {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}")
     return v
+
+
+def _positive(name: str, value: Any) -> float:
+    return _number(name, value, low=0.0, strict=True)
 
 
 def _in_unit(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
-    if not (math.isfinite(v) and 0.0 <= v < 1.0):
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-    return v
+    return _number(name, value, low=0.0, strict=False, high=1.0)
 
 
 def _nonneg(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return v
+    return _number(name, value, low=0.0, strict=False)
 
 
 def _posint(name: str, value: Any) -> int:
