@@ -23,3 +23,11 @@ class StoreError(FisherlabError, ValueError):
 
 class DampingError(FisherlabError, ValueError):
     """The damping λ must be a finite number > 0."""
+
+
+class ConfigError(FisherlabError, ValueError):
+    """A bad option, argument or configuration value (a name not among the choices, a number out
+    of range, a missing required setting, an unreadable config or checkpoint file)."""
+
+
+__all__ += ["ConfigError"]
