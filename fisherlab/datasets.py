@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import FisherlabError
+from ._validate import positive_int
+from .errors import ConfigError, FisherlabError
 
 __all__ = [
     "Dataset",
@@ -147,13 +148,13 @@ def _subset(N: int, n: int | None, seed: int, name: str) -> np.ndarray | None:
     if n is None:
         return None
     if n > N:
-        raise ValueError(f"dataset '{name}': n={n} exceeds the {N} examples available")
+        raise ConfigError(f"dataset '{name}': n={n} exceeds the {N} examples available")
     return np.random.default_rng(seed).permutation(N)[:n]
 
 
 def _check_n(n: int | None, name: str) -> None:
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"dataset '{name}': n must be a positive integer or None, got {n!r}")
+    if n is not None:
+        positive_int(n, f"dataset '{name}': n")
 
 
 def _finish(
@@ -219,7 +220,7 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 
 def _load_mnist(n: int | None, seed: int, task: str, split: str) -> Dataset:
     if split != "train":
-        raise ValueError(f"dataset 'mnist': only split='train' exists (the 5k subset), got {split!r}")
+        raise ConfigError(f"dataset 'mnist': only split='train' exists (the 5k subset), got {split!r}")
     pixels, labels = _mnist_raw()
     idx = _subset(len(labels), n, seed, "mnist")
     if idx is not None:
@@ -283,7 +284,7 @@ def _fashion_raw(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_fashion(n: int | None, seed: int, task: str, split: str) -> Dataset:
     if split not in _FASHION_FILES:
-        raise ValueError(f"dataset 'fashion-mnist': split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"dataset 'fashion-mnist': split must be 'train' or 'test', got {split!r}")
     directory = _fashion_dir()
     pixels, labels = _fashion_raw(str(directory), split)
     idx = _subset(len(labels), n, seed, "fashion-mnist")
@@ -430,7 +431,7 @@ def available() -> list[str]:
 def default_task(name: str) -> str:
     """The task a data set is loaded for when ``task`` is not given."""
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)})")
+        raise ConfigError(f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)})")
     return _DATASETS[name][1][0]
 
 
@@ -457,17 +458,17 @@ def load(
         A :class:`Dataset` on the CPU.
 
     Raises:
-        ValueError: unknown name, task or split, bad ``n`` (one line).
+        ConfigError: unknown name, task or split, bad ``n`` (one line; a ValueError).
         DatasetUnavailableError: the files of a real data set are not installed (one line naming
             the package and how to install it).
     """
     if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)})")
+        raise ConfigError(f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)})")
     loader, tasks = _DATASETS[name]
     task = tasks[0] if task is None else task
     if task not in tasks:
-        raise ValueError(f"dataset '{name}' supports task {', '.join(map(repr, tasks))}, got {task!r}")
+        raise ConfigError(f"dataset '{name}' supports task {', '.join(map(repr, tasks))}, got {task!r}")
     _check_n(n, name)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"dataset '{name}': seed must be an integer, got {seed!r}")
+        raise ConfigError(f"dataset '{name}': seed must be an integer, got {seed!r}")
     return loader(n, seed, task, split)

@@ -52,6 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import bounded, parse_enum, positive_int
+from .errors import ConfigError
+
 __all__ = [
     "available",
     "build",
@@ -84,7 +87,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation '{name}' (choose one of {', '.join(_ACTIVATIONS)})")
+        raise ConfigError(f"unknown activation '{name}' (choose one of {', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[name]()
 
 
@@ -306,7 +309,7 @@ def available() -> list[str]:
 
 def _entry(name: Any) -> _Entry:
     if not isinstance(name, str) or name not in _MODELS:
-        raise ValueError(f"unknown model {name!r} (valid names: {', '.join(_MODELS)})")
+        raise ConfigError(f"unknown model {name!r} (valid names: {', '.join(_MODELS)})")
     return _MODELS[name]
 
 
@@ -319,19 +322,15 @@ def _options(name: str) -> dict[str, Any]:
 def _check_option(name: str, key: str, value: Any, default: Any) -> Any:
     where = f"model '{name}' option '{key}'"
     if key == "width":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{where} must be a number > 0, got {value!r}")
-        return float(value)
+        return bounded(value, where, 0.0, lo_open=True)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where} must be a positive integer, got {value!r}")
-        return int(value)
-    if key == "activation" and value not in _ACTIVATIONS:
-        raise ValueError(f"{where} must be one of {', '.join(_ACTIVATIONS)}, got {value!r}")
+        return positive_int(value, where)
+    if key == "activation":
+        return parse_enum(value, _ACTIVATIONS, where)
     return value
 
 
@@ -350,13 +349,13 @@ def describe(name: str, **kwargs: Any) -> dict:
         "n_params"}``; the last four are derived (informative, ignored by :func:`build`).
 
     Raises:
-        ValueError: unknown name or option, or a bad option value (one line).
+        ConfigError: unknown name or option, or a bad option value (one line; a ValueError).
     """
     entry = _entry(name)
     opts = _options(name)
     unknown = sorted(set(kwargs) - set(opts) - set(_DERIVED) - {"name"})
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))} "
             f"(valid options: {', '.join(opts)})"
         )
@@ -374,7 +373,7 @@ def _normalise(description: dict | str) -> dict:
     if isinstance(description, str):
         return describe(description)
     if not isinstance(description, dict) or "name" not in description:
-        raise ValueError(f"a model description must be a name or a dict with a 'name', got {description!r}")
+        raise ConfigError(f"a model description must be a name or a dict with a 'name', got {description!r}")
     name = description["name"]
     _entry(name)
     kwargs = {k: v for k, v in description.items() if k != "name" and k not in _DERIVED}
@@ -398,7 +397,7 @@ def build(description: dict | str, *, seed: int | None = None) -> nn.Module:
         A float32 ``nn.Module`` on the CPU, in training mode.
 
     Raises:
-        ValueError: unknown name or option (one line listing the valid ones).
+        ConfigError: unknown name or option (one line listing the valid ones; a ValueError).
     """
     d = _normalise(description)
     if seed is None:

@@ -129,7 +129,7 @@ def test_models_capture_on_resnet():
         (lambda: models.describe("mnist_ae"), r"unknown model 'mnist_ae' \(valid names: curves-ae, mnist-ae"),
         (lambda: models.build({"name": "nope"}), r"valid names"),
         (lambda: models.describe("mnist-ae", widht=2), r"no option 'widht' \(valid options: width, activation\)"),
-        (lambda: models.describe("mnist-ae", width=0), r"'width' must be a number > 0"),
+        (lambda: models.describe("mnist-ae", width=0), r"'width' must be a finite number > 0"),
         (lambda: models.describe("mnist-ae", activation="gelu"), r"activation"),
         (lambda: models.describe("resnet18", n_classes=0), r"positive integer"),
         (lambda: models.build(42), r"description"),
