@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Small-scale reproduction of the paper's Figs. 2, 4(a) and 5 with a markdown verdict.
 
-Thin script over :mod:`fisherlab.reproduce` (the logic, protocol and criteria live there)::
+Thin script over :mod:`fisherlab.experiments.paper` (the logic, protocol and criteria live there)::
 
     .venv/bin/python analysis/reproduce_paper.py --out out/reproduce --threads 1   # ~10 min on 2 cores
     .venv/bin/python analysis/reproduce_paper.py --quick --out out/reproduce-quick  # ~30 s
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherlab.reproduce import Criteria, default_config, reproduce
+from fisherlab.experiments.paper import Criteria, default_config, reproduce
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run :func:`fisherlab.reproduce.reproduce`, print the verdicts."""
+    """Parse arguments, run :func:`fisherlab.experiments.paper.reproduce`, print the verdicts."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/reproduce", help="output folder (default: out/reproduce)")
     ap.add_argument("--quick", action="store_true", help="tiny widths and steps (~30 s; the test suite's run)")

@@ -472,3 +472,163 @@ def plot_damping_sweep(
         if title:
             fig.suptitle(title)
         return _finish(fig, path)
+
+
+# ---- the paper reproduction's figures (fisherlab.experiments.paper) ----------------------------
+# Plain functions of the rows the reproduction writes (fig2_curves.csv, fig5_gap.csv), so each
+# figure can be redrawn from its CSV.
+
+_FIRST_ORDER_COLOURS = {"SGD": "#8c564b", "ADAM": "#e377c2"}  # tab20 brown and pink: no method's colour
+
+
+def _run_colour(legend: str) -> str:
+    """The colour of a training run by its legend name (first-order baselines included)."""
+    return _FIRST_ORDER_COLOURS.get(legend) or color_for(legend)
+
+
+def _run_marker(key: str) -> str:
+    return MARKERS.get(legend_for(key), "") or ""
+
+
+def _running_mean(values: Sequence[float], k: int) -> list[float]:
+    """The mean of the last ``min(i + 1, k)`` values at each i."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= k:
+            acc -= values[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _groups(rows: Sequence[dict], key: str) -> dict[Any, list[dict]]:
+    """Rows grouped by ``r[key]``, groups in order of first appearance."""
+    out: dict[Any, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get(key), []).append(r)
+    return out
+
+
+def plot_training_curves(
+    rows: Any,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    panel_titles: Mapping[str, str] | None = None,
+    smooth: Mapping[str, int] | None = None,
+    diverged: Iterable[tuple[str, str]] = (),
+    reference: str = "kfac",
+    dashed: Sequence[str] = ("sgd", "adam"),
+) -> Figure:
+    """The paper's Figs. 2 and 4(a): training loss against step and against wall time, one row
+    of two axes per problem, one line per optimizer (log scale; a diverged run ends early).
+
+    Args:
+        rows: per-step rows (``problem``, ``optimizer``, ``legend``, ``step``, ``loss``,
+            ``wall_time``), e.g. the reproduction's ``fig2_curves.csv``; problems and optimizers
+            are drawn in order of first appearance.
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        title: figure title.
+        panel_titles: problem → axes title (default: the problem key).
+        smooth: problem → running-mean window in mini-batches (default: max(1, last step // 30)).
+        diverged: ``(problem, optimizer)`` pairs labelled "(diverged)".
+        reference: the optimizer drawn thick on top (KFAC).
+        dashed: the optimizers drawn dashed (the first-order baselines).
+
+    Returns:
+        The figure: ``len(problems) × 2`` axes.
+    """
+    rows = read_rows(rows)
+    panels = _groups(rows, "problem")
+    gone = set(diverged)
+    with style():
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.9 * len(panels)), squeeze=False)
+        for row, (problem, prows) in zip(axes, panels.items()):
+            last = max((int(r["step"]) for r in prows if _ok(r.get("step"))), default=1)
+            k = (smooth or {}).get(problem, max(1, last // 30))
+            for o, orows in _groups(prows, "optimizer").items():
+                name = str(orows[0].get("legend") or legend_for(o))
+                y = _running_mean([_nan(r["loss"]) for r in orows], k)
+                style_kw: dict[str, Any] = {"lw": 2.4, "zorder": 3} if o == reference else {"lw": 1.4, "ls": "--"} if o in dashed else {"lw": 1.2}
+                kw = dict(color=_run_colour(name), label=name + (" (diverged)" if (problem, o) in gone else ""), **style_kw)
+                row[0].plot([r["step"] for r in orows], y, **kw)
+                row[1].plot([_nan(r["wall_time"]) for r in orows], y, **kw)
+            for ax, xl in zip(row, ("step", "training time (s)")):
+                ax.set_yscale("log")
+                ax.set_xlabel(xl)
+                ax.set_ylabel(f"training loss (mean of {k} batches)" if k > 1 else "training loss")
+                ax.set_title((panel_titles or {}).get(problem, str(problem)), fontsize=9)
+            row[1].legend(loc="upper right", ncol=2, fontsize=7)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
+
+
+def plot_gap_trajectories(
+    rows: Any,
+    own: Any = (),
+    path: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    additive: Sequence[str] = ("tko",),
+    title: str | None = "Fig. 5 (small scale): error gap of the two-level corrections to KFAC (< 0: closer to ζ)",
+) -> Figure:
+    """The paper's Fig. 5 along training, one row of three axes per problem: (a) the gap
+    𝔈(β*) − 𝔈(0) (4.6) against the step on the KFAC trajectory (symlog), (b) the reduction ratio
+    𝔈(β*)/𝔈(0) on it (log), (c) each two-level optimizer's gap on its own trajectory (symlog).
+
+    Args:
+        rows: the KFAC-trajectory rows (``problem``, ``step``, ``method``, ``legend``, ``gap``,
+            ``reduction_ratio``), e.g. the reproduction's ``fig5_gap.csv``; one row of axes per
+            problem in them.
+        own: the own-trajectory rows (``problem``, ``method``, ``legend``, ``step``, ``gap``).
+        path: write ``<path>.png`` and ``<path>.pdf``.
+        methods: method keys to draw, in order (default: every method of ``rows``).
+        additive: methods drawn dashed (the additive corrections, whose gap may be positive).
+        title: figure title.
+
+    Returns:
+        The figure: ``max(1, len(problems)) × 3`` axes.
+    """
+    rows = read_rows(rows)
+    own_by = _groups(read_rows(own), "problem")
+    panels = _groups(rows, "problem")
+    with style():
+        fig, axes = plt.subplots(max(1, len(panels)), 3, figsize=(15, 3.9 * max(1, len(panels))), squeeze=False)
+        for row, (problem, prows) in zip(axes, panels.items()):
+            for m in _methods(prows, methods):
+                pts = [r for r in prows if r.get("method") == m]
+                kw: dict[str, Any] = dict(color=color_for(m), marker=_run_marker(m), ms=3, label=_label(prows, m), lw=1.2)
+                if m in additive:
+                    kw["ls"] = "--"
+                row[0].plot([r["step"] for r in pts], [_nan(r["gap"]) for r in pts], **kw)
+                row[1].plot([r["step"] for r in pts], [_nan(r["reduction_ratio"]) for r in pts], **kw)
+            orows = own_by.get(problem, [])
+            for m in _methods(orows, methods):
+                pts = [r for r in orows if r.get("method") == m]
+                kw = dict(color=color_for(m), label=_label(orows, m), lw=1.0)
+                if m in additive:
+                    kw["ls"] = "--"
+                row[2].plot([r["step"] for r in pts], [_nan(r["gap"]) for r in pts], **kw)
+            gaps = [_nan(r["gap"]) for r in prows]
+            scale = max((abs(g) for g in gaps if math.isfinite(g) and g != 0), default=1.0)
+            for ax in (row[0], row[2]):
+                ax.set_yscale("symlog", linthresh=max(scale * 1e-6, 1e-12))
+                ax.axhline(0.0, color="k", ls=":", lw=0.8)
+                ax.set_xlabel("step")
+                ax.set_ylabel(r"$\mathfrak{E}(\beta^*) - \mathfrak{E}(0)$")
+            row[1].set_yscale("log")
+            row[1].axhline(1.0, color="k", ls=":", lw=0.8)
+            row[1].set_xlabel("step")
+            row[1].set_ylabel(r"$\mathfrak{E}(\beta^*) / \mathfrak{E}(0)$")
+            row[0].set_title(f"(a) gap on the KFAC trajectory — {problem}", fontsize=9)
+            row[1].set_title("(b) reduction ratio on the KFAC trajectory", fontsize=9)
+            row[2].set_title("(c) gap on each optimizer's own trajectory", fontsize=9)
+            row[1].legend(loc="best", ncol=2, fontsize=7)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
