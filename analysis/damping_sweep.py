@@ -4,8 +4,8 @@ Usage::
 
     python analysis/damping_sweep.py FILE [--dampings 1e-4,1e-3,1e-2] [--checkpoint c] [--methods ...] --out DIR
 
-A thin wrapper over :func:`fisherlab.analysis.run_damping_sweep`
-(also ``fisherlab analyze``); see :mod:`fisherlab.analysis` for the files it writes.
+A thin wrapper over :func:`fisherlab.workflows.analysis.run_damping_sweep`
+(also ``fisherlab analyze``); see :mod:`fisherlab.workflows.analysis` for the files it writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherlab.analysis import add_damping_sweep_arguments, damping_sweep_main
+from fisherlab.cli.analyze_cmd import add_damping_sweep_arguments, damping_sweep_main
 
 
 def main(argv: list[str] | None = None) -> int:

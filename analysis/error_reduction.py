@@ -4,8 +4,8 @@ Usage::
 
     python analysis/error_reduction.py FILE --damping 1e-3 [--methods kfac,nicolaides,...] [--checkpoints c1,c2] --out DIR
 
-A thin wrapper over :func:`fisherlab.analysis.run_error_reduction`
-(also ``fisherlab analyze``); see :mod:`fisherlab.analysis` for the files it writes.
+A thin wrapper over :func:`fisherlab.workflows.analysis.run_error_reduction`
+(also ``fisherlab analyze``); see :mod:`fisherlab.workflows.analysis` for the files it writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherlab.analysis import add_error_reduction_arguments, error_reduction_main
+from fisherlab.cli.analyze_cmd import add_error_reduction_arguments, error_reduction_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ Usage::
 
     python analysis/layer_interactions.py FILE [--checkpoints c1,c2] --out DIR
 
-A thin wrapper over :func:`fisherlab.analysis.run_interactions`
-(also ``fisherlab analyze``); see :mod:`fisherlab.analysis` for the files it writes.
+A thin wrapper over :func:`fisherlab.workflows.analysis.run_interactions`
+(also ``fisherlab analyze``); see :mod:`fisherlab.workflows.analysis` for the files it writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherlab.analysis import add_interactions_arguments, interactions_main
+from fisherlab.cli.analyze_cmd import add_interactions_arguments, interactions_main
 
 
 def main(argv: list[str] | None = None) -> int:

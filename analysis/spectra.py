@@ -4,8 +4,8 @@ Usage::
 
     python analysis/spectra.py FILE --damping 1e-3 [--operators fisher,kfac,preconditioned] [--coarse nicolaides,...] [--method auto|dense|lanczos|slq] --out DIR
 
-A thin wrapper over :func:`fisherlab.analysis.run_spectra`
-(also ``fisherlab analyze``); see :mod:`fisherlab.analysis` for the files it writes.
+A thin wrapper over :func:`fisherlab.workflows.analysis.run_spectra`
+(also ``fisherlab analyze``); see :mod:`fisherlab.workflows.analysis` for the files it writes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisherlab.analysis import add_spectra_arguments, spectra_main
+from fisherlab.cli.analyze_cmd import add_spectra_arguments, spectra_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,7 @@ def bounded(
     """``value`` as a finite ``float`` in the interval from ``lo`` to ``hi``.
 
     Args:
-        value: a number (bools are refused).
+        value: a real number (bools and strings are refused).
         what: the name in the message.
         lo, hi: the bounds (infinite: unbounded on that side).
         lo_open, hi_open: exclude the bound itself (``lo_open=True, lo=0``: ``> 0``).
@@ -115,12 +115,9 @@ def bounded(
         ConfigError: ``"<what> must be a finite number > 0, got -1.0"``.
     """
     rng = _interval(lo, hi, lo_open, hi_open)
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{what} must be a finite number {rng}, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a finite number {rng}, got {value!r}") from None
+    v = float(value)
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
         raise ConfigError(f"{what} must be a finite number {rng}, got {value!r}")
     return v

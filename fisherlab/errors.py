@@ -31,3 +31,10 @@ class ConfigError(FisherlabError, ValueError):
 
 
 __all__ += ["ConfigError"]
+
+
+class MissingFileError(FisherlabError, FileNotFoundError, ValueError):
+    """A file the user named (a checkpoint, a config, a sidecar) does not exist."""
+
+
+__all__ += ["MissingFileError"]

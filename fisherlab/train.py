@@ -9,6 +9,9 @@
     checkpoints/step_000100.pt    model.state_dict() after 100 updates (load with weights_only=True)
     checkpoints/step_000100.json  its sidecar: step, epoch, loss, model description, run config
 
+(The folder's names belong to :mod:`fisherlab.runs`, which also loads it back:
+:func:`load_checkpoint`.)
+
 Conventions:
 
 * Step s of the CSV is the s-th update; its ``loss`` is the mini-batch loss *before* that update
@@ -22,10 +25,9 @@ Conventions:
 * Seeds: the model is built with ``seed``, the batch order drawn from ``seed``, and torch's
   global RNG is seeded with ``seed`` (for optimizers that sample); the data with ``data_seed``.
 
-Optimizers come from the registry :data:`OPTIMIZERS` (``sgd`` and ``adam`` here). Others add
-factories to it (see :func:`register_optimizer`); a name not registered yet triggers
-``fisherlab.optim.register_training_optimizers(OPTIMIZERS)`` when that module exists. A factory is called as
-``factory(params, config)``, and also gets ``model=model`` when it accepts a ``model`` keyword
+Optimizers come from the registry :data:`OPTIMIZERS`: ``sgd``, ``adam`` and every curvature
+optimizer of :mod:`fisherlab.optim` (KFAC, two-level KFAC, TKO, NGD). Others add factories to it
+(see :func:`register_optimizer`). A factory is called as ``factory(params, config, model=model)``
 (curvature optimizers hook the layers). An optimizer with a ``set_batch(x, y)`` method is
 given each batch before its step. An optimizer whose class sets ``wants_closure = True``
 is stepped as ``loss = optimizer.step(closure)`` where ``closure()`` zeroes the gradients,
@@ -37,11 +39,7 @@ after every update; a dict it returns is added to the row too.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib
-import importlib.util
-import inspect
 import json
 import math
 import os
@@ -55,7 +53,13 @@ from torch import Tensor, nn
 
 from . import datasets as D
 from . import models as M
+from . import runs
+from ._validate import bounded, nonnegative_int, parse_enum, positive_int
 from .capturing import losses as L
+from .errors import ConfigError, MissingFileError, NonFiniteError
+from .io.tables import write_csv, write_json
+from .optim import register_training_optimizers
+from .runs import load_checkpoint
 
 __all__ = [
     "OPTIMIZERS",
@@ -68,7 +72,7 @@ __all__ = [
 ]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-"""``factory(params: list[nn.Parameter], config: TrainConfig[, model=nn.Module]) -> Optimizer``."""
+"""``factory(params: list[nn.Parameter], config: TrainConfig, *, model: nn.Module) -> Optimizer``."""
 
 Callback = Callable[[int, nn.Module, tuple[Tensor, Tensor], float], "dict | None"]
 """``callback(step, model, (x, y), loss) -> dict | None``, called after every update."""
@@ -140,13 +144,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a dict (e.g. a JSON config file); unknown keys raise a one-line ``ValueError``."""
+        """Build from a dict (e.g. a JSON config file); unknown keys raise a one-line :class:`ConfigError`."""
         if not isinstance(d, dict):
-            raise ValueError(f"a training config must be a JSON object, got {type(d).__name__}")
+            raise ConfigError(f"a training config must be a JSON object, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"training config: unknown key(s) {', '.join(map(repr, unknown))} (valid: {', '.join(names)})"
             )
         return cls(**d)
@@ -158,9 +162,9 @@ class TrainConfig:
         try:
             d = json.loads(p.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"training config file not found: {p}") from None
+            raise MissingFileError(f"training config file not found: {p}") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"training config {p}: invalid JSON ({err})") from None
+            raise ConfigError(f"training config {p}: invalid JSON ({err})") from None
         return cls.from_dict(d)
 
     # ---- derived -----------------------------------------------------------------------
@@ -178,35 +182,26 @@ class TrainConfig:
                 :func:`train` is given an ``optimizer_factory``).
 
         Raises:
-            ValueError: a bad field (one line naming it).
+            ConfigError: a bad field (one line naming it; a ValueError).
         """
         desc = self.description
-        loss = self.loss or desc["loss"]
-        if loss not in _TASK_OF_LOSS:
-            raise ValueError(f"training config: unknown loss {loss!r} (choose one of {', '.join(_TASK_OF_LOSS)})")
+        loss = parse_enum(self.loss or desc["loss"], list(_TASK_OF_LOSS), "training config: 'loss'")
         data = self.data or M.default_data(desc)
         if data is None:
-            raise ValueError(f"training config: model '{desc['name']}' has no embedded data; set 'data'")
+            raise ConfigError(f"training config: model '{desc['name']}' has no embedded data; set 'data'")
         if data not in D.available():
-            raise ValueError(f"training config: unknown data {data!r} (valid names: {', '.join(D.available())})")
+            raise ConfigError(f"training config: unknown data {data!r} (valid names: {', '.join(D.available())})")
         for key in ("batch_size", "epochs"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"training config: '{key}' must be a positive integer, got {v!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
-            raise ValueError(f"training config: 'steps' must be an integer >= 0, got {self.steps!r}")
-        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1):
-            raise ValueError(f"training config: 'checkpoint_every' must be a positive integer, got {self.checkpoint_every!r}")
-        if self.checkpoint_steps is not None and any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.checkpoint_steps
-        ):
-            raise ValueError(f"training config: 'checkpoint_steps' must be integers >= 0, got {self.checkpoint_steps!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"training config: 'lr' must be a finite number > 0, got {self.lr!r}")
+            positive_int(getattr(self, key), f"training config: '{key}'")
+        if self.steps is not None:
+            nonnegative_int(self.steps, "training config: 'steps'")
+        if self.checkpoint_every is not None:
+            positive_int(self.checkpoint_every, "training config: 'checkpoint_every'")
+        for s in self.checkpoint_steps or ():
+            nonnegative_int(s, "training config: 'checkpoint_steps'")
+        bounded(self.lr, "training config: 'lr'", 0.0, lo_open=True)
         if check_optimizer and self.optimizer not in OPTIMIZERS:
-            _load_fisherlab_optimizers()
-        if check_optimizer and self.optimizer not in OPTIMIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"training config: unknown optimizer {self.optimizer!r} (registered: {', '.join(OPTIMIZERS)})"
             )
         return dataclasses.replace(self, model=desc, data=data, loss=loss)
@@ -228,14 +223,14 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _sgd(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _sgd(params: list[nn.Parameter], config: TrainConfig, *, model: nn.Module | None = None) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
         **config.optimizer_options,
     )
 
 
-def _adam(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _adam(params: list[nn.Parameter], config: TrainConfig, *, model: nn.Module | None = None) -> torch.optim.Optimizer:
     opts = dict(config.optimizer_options)
     if "betas" in opts:
         opts["betas"] = tuple(opts["betas"])
@@ -243,11 +238,14 @@ def _adam(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimi
 
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {"sgd": _sgd, "adam": _adam}
-"""Optimizer factories by name; add entries (or use :func:`register_optimizer`) to plug in more."""
+"""Optimizer factories by name: ``sgd``, ``adam`` and :mod:`fisherlab.optim`'s (kfac,
+kfac-tikhonov, two-level-kfac, kfac-2l-<space>, tko, tko-kronecker, ngd, ngd-block); add
+entries (or use :func:`register_optimizer`) to plug in more."""
+register_training_optimizers(OPTIMIZERS)
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    """Decorator: ``@register_optimizer("kfac") def make(params, config, *, model): ...``."""
+    """Decorator: ``@register_optimizer("mine") def make(params, config, *, model): ...``."""
 
     def deco(fn: OptimizerFactory) -> OptimizerFactory:
         OPTIMIZERS[name] = fn
@@ -256,29 +254,11 @@ def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFacto
     return deco
 
 
-def _load_fisherlab_optimizers() -> None:
-    """Add :mod:`fisherlab.optim`'s curvature optimizers (KFAC, two-level KFAC, TKO, NGD) to
-    :data:`OPTIMIZERS`, when that module exists (kfac, kfac-tikhonov, two-level-kfac,
-    kfac-2l-<space>, tko, tko-kronecker, ngd, ngd-block). Called lazily, for a name not
-    registered yet: plain SGD/Adam runs never import it, and this module works in checkouts
-    without ``fisherlab/optim.py``."""
-    if importlib.util.find_spec(f"{__package__}.optim") is None:
-        return
-    optim = importlib.import_module(f"{__package__}.optim")
-    register = getattr(optim, "register_training_optimizers", None)
-    if register is not None:
-        register(OPTIMIZERS)
-
-
 def _make_optimizer(factory: OptimizerFactory, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        wants_model = "model" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        wants_model = False
-    opt = factory(params, config, model=model) if wants_model else factory(params, config)
+    opt = factory(params, config, model=model)
     if not isinstance(opt, torch.optim.Optimizer):
-        raise ValueError(f"optimizer factory for '{config.optimizer}' returned {type(opt).__name__}, not a torch.optim.Optimizer")
+        raise ConfigError(f"optimizer factory for '{config.optimizer}' returned {type(opt).__name__}, not a torch.optim.Optimizer")
     return opt
 
 
@@ -324,25 +304,11 @@ class TrainResult:
         return self.metrics[-1]["loss"] if self.metrics else float("nan")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+_METRIC_COLUMNS = ["step", "epoch", "loss", "wall_time", "lr"]
 
 
 def _write_csv(path: Path, rows: Sequence[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    keys = keys or ["step", "epoch", "loss", "wall_time", "lr"]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    write_csv(rows, path, None if rows else _METRIC_COLUMNS)
 
 
 def plot_losses(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Path]:
@@ -376,34 +342,6 @@ def plot_losses(rows: Sequence[dict], out_dir: Path, title: str = "") -> list[Pa
     return paths
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint written by :func:`train` and load its weights.
-
-    Args:
-        path: a ``step_XXXXXX.pt`` file; its sidecar ``step_XXXXXX.json`` (or the run's
-            ``run.json`` one folder up) gives the model description.
-        map_location: where to load the tensors.
-
-    Returns:
-        ``(model in eval mode, sidecar dict)``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    side = p.with_suffix(".json")
-    run = p.parent.parent / "run.json"
-    if side.is_file():
-        info = json.loads(side.read_text())
-    elif run.is_file():
-        info = {"model": json.loads(run.read_text())["model"]}
-    else:
-        raise FileNotFoundError(f"checkpoint {p}: no sidecar {side.name} or run.json with the model description")
-    model = M.build(info["model"])
-    model.load_state_dict(torch.load(p, map_location=map_location, weights_only=True))
-    model.eval()
-    return model, info
-
-
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
@@ -432,7 +370,7 @@ def train(
         config: a :class:`TrainConfig` (or a dict for :meth:`TrainConfig.from_dict`).
         out_dir: the output folder (created); ``None`` writes nothing (metrics stay in memory).
         optimizer_factory: overrides ``OPTIMIZERS[config.optimizer]``; called as
-            ``factory(params, config)`` (plus ``model=model`` if it accepts it).
+            ``factory(params, config, model=model)``.
         callbacks: ``cb(step, model, (x, y), loss)`` after every update; a returned dict is
             added to the step's metrics row.
 
@@ -440,7 +378,8 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: a bad config (one line), or a non-finite loss (naming the step).
+        ConfigError: a bad config (one line; a ValueError).
+        NonFiniteError: a non-finite loss (naming the step; a ValueError).
     """
     from tqdm.auto import tqdm
 
@@ -452,13 +391,13 @@ def train(
 
     data = D.load(cfg.data, n=cfg.n, seed=cfg.data_seed, task=_TASK_OF_LOSS[cfg.loss])
     if tuple(data.input_shape) != tuple(desc["input_shape"]) and math.prod(data.input_shape) != math.prod(desc["input_shape"]):
-        raise ValueError(
+        raise ConfigError(
             f"data '{cfg.data}' has inputs of shape {list(data.input_shape)} but model '{desc['name']}' "
             f"expects {desc['input_shape']}"
         )
     n = len(data)
     if cfg.batch_size > n:
-        raise ValueError(f"training config: batch_size={cfg.batch_size} exceeds the n={n} examples of '{cfg.data}'")
+        raise ConfigError(f"training config: batch_size={cfg.batch_size} exceeds the n={n} examples of '{cfg.data}'")
     steps_per_epoch = n // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     schedule = set(cfg.checkpoint_schedule(total)) if out_dir is not None else set()
@@ -469,7 +408,7 @@ def train(
     opt = _make_optimizer(optimizer_factory or OPTIMIZERS[cfg.optimizer], model, cfg)
     wants_closure = bool(getattr(opt, "wants_closure", False))
     data = data.to(device)
-    loss_kind = L._loss(cfg.loss)
+    loss_kind = L.Loss(cfg.loss)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = _batches(n, cfg.batch_size, gen)
 
@@ -477,7 +416,7 @@ def train(
     ckpt_dir: Path | None = None
     if out_dir is not None:
         out = Path(out_dir)
-        ckpt_dir = out / "checkpoints"
+        ckpt_dir = runs.checkpoint_path(out, 0).parent
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     run_info = {
         "model": desc,
@@ -495,10 +434,7 @@ def train(
 
     def save_checkpoint(step: int) -> None:
         assert ckpt_dir is not None and out is not None
-        path = ckpt_dir / f"step_{step:06d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
+        path = runs.save_state_dict(model, runs.checkpoint_path(out, step))
         side = {
             "step": step,
             "epoch": step / steps_per_epoch,
@@ -508,10 +444,10 @@ def train(
             "config": run_info["config"],
             "data": run_info["data"],
         }
-        _write_json(path.with_suffix(".json"), side)
+        runs.write_sidecar(path, side)
         checkpoints.append(path)
-        run_info["checkpoints"].append({"step": step, "file": f"checkpoints/{path.name}"})
-        _write_json(out / "run.json", run_info)
+        run_info["checkpoints"].append({"step": step, "file": f"{runs.CHECKPOINT_DIR}/{path.name}"})
+        write_json(run_info, out / runs.RUN_JSON)
         _write_csv(out / "metrics.csv", rows)
 
     if 0 in schedule:
@@ -540,7 +476,7 @@ def train(
                 opt.step()
             loss_v = float(loss_t.detach()) if isinstance(loss_t, Tensor) else float(loss_t)
             if not math.isfinite(loss_v):
-                raise ValueError(
+                raise NonFiniteError(
                     f"training diverged: non-finite loss {loss_v} at step {step} "
                     f"({cfg.optimizer}, lr={cfg.lr:g}); lower the learning rate"
                 )
@@ -572,7 +508,7 @@ def train(
     if out is not None:
         run_info["wall_time"] = wall
         run_info["final_loss"] = last_loss
-        _write_json(out / "run.json", run_info)
+        write_json(run_info, out / runs.RUN_JSON)
         _write_csv(out / "metrics.csv", rows)
         if cfg.plot:
             plot_losses(rows, out, title)

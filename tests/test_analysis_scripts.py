@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 
 import fisherlab  # noqa: E402
 from cases import MODELS, make_capture  # noqa: E402
-from fisherlab import analysis  # noqa: E402
+from fisherlab.cli import analyze_cmd  # noqa: E402
+from fisherlab.workflows import analysis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "analysis"
@@ -116,7 +117,7 @@ def test_subcommands_register_and_errors(capture_file, tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser(prog="fisherlab analyze")
-    analysis.register_subcommands(parser.add_subparsers(dest="what", required=True))
+    analyze_cmd.register_subcommands(parser.add_subparsers(dest="what", required=True))
     args = parser.parse_args(["interactions", str(capture_file), "--out", str(tmp_path), "--no-figures", "--no-progress"])
     assert args.func(args) == 0
     assert [r["checkpoint"] for r in _csv(tmp_path / "structure_summary.csv")] == CHECKPOINTS  # by step

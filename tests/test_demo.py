@@ -5,7 +5,7 @@ import math
 
 import fisherlab
 from fisherlab.cli import main
-from fisherlab.demo import DemoConfig, run_demo
+from fisherlab.workflows.demo import DemoConfig, run_demo
 from fisherlab.metrics import METHODS
 
 TWO_LEVEL = ["nicolaides", "spectral", "krylov-nicolaides", "residuals", "krylov-residuals", "taylor"]

@@ -1,31 +1,200 @@
 """``fisherlab analyze [errors|spectra|interactions|damping-sweep] FILE …``: offline analysis of a
-capture file, one subcommand per driver of :mod:`fisherlab.analysis`.
+capture file, one subcommand per driver of :mod:`fisherlab.workflows.analysis`.
 
 ``fisherlab analyze FILE --damping λ [--methods a,b] --out DIR`` (no target) is ``errors``: the
 comparison table of §4.4 for every checkpoint, printed, written as ``errors.csv`` and plotted.
+
+The options of each driver (``add_*_arguments``) and its command (``*_main``) are here; the
+``analysis/*.py`` scripts build their parsers from them.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .._validate import parse_enum, positive_int
+from ..errors import ConfigError
+
+__all__ = [
+    "SUBCOMMANDS",
+    "add_error_reduction_arguments",
+    "add_spectra_arguments",
+    "add_interactions_arguments",
+    "add_damping_sweep_arguments",
+    "error_reduction_main",
+    "spectra_main",
+    "interactions_main",
+    "damping_sweep_main",
+    "register_subcommands",
+    "register",
+    "rewrite_argv",
+]
+
+SPECTRUM_METHODS = ("auto", "dense", "lanczos", "slq")
+SPECTRUM_OPERATORS = ("fisher", "kfac", "kfac-tikhonov", "preconditioned")
 
 
-def _targets() -> dict:
-    from ..analysis import SUBCOMMANDS
+# ---- argument types (argparse turns a ValueError/ArgumentTypeError into its usage error) --------
 
-    return SUBCOMMANDS
+
+def _csv_list(s: str) -> list[str]:
+    return [x for x in (t.strip() for t in s.split(",")) if x]
+
+
+def _dampings(s: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _count(what: str):
+    def parse(s: str) -> int:
+        try:
+            return positive_int(int(s), what)
+        except ValueError as err:  # int() or ConfigError
+            raise argparse.ArgumentTypeError(str(err) if isinstance(err, ConfigError) else f"{what} must be a positive integer, got {s!r}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="HDF5 capture file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for CSV files and figures")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--no-figures", dest="figures", action="store_false", help="write CSV files only")
+
+
+# ---- options -------------------------------------------------------------------------------
+
+
+def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``errors``: FILE --damping λ [--methods a,b] [--checkpoints c1,c2] --out DIR."""
+    _add_common(parser)
+    parser.add_argument("--damping", type=float, default=1e-3, help="λ > 0 (default 1e-3)")
+    parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
+    parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
+    parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space (default 1)")
+    parser.add_argument("--krylov-m", type=_count("--krylov-m"), default=2, help="Krylov block size m (default 2)")
+    parser.add_argument("--taylor-q", type=_count("--taylor-q"), default=2, help="Taylor order q (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
+    return parser
+
+
+def add_spectra_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``spectra``: FILE --damping λ [--operators …] [--coarse …] [--method …] --out DIR."""
+    _add_common(parser)
+    parser.add_argument("--damping", type=float, required=True, help="λ > 0")
+    parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
+    parser.add_argument("--operators", type=_csv_list, default=["fisher", "kfac", "preconditioned"], help=f"comma-separated: {', '.join(SPECTRUM_OPERATORS)}")
+    parser.add_argument("--coarse", type=_csv_list, default=[], help="coarse spaces whose two-level error operators to add")
+    parser.add_argument("--method", default="auto", choices=list(SPECTRUM_METHODS), help="for the preconditioned/error operators")
+    parser.add_argument("--k", type=_count("--k"), default=6, help="Lanczos: eigenvalues per end")
+    parser.add_argument("--probes", dest="n_probes", type=_count("--probes"), default=16, help="SLQ probes")
+    parser.add_argument("--steps", dest="n_steps", type=_count("--steps"), default=64, help="SLQ Lanczos steps")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def add_interactions_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``interactions``: FILE [--checkpoints c1,c2] --out DIR."""
+    _add_common(parser)
+    parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
+    return parser
+
+
+def add_damping_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``damping-sweep``: FILE --dampings 1e-4,1e-3,… [--checkpoint c] [--methods …] --out DIR."""
+    _add_common(parser)
+    parser.add_argument("--dampings", type=_dampings, default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="comma-separated λ values")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint name (default: the last one)")
+    parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
+    return parser
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def error_reduction_main(args: argparse.Namespace) -> int:
+    from ..metrics import ComparisonTable
+    from ..workflows.analysis import run_error_reduction
+
+    rows = run_error_reduction(
+        args.file, args.damping, args.out, methods=args.methods, checkpoints=args.checkpoints,
+        progress=args.progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
+    )
+    if not args.quiet:
+        for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+            sub = [r for r in rows if r["checkpoint"] == ckpt]
+            print(f"\n== checkpoint {ckpt} (step {sub[0]['step']}), λ = {args.damping:g} ==")
+            print(ComparisonTable(sub).format())
+    print(f"{len(rows)} rows → {args.out / 'errors.csv'}")
+    return 0
+
+
+def spectra_main(args: argparse.Namespace) -> int:
+    from ..workflows.analysis import run_spectra
+
+    operators = [parse_enum(o, SPECTRUM_OPERATORS, "--operators") for o in args.operators]
+    res = run_spectra(
+        args.file, args.damping, args.out, checkpoints=args.checkpoints, operators=operators, coarse=args.coarse,
+        method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
+        n_steps=args.n_steps, seed=args.seed, progress=args.progress, figures=args.figures,
+    )
+    for ck, sp in res.items():
+        for s in sp.values():
+            print(f"{ck}: {s}")
+    return 0
+
+
+def interactions_main(args: argparse.Namespace) -> int:
+    from ..io.tables import fmt
+    from ..workflows.analysis import run_interactions
+
+    res = run_interactions(args.file, args.out, checkpoints=args.checkpoints, progress=args.progress, figures=args.figures)
+    for ck, (li, ke) in res.items():
+        print(f"{ck}: off-diagonal share of ‖F‖²_F {fmt(li.off_diagonal_share, '.3f')}; KFAC block errors "
+              + ", ".join(fmt(e, ".3f") for e in ke.relative_error))
+    return 0
+
+
+def damping_sweep_main(args: argparse.Namespace) -> int:
+    from ..workflows.analysis import run_damping_sweep
+
+    rows = run_damping_sweep(args.file, args.dampings, args.out, checkpoint=args.checkpoint, methods=args.methods,
+                             progress=args.progress, figures=args.figures)
+    print(f"{len(rows)} rows → {args.out / 'damping_sweep.csv'}")
+    return 0
+
+
+SUBCOMMANDS = {
+    "errors": (add_error_reduction_arguments, error_reduction_main, "every method's errors over the checkpoints (Fig. 5)"),
+    "spectra": (add_spectra_arguments, spectra_main, "spectra of F•, KFAC, the preconditioned and error operators"),
+    "interactions": (add_interactions_arguments, interactions_main, "layer-interaction map and KFAC block errors"),
+    "damping-sweep": (add_damping_sweep_arguments, damping_sweep_main, "errors against the damping"),
+}
+"""``name → (add_arguments, main, help)`` for ``fisherlab analyze <name>``."""
+
+
+def register_subcommands(subparsers) -> None:
+    """Add ``errors``, ``spectra``, ``interactions`` and ``damping-sweep`` to an argparse
+    subparsers object; each sets ``func`` to its ``*_main``."""
+    for name, (add, main, help_) in SUBCOMMANDS.items():
+        p = subparsers.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(func=main)
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:
     """``fisherlab analyze FILE …`` means ``fisherlab analyze errors FILE …``."""
-    if len(argv) >= 2 and argv[0] == "analyze" and argv[1] not in _targets() and not argv[1].startswith("-"):
+    if len(argv) >= 2 and argv[0] == "analyze" and argv[1] not in SUBCOMMANDS and not argv[1].startswith("-"):
         return [argv[0], "errors", *argv[1:]]
     return argv
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..analysis import register_subcommands
-
     p = sub.add_parser(
         "analyze",
         help="offline analysis of a capture file: errors (default), spectra, interactions, damping-sweep",

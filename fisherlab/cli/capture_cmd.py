@@ -21,13 +21,9 @@ from pathlib import Path
 import torch
 
 from ..capturing import FisherMode, Loss
-from ..capturing.checkpoints import (
-    batch_indices,
-    capture_checkpoints,
-    checkpoint_name,
-    load_state_dict,
-    sidecar,
-)
+from ..errors import ConfigError, MissingFileError
+from ..runs import checkpoint_name, describe_run, load_state_dict, run_data
+from ..workflows.checkpoints import batch_indices, capture_checkpoints
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TASK_OF_LOSS = {"cross_entropy": "classification"}
@@ -79,13 +75,13 @@ def model_description(spec: str, width: float | None) -> dict:
     if path.suffix != ".json" and not path.is_file():
         return models.describe(spec, **({} if width is None else {"width": width}))
     if not path.is_file():
-        raise ValueError(f"--model {spec}: no such file")
+        raise MissingFileError(f"--model {spec}: no such file")
     try:
         desc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"--model {spec}: not valid JSON ({err})") from None
+        raise ConfigError(f"--model {spec}: not valid JSON ({err})") from None
     if not isinstance(desc, dict) or "name" not in desc:
-        raise ValueError(f"--model {spec}: a model description is a JSON object with a 'name'")
+        raise ConfigError(f"--model {spec}: a model description is a JSON object with a 'name'")
     if width is not None:
         desc = {**desc, "width": width}
     return models.describe(desc["name"], **{k: v for k, v in desc.items() if k != "name"})
@@ -97,24 +93,13 @@ def run(args: argparse.Namespace) -> int:
     ckpts = [Path(c) for c in args.checkpoints]
     for c in ckpts:  # fail before any work
         if not c.is_file():
-            raise ValueError(f"checkpoint {c}: no such file")
-    sides = [sidecar(c) for c in ckpts]
-    if args.model is not None:
-        desc = model_description(args.model, args.width)
-    else:
-        found = [s["model"] for s in sides if isinstance(s.get("model"), dict)]
-        if len(found) != len(ckpts):
-            raise ValueError("--model is required: the checkpoints have no sidecar JSON with a model description")
-        desc = models.describe(found[0]["name"], **{k: v for k, v in found[0].items() if k != "name"})
-        if any(f != found[0] for f in found[1:]):
-            raise ValueError("the checkpoints' sidecars describe different models; pass --model or capture them separately")
-        if args.width is not None:
-            desc = models.describe(desc["name"], **{**{k: v for k, v in desc.items() if k != "name"}, "width": args.width})
+            raise MissingFileError(f"checkpoint {c}: no such file")
+    desc = model_description(args.model, args.width) if args.model is not None else describe_run(ckpts, width=args.width)
     loss = args.loss or models.default_loss(desc)
-    side_data = sides[0].get("data") if isinstance(sides[0].get("data"), dict) else {}
+    side_data = run_data(ckpts)
     data_name = args.data or side_data.get("name") or models.default_data(desc)
     if data_name is None:
-        raise ValueError(f"model '{desc['name']}' has no embedded default data set; pass --data")
+        raise ConfigError(f"model '{desc['name']}' has no embedded default data set; pass --data")
     task = args.task or _TASK_OF_LOSS.get(loss) or (side_data.get("task") if not args.data else None)
     data = datasets.load(data_name, n=args.n_data, seed=args.data_seed, **({"task": task} if task else {}))
     idx = batch_indices(len(data), args.batch_size, args.indices, args.batch_seed)

@@ -1,4 +1,4 @@
-"""``fisherlab demo``: the main job on the embedded MNIST digits (see :mod:`fisherlab.demo`)."""
+"""``fisherlab demo``: the main job on the embedded MNIST digits (see :mod:`fisherlab.workflows.demo`)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from .._validate import damping
+    from ..workflows.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
     if args.damping is not None:
-        cfg.damping = args.damping
+        cfg.damping = damping(args.damping)
     run_demo(args.out, cfg, progress=not args.quiet)
     return 0

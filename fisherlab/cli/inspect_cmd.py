@@ -6,6 +6,8 @@ import argparse
 import json
 
 from .. import store
+from ..errors import StoreError
+from ..io.tables import text_table
 
 MiB = 2**20
 
@@ -24,15 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _mib(n: int) -> str:
     return f"{n / MiB:.2f}" if n >= 0 else "?"
-
-
-def _table(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for r in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        out.append("  " + "  ".join(cells).rstrip())
-    return out
 
 
 def format_info(info: dict, checkpoint: str | None = None) -> str:
@@ -73,13 +66,11 @@ def format_info(info: dict, checkpoint: str | None = None) -> str:
                 _mib(c.stored_bytes) if c.complete else "-",
                 batch,
             ])
-        lines += _table(rows, right={1, 6, 7})
+        lines += text_table(rows, right={1, 6, 7})
     shown = None
     if checkpoint is not None:
         shown = next((c for c in complete if c.name == checkpoint), None)
         if shown is None:
-            from ..errors import StoreError
-
             names = ", ".join(c.name for c in complete) or "none"
             raise StoreError(f"{info['path']}: no complete checkpoint '{checkpoint}' (complete checkpoints: {names})")
     elif complete:
@@ -95,7 +86,7 @@ def format_info(info: dict, checkpoint: str | None = None) -> str:
                 str(li.index), li.name, li.kind, str(spec.d_out), str(spec.d_in_bar), str(li.positions),
                 f"{spec.numel:,}", li.storage, ds, _mib(sum(d.nbytes for d in li.datasets)), ",".join(comp),
             ])
-        lines += _table(rows, right={0, 3, 4, 5, 6, 9})
+        lines += text_table(rows, right={0, 3, 4, 5, 6, 9})
         extra = "  ".join(f"{d.name} {list(d.shape)} {d.dtype}" for d in shown.datasets)
         lines.append(f"  also: {extra}")
     return "\n".join(lines)

@@ -17,7 +17,6 @@ and runs inside the test suite.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .. import __version__, models
+from ..datasets import load as load_data
+from ..io.tables import fmt, markdown_table, write_json
+from ..metrics import ComparisonTable
+from ..operators import COARSE_SPACES
+from ..store import file_info
+from ..train import TrainConfig, train
+from .analysis import run_damping_sweep, run_error_reduction, run_interactions, run_spectra
+from .checkpoints import capture_checkpoints
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -71,19 +78,6 @@ class DemoResult:
 
 def run_demo(out: str | Path = "out/demo", config: DemoConfig | None = None, *, progress: bool = True, echo=print) -> DemoResult:
     """Run the whole pipeline into ``out`` (see the module docstring). Returns the error rows."""
-    from . import models
-    from .analysis import (
-        run_damping_sweep,
-        run_error_reduction,
-        run_interactions,
-        run_spectra,
-    )
-    from .capturing.checkpoints import capture_checkpoints
-    from .datasets import load as load_data
-    from .metrics import ComparisonTable
-    from .store import file_info
-    from .train import TrainConfig, train
-
     cfg = config or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,18 +140,12 @@ def run_demo(out: str | Path = "out/demo", config: DemoConfig | None = None, *, 
     seconds["total"] = time.perf_counter() - t_all
 
     report = _write_report(out, cfg, desc, result, rows, last, spectra, structure, sweep, seconds)
-    (out / "demo.json").write_text(json.dumps({"config": asdict(cfg), "seconds": seconds, "fisherlab": __version__}, indent=2))
+    write_json({"config": asdict(cfg), "seconds": seconds, "fisherlab": __version__}, out / "demo.json")
     echo(f"\n[demo] done in {seconds['total']:.0f} s: report {report}")
     return DemoResult(out, rows, report, h5, seconds)
 
 
-def _fmt(x: float, spec: str = ".3g") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def _write_report(out, cfg, desc, result, rows, last, spectra, structure, sweep, seconds) -> Path:
-    from .operators import COARSE_SPACES
-
     two_level = list(COARSE_SPACES)
     last_rows = {r["method"]: r for r in rows if r["checkpoint"] == last}
     gaps = [r["gap"] for r in rows if r["method"] in two_level]
@@ -175,30 +163,31 @@ def _write_report(out, cfg, desc, result, rows, last, spectra, structure, sweep,
         "## Headline",
         "",
         f"* At the last checkpoint (`{last}`) KFAC's increment has relative F•-norm error "
-        f"{_fmt(last_rows['kfac']['relative_error'], '.4g')} against the exact natural gradient "
-        f"(cosine {_fmt(last_rows['kfac']['cosine'], '.4f')}).",
-        f"* The best method is {best['legend']}: 𝔈/𝔈_KFAC = {_fmt(best['reduction_ratio'])}.",
+        f"{fmt(last_rows['kfac']['relative_error'], '.4g')} against the exact natural gradient "
+        f"(cosine {fmt(last_rows['kfac']['cosine'], '.4f')}).",
+        f"* The best method is {best['legend']}: 𝔈/𝔈_KFAC = {fmt(best['reduction_ratio'])}.",
         f"* Two-level gaps (4.6) ≤ 0 at every checkpoint and for every coarse space: "
-        f"{'yes' if all(g <= 1e-12 for g in gaps) else 'NO'} (largest {_fmt(max(gaps) if gaps else float('nan'))}).",
+        f"{'yes' if all(g <= 1e-12 for g in gaps) else 'NO'} (largest {fmt(max(gaps) if gaps else float('nan'))}).",
         "",
         "## Errors at the last checkpoint",
         "",
-        "| method | 𝔈/‖ζ‖²_F• | 𝔈/𝔈_KFAC | gap (4.6) | ‖Δ‖/‖ζ‖ | cos | m |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in last_rows.values():
-        lines.append(
-            f"| {r['legend']} | {_fmt(r['relative_error'])} | {_fmt(r['reduction_ratio'], '.4f')} | {_fmt(r['gap'], '+.3e')} | "
-            f"{_fmt(r['euclidean_relative_error'])} | {_fmt(r['cosine'], '.4f')} | {r['coarse_dim'] or ''} |"
-        )
+    lines += markdown_table(
+        ["method", "𝔈/‖ζ‖²_F•", "𝔈/𝔈_KFAC", "gap (4.6)", "‖Δ‖/‖ζ‖", "cos", "m"],
+        [
+            [r["legend"], fmt(r["relative_error"]), fmt(r["reduction_ratio"], ".4f"), fmt(r["gap"], "+.3e"),
+             fmt(r["euclidean_relative_error"]), fmt(r["cosine"], ".4f"), r["coarse_dim"] or ""]
+            for r in last_rows.values()
+        ],
+    )
     lines += ["", "All checkpoints: `errors.csv`.", "", "## Figures", ""]
     for png in sorted(out.glob("*.png")):
         lines.append(f"![{png.stem}]({png.name})")
     lines += ["", "## Structure at the last checkpoint", ""]
     if hasattr(inter, "off_diagonal_share"):
-        lines.append(f"* Share of ‖F‖²_F off the block diagonal: {_fmt(inter.off_diagonal_share)}.")
+        lines.append(f"* Share of ‖F‖²_F off the block diagonal: {fmt(inter.off_diagonal_share)}.")
     for key, s in spectra.items():
-        lines.append(f"* {s.label}: λ_min {_fmt(s.lambda_min)}, λ_max {_fmt(s.lambda_max)}, condition number {_fmt(s.condition_number)} ({s.method}).")
+        lines.append(f"* {s.label}: λ_min {fmt(s.lambda_min)}, λ_max {fmt(s.lambda_max)}, condition number {fmt(s.condition_number)} ({s.method}).")
     lines += ["", "## Time", ""]
     lines += [f"* {k}: {v:.1f} s" for k, v in seconds.items()]
     path = out / "report.md"
