@@ -32,7 +32,7 @@ def _command(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="fisherlab",

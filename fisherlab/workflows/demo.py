@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, models
+from .. import models
+from .._version import __version__
 from ..datasets import load as load_data
 from ..io.tables import fmt, markdown_table, write_json
 from ..metrics import ComparisonTable
