@@ -247,3 +247,55 @@ def test_capture_reads_training_sidecars(capsys, tmp_path, ckpts):
     assert fisherlab.load(out).model == desc
     rc, _, err = run_cli(capsys, "capture", "--checkpoints", paths[0], "-B", "2", "--out", out)
     assert_one_line_error(rc, err, r"--model is required: the checkpoints have no sidecar JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# error handling: one line for FisherlabError, a traceback for anything else
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_inspect(monkeypatch):
+    """``fisherlab inspect`` raising a chosen exception."""
+    from fisherlab.cli import inspect_cmd
+
+    def use(exc: BaseException):
+        def boom(args):
+            raise exc
+
+        monkeypatch.setattr(inspect_cmd, "run", boom)
+
+    return use
+
+
+def test_fisherlab_errors_print_one_line(capsys, failing_inspect, tmp_path):
+    from fisherlab.errors import ConfigError
+
+    failing_inspect(ConfigError("--thing must be one of a, b; got 'c'"))
+    rc, _, err = run_cli(capsys, "inspect", tmp_path / "x.h5")
+    assert_one_line_error(rc, err, r"--thing must be one of a, b; got 'c'$")
+
+
+def test_other_exceptions_show_their_traceback(capsys, failing_inspect, tmp_path):
+    """An internal bug is not disguised as a user error: a plain ValueError propagates."""
+    failing_inspect(ValueError("an internal bug"))
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["inspect", str(tmp_path / "x.h5")])
+
+
+def test_traceback_flag_shows_fisherlab_errors_too(capsys, tmp_path):
+    p = tmp_path / "x.h5"
+    p.write_bytes(b"not hdf5")
+    with pytest.raises(fisherlab.errors.StoreError):
+        main(["--traceback", "inspect", str(p)])
+    code = "import sys; from fisherlab.cli import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, "--traceback", "inspect", str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "StoreError" in r.stderr
+
+
+def test_analyze_without_target_works_after_traceback_flag(capsys, run_file, tmp_path):
+    """``fisherlab --traceback analyze FILE …`` still means the ``errors`` target."""
+    rc, out, err = run_cli(capsys, "--traceback", "analyze", run_file, "--damping", "0.1", "--methods", "kfac",
+                           "--out", tmp_path, "--no-progress", "--no-figures", "--quiet")
+    assert rc == 0, err
+    assert (tmp_path / "errors.csv").is_file() and "rows" in out
