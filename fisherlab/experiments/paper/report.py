@@ -10,8 +10,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib.pyplot as plt
+
+from ... import plots
 from ...io.tables import fmt, markdown_table, write_csv, write_json
-from .config import GAP_METHODS, PREVIOUS, REFERENCE, BASELINES, ReproConfig, gap_method_of, legend, resolved_tune
+from .config import BASELINES, GAP_METHODS, PREVIOUS, REFERENCE, ReproConfig, gap_method_of, legend, resolved_tune
 from .results import ProblemResult, ReproResult
 from .verdicts import Verdict, percent, relative_change
 
@@ -91,18 +94,10 @@ def _figure_paths(path: Path) -> list[Path]:
     return [path.with_name(path.name + "." + ext) for ext in ("png", "pdf")]
 
 
-def _close(fig: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
 def plot_training(results: Sequence[ProblemResult], path: Path, *, title: str) -> list[Path]:
     """Training loss against step and against wall time, one row per problem, one line per
     optimizer (running mean over ~steps/30 mini-batches; log scale); diverged runs end early.
     Drawn by :func:`fisherlab.plots.plot_training_curves`; returns the PNG and PDF paths."""
-    from ... import plots
-
     fig = plots.plot_training_curves(
         [r for pr in results for r in curve_rows(pr)], path, title=title,
         panel_titles={pr.problem.key: f"{pr.problem.title}, B={pr.problem.batch_size}" for pr in results},
@@ -110,7 +105,7 @@ def plot_training(results: Sequence[ProblemResult], path: Path, *, title: str) -
         diverged=[(pr.problem.key, o) for pr in results for o, run in pr.runs.items() if run.diverged],
         reference=REFERENCE, dashed=BASELINES,
     )
-    _close(fig)
+    plt.close(fig)
     return _figure_paths(Path(path))
 
 
@@ -118,10 +113,8 @@ def plot_gaps(fig2: Sequence[ProblemResult], path: Path) -> list[Path]:
     """Fig. 5: (a) gap (4.6) vs step on the KFAC trajectory (symlog), (b) reduction ratio
     𝔈(β)/𝔈(0) on it (log), (c) each two-level optimizer's gap on its own trajectory (symlog).
     Drawn by :func:`fisherlab.plots.plot_gap_trajectories`; returns the PNG and PDF paths."""
-    from ... import plots
-
     fig = plots.plot_gap_trajectories(gap_rows(fig2), own_gap_rows(fig2), path, methods=GAP_METHODS, additive=(PREVIOUS,))
-    _close(fig)
+    plt.close(fig)
     return _figure_paths(Path(path))
 
 

@@ -8,7 +8,6 @@ computes the verdicts (:mod:`.verdicts`) and writes the outputs (:mod:`.report`)
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -17,8 +16,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from ... import capture, compare
 from ...errors import FisherlabError
+from ...train import OPTIMIZERS, TrainConfig, train
 from .config import BASELINES, CURVATURE, GAP_METHODS, REFERENCE, Problem, ReproConfig, legend, resolved_tune
 from .report import write_outputs
 from .results import ProblemResult, ReproResult, RunResult
@@ -28,22 +30,14 @@ __all__ = ["run_training", "run_problem", "reproduce", "n_runs"]
 
 
 def _training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
-    from ... import train as T
-
-    if name not in T.OPTIMIZERS:
-        from ...optim import register_training_optimizers
-
-        register_training_optimizers(T.OPTIMIZERS)
-    if name not in T.OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r} (registered: {', '.join(T.OPTIMIZERS)})")
-    return T.OPTIMIZERS[name]
+    """The :data:`fisherlab.train.OPTIMIZERS` factory ``factory(params, config, *, model)`` of ``name``."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r} (registered: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[name]
 
 
 def _compare_rows(model: nn.Module, x: Tensor, y: Tensor, *, loss: str, damping: float, generator: torch.Generator, step: int, fisher: str, n_samples: int) -> list[dict]:
     """Fig. 5: :func:`fisherlab.compare` of KFAC, every coarse space and TKO on one batch."""
-    from ...capturing.run import capture
-    from ...metrics import compare
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cap = capture(model, x.detach().cpu(), y.detach().cpu(), loss=loss, fisher=fisher, n_samples=n_samples,
@@ -99,8 +93,6 @@ def run_training(
         window: losses averaged into the final loss (default ``problem.final_window``).
         gap_every: Fig. 5 on this trajectory every this many steps (``None``: off).
     """
-    from ...train import TrainConfig, train
-
     curvature = optimizer in CURVATURE
     opts: dict[str, Any] = {}
     if curvature:
@@ -113,7 +105,6 @@ def run_training(
         seed=cfg.seed, checkpoint_final=False, device="cpu", progress=False, plot=False,
     )
     base = _training_factory(optimizer)
-    wants_model = "model" in inspect.signature(base).parameters
     holder: dict[str, Any] = {}
     spent = [0.0]
     rows: list[dict] = []
@@ -122,7 +113,7 @@ def run_training(
     loss_name = tc.resolved(check_optimizer=False).loss
 
     def factory(params: list[nn.Parameter], config: Any, *, model: nn.Module) -> torch.optim.Optimizer:
-        opt = base(params, config, model=model) if wants_model else base(params, config)
+        opt = base(params, config, model=model)
         holder["opt"] = opt
         holder["t0"] = time.perf_counter()
         return opt
@@ -250,8 +241,6 @@ def reproduce(config: ReproConfig, out_dir: str | os.PathLike | None = None, *, 
     Returns:
         A :class:`.results.ReproResult`.
     """
-    from tqdm.auto import tqdm
-
     old_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
