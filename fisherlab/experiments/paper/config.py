@@ -17,34 +17,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ... import datasets as D
+from ... import methods as M
 
 # ---- method sets, from the registry ---------------------------------------------------------
-# Temporary adapter: fisherlab.methods (the one registry) is being written; until it lands the
-# same sets come from the tables it replaces. Remove the fallback once methods.py exists.
-try:
-    from ...methods import METHODS as _METHODS
-    from ...methods import Family as _Family
-    from ...methods import keys as _keys
-    from ...methods import legend as _legend
-    from ...methods import method_of_optimizer as _method_of_optimizer
-
-    _MULTIPLICATIVE: tuple[str, ...] = tuple(k for k in _keys(_Family.MULTIPLICATIVE) if _METHODS[k].optimizer)
-    _OPTIMIZER_OF = {k: _METHODS[k].optimizer for k in _METHODS}
-except ImportError:  # pragma: no cover — fisherlab.methods not there yet
-    from ...metrics import LEGENDS as _METHOD_LEGENDS
-    from ...operators.coarse import COARSE_SPACES as _COARSE_SPACES
-    from ...optim import LEGENDS as _OPTIMIZER_LEGENDS
-
-    _MULTIPLICATIVE = tuple(_COARSE_SPACES)
-    _OPTIMIZER_OF = {"kfac": "kfac", "tko": "tko", **{c: f"kfac-2l-{c}" for c in _COARSE_SPACES}}
-    _FALLBACK_LEGENDS = {**_METHOD_LEGENDS, **_OPTIMIZER_LEGENDS, "sgd": "SGD", "adam": "ADAM"}
-
-    def _legend(key: str) -> str:
-        return _FALLBACK_LEGENDS[key]
-
-    def _method_of_optimizer(name: str) -> str | None:
-        return {o: k for k, o in _OPTIMIZER_OF.items()}.get(name)
-
 
 REFERENCE = "kfac"
 """The one-level method every correction is compared with (registry key and optimizer name)."""
@@ -52,14 +27,14 @@ REFERENCE = "kfac"
 PREVIOUS = "tko"
 """TKO, the additive correction the paper calls PREVIOUS (registry key and optimizer name)."""
 
-MULTIPLICATIVE_GAP_METHODS: tuple[str, ...] = _MULTIPLICATIVE
+MULTIPLICATIVE_GAP_METHODS: tuple[str, ...] = tuple(k for k in M.keys(M.Family.MULTIPLICATIVE) if M.METHODS[k].optimizer)
 """The corrections with β* = F_coarse⁻¹R_0r (3.11), whose gap is ≤ 0 by construction
 (registry keys of the multiplicative family that have an optimizer)."""
 
 GAP_METHODS: tuple[str, ...] = (*MULTIPLICATIVE_GAP_METHODS, PREVIOUS)
 """:func:`fisherlab.compare` names of the corrections whose gap (4.6) Fig. 5 shows."""
 
-TWO_LEVEL: tuple[str, ...] = tuple(_OPTIMIZER_OF[k] for k in MULTIPLICATIVE_GAP_METHODS)
+TWO_LEVEL: tuple[str, ...] = tuple(str(M.METHODS[k].optimizer) for k in MULTIPLICATIVE_GAP_METHODS)
 """The multiplicative two-level optimizers (the paper's NICO … TAYLOR), training-registry names."""
 
 CURVATURE: tuple[str, ...] = (REFERENCE, *TWO_LEVEL, PREVIOUS)
@@ -72,15 +47,12 @@ BASELINES: tuple[str, ...] = ("sgd", "adam")
 def legend(key: str) -> str:
     """The paper's legend name of an optimizer or compare key (``"kfac-2l-residuals"`` → ``"RESIDU"``;
     ``"tko"`` → ``"PREVIOUS"``; ``"sgd"`` → ``"SGD"``); unknown keys give ``key.upper()``."""
-    try:
-        return _legend(key)
-    except (KeyError, ValueError):
-        return key.upper()
+    return M.legend(key)
 
 
 def gap_method_of(optimizer: str) -> str | None:
     """The :data:`GAP_METHODS` key whose gap ``optimizer`` records on its own trajectory, or ``None``."""
-    m = _method_of_optimizer(optimizer)
+    m = M.method_of_optimizer(optimizer)
     return m if m in GAP_METHODS else None
 
 
