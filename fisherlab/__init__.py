@@ -5,6 +5,7 @@ Stage 1 (capture): :func:`capture` records per-example layer Jacobians of a mini
 exact regularized Fisher, its block diagonal, KFAC and two-level KFAC, and their comparison.
 """
 
+from ._version import __version__
 from .capturing import (
     Capture,
     FisherMode,
@@ -15,15 +16,15 @@ from .capturing import (
     capture,
 )
 from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
+from . import methods
 from .metrics import METHODS, ComparisonTable, compare
-from .operators import KFAC, TKO, BlockDiagonalFisher, ExactFisher, TwoLevelKFAC
+from .operators import KFAC, TKO, BlockDiagonalFisher, DiagonalFisher, ExactFisher, TwoLevelKFAC
 from .store import load, save
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BlockDiagonalFisher",
     "ComparisonTable",
+    "DiagonalFisher",
     "ExactFisher",
     "KFAC",
     "METHODS",
@@ -43,5 +44,6 @@ __all__ = [
     "__version__",
     "capture",
     "load",
+    "methods",
     "save",
 ]

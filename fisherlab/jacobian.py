@@ -197,6 +197,30 @@ class LayerJacobian:
         GG = torch.mm(gf, gf.T).view(B, K, T, B, K, T)  # [(b,k,t), (c,l,s)]
         return GG.mul_(AA).sum(dim=(2, 5)).reshape(N, N).div_(B)
 
+    def diagonal(self) -> Tensor:
+        """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]`` (the exact diagonal of F's block).
+
+        Linear (T = 1), from the factors: ``j_n ∘ j_n = (ā_b ∘ ā_b) ⊗ (g_{b,k} ∘ g_{b,k})``, so
+        ``MAT(diag) = (1/B) Σ_b (Σ_k g_{b,k}²) (ā_b²)ᵀ`` — one ``[d_out, B] × [B, d_in']`` GEMM.
+        T > 1: the per-example gradients ``Σ_t g_{b,k,t} ā_{b,t}ᵀ`` in chunks of examples
+        (temporaries bounded), squared and summed; dense rows: column sums of ``J_i²``.
+        """
+        if self.dense is not None:
+            return self.dense.pow(2).sum(0) / self.B
+        a, g = self.a, self.g
+        assert a is not None and g is not None
+        B, K, T, d_out = g.shape
+        d_in = a.shape[-1]
+        if T == 1:
+            M = g[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2)  # [d_out, d_in']
+        else:
+            M = a.new_zeros(d_out, d_in)
+            step = max(1, _MAX_TEMP_NUMEL // max(K * d_out * d_in, 1))
+            for s in range(0, B, step):
+                Gb = torch.einsum("bktd,bte->bkde", g[s : s + step], a[s : s + step])  # [b, K, d_out, d_in']
+                M += Gb.pow(2).sum((0, 1))
+        return (M / self.B).mT.reshape(-1)
+
     # ---- KFAC factors ----------------------------------------------------------------------
     @cached_property
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
@@ -235,6 +259,15 @@ class Jacobian:
         self.layers = layers
         self.B = B
         self.K = K
+
+    @classmethod
+    def coerce(cls, source: "Capture | Jacobian", dtype: torch.dtype = torch.float64) -> "Jacobian":
+        """The given Jacobian, or one built from a capture (converted to ``dtype``)."""
+        if isinstance(source, Jacobian):
+            return source
+        if isinstance(source, Capture):
+            return cls.from_capture(source, dtype)
+        raise TypeError(f"expected a Capture or a Jacobian, got {type(source).__name__}")
 
     @classmethod
     def from_capture(cls, cap: Capture, dtype: torch.dtype = torch.float64) -> "Jacobian":

@@ -21,60 +21,31 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from . import methods as registry
 from .capturing.record import Capture
 from .errors import FisherlabError
 from .jacobian import Jacobian
-from .operators import (
-    COARSE_SPACES,
-    KFAC,
-    TKO,
-    BlockDiagonalFisher,
-    CoarseCorrection,
-    ExactFisher,
-    FisherOperator,
-    TwoLevelKFAC,
-    as_jacobian,
-    check_damping,
-)
-from .operators import LEGEND as COARSE_LEGEND
+from .methods import Family, Pieces
+from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator, check_damping
 
 __all__ = ["METHODS", "LEGENDS", "ComparisonTable", "compare", "compare_file", "build_method", "COLUMNS"]
 
-METHODS = [
-    "block-diagonal",
-    "kfac",
-    "kfac-tikhonov",
-    "nicolaides",
-    "spectral",
-    "krylov-nicolaides",
-    "residuals",
-    "krylov-residuals",
-    "taylor",
-    "tko",
-    "tko-kronecker",
-]
-"""Every method :func:`compare` knows, in table order."""
+METHODS = registry.METHODS
+"""Every method :func:`compare` knows (the registry :data:`fisherlab.methods.METHODS`; iterating
+gives the keys in table order)."""
 
-LEGENDS = {
-    "exact": "EXACT",
-    "block-diagonal": "BLOCK-DIAG",
-    "kfac": "KFAC",
-    "kfac-tikhonov": "KFAC-TIKHONOV",
-    **COARSE_LEGEND,  # NICO, SPECTRAL, KRY-NICO, RESIDU, KRY-RESIDU, TAYLOR
-    "tko": "PREVIOUS",
-    "tko-kronecker": "PREVIOUS-KRON",
-}
-"""Method name → the paper's legend name (Table 1), extended to the one-level methods. The one
-source of legend names: plots, optimizers and the reproduction derive theirs from it."""
+LEGENDS = {k: m.legend for k, m in registry.METHODS.items()}
+"""Method key → legend, derived from the registry (kept for callers of the first API)."""
 
 COLUMNS = [
     "method",
     "legend",
+    "family",
     "energy_error",
     "relative_error",
     "reduction_ratio",
@@ -85,8 +56,6 @@ COLUMNS = [
     "seconds",
     "note",
 ]
-
-_TWO_LEVEL = set(COARSE_SPACES)
 
 
 @dataclass
@@ -194,25 +163,12 @@ def build_method(
     rhs: Tensor,
     exact: ExactFisher,
     kfac: KFAC | None = None,
-    k: int = 1,
-    m: int = 2,
-    q: int = 2,
+    **options,
 ) -> FisherOperator:
-    """The operator of ``method`` (see :data:`METHODS`), sharing ``exact`` and ``kfac``."""
-    if method == "exact":
-        return exact
-    if method == "block-diagonal":
-        return BlockDiagonalFisher(jac, damping)
-    if method == "kfac":
-        return kfac if kfac is not None else KFAC(jac, damping, "pi")
-    if method == "kfac-tikhonov":
-        return KFAC(jac, damping, "tikhonov")
-    kfac = kfac if kfac is not None else KFAC(jac, damping, "pi")
-    if method in _TWO_LEVEL:
-        return TwoLevelKFAC(jac, damping, method, kfac=kfac, exact=exact, rhs=rhs, k=k, m=m, q=q)
-    if method in ("tko", "tko-kronecker"):
-        return TKO(jac, damping, "exact" if method == "tko" else "kronecker", kfac=kfac, exact=exact, rhs=rhs)
-    raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    """The operator of ``method`` sharing ``exact`` and ``kfac`` (:func:`fisherlab.methods.build`;
+    options a method does not take — e.g. ``k`` for a Krylov space — are ignored here)."""
+    taken = {k: v for k, v in options.items() if k in registry.get(method).options}
+    return registry.build(method, jac, damping, rhs=rhs, exact=exact, kfac=kfac, **taken)
 
 
 def compare(
@@ -225,6 +181,7 @@ def compare(
     k: int = 1,
     m: int = 2,
     q: int = 2,
+    options: Mapping[str, Mapping] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ComparisonTable:
     """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
@@ -232,23 +189,29 @@ def compare(
     Args:
         capture: a :class:`Capture` (or a ready :class:`Jacobian` with ``rhs``).
         damping: λ > 0.
-        methods: names from :data:`METHODS` (default: all; ``tko-kronecker`` is reported as n/a
-            for captures with conv layers).
+        methods: keys of :data:`fisherlab.methods.METHODS` (default: every method marked
+            ``default``; ``tko-kronecker`` is reported as n/a for captures with conv layers).
         rhs: the right-hand side (default ``capture.grad``).
         exact: a ready :class:`ExactFisher` to reuse (default: built with the automatic solver).
-        k, m, q: spectral, Krylov and Taylor sizes.
-        progress: called with each method name before it runs.
+        k, m, q: spectral, Krylov and Taylor sizes (given to the methods that take them).
+        options: per-method options, ``{"taylor": {"q": 3}, "residuals": {"base": "diagonal"}}``.
+        progress: called with each method key before it runs.
+
+    The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family (:class:`Family`): (4.6) for
+    coarse corrections, xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ otherwise (0 for the reference KFAC itself).
+    The reduction ratio of a coarse correction is 1 + gap/𝔈_KFAC, so it is ≤ 1 exactly when its
+    gap is ≤ 0; for the others it is 𝔈/𝔈_KFAC. A gap that breaks its family's bound is recorded
+    in the row's ``note`` and in ``meta["notes"]``, and warned once.
 
     Returns:
-        A :class:`ComparisonTable`; ``meta`` holds λ, N, p, ‖ζ‖²_{F•}, 𝔈_KFAC and the solver report.
+        A :class:`ComparisonTable`; ``meta`` holds λ, N, p, ‖ζ‖²_{F•}, 𝔈_KFAC, the solver report
+        and ``notes``.
     """
     lam = check_damping(damping)
-    if methods is None:
-        methods = list(METHODS)
-    unknown = [mm for mm in methods if mm not in METHODS and mm != "exact"]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    jac = as_jacobian(capture)
+    names = registry.default_keys() if methods is None else list(methods)
+    for name in names:
+        registry.get(name)  # one-line error for an unknown key
+    jac = Jacobian.coerce(capture)
     if rhs is None:
         if not isinstance(capture, Capture):
             raise ValueError("compare: rhs is required when given a Jacobian")
@@ -261,7 +224,7 @@ def compare(
 
     exact = exact if exact is not None else ExactFisher(jac, lam)
     t0 = time.perf_counter()
-    zeta = exact._solve(w)
+    zeta = exact.apply_inverse(w)
     t_exact = time.perf_counter() - t0
     zeta_norm2 = float((w * zeta).sum())
     zeta_norm = float(zeta.norm())
@@ -270,56 +233,58 @@ def compare(
         return float(exact.fisher_norm2(x)[0])
 
     t0 = time.perf_counter()
-    kfac = KFAC(jac, lam, "pi")
-    zK = kfac._solve(w)
+    kfac = KFAC.from_capture(jac, lam, "pi")
+    zK = kfac.apply_inverse(w)
     t_kfac = time.perf_counter() - t0
     E_kfac = fnorm2(zK - zeta)
-    FzK = exact._matmat(zK)
-    zKFzK = float((zK * FzK).sum())
+    zKFzK = float((zK * exact.apply(zK)).sum())
+    pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
+    sizes = {"k": k, "m": m, "q": q}
+    per_method = dict(options or {})
 
     rows: list[dict] = []
-    for name in methods:
+    notes: list[str] = []
+    for name in names:
         if progress is not None:
             progress(name)
+        method = registry.get(name)
+        opts = {key: val for key, val in sizes.items() if key in method.options}
+        opts.update(per_method.get(name, {}))
         note = ""
         t0 = time.perf_counter()
         try:
-            op = build_method(name, jac, lam, rhs=w[:, 0], exact=exact, kfac=kfac, k=k, m=m, q=q)
+            op = registry.build(name, pieces, **opts)
         except FisherlabError as err:
-            if name == "tko-kronecker":
+            if method.family.coarse and "defined for Linear layers" in str(err):
                 rows.append(_na_row(name, str(err).split(";")[0]))
                 continue
             raise
-        x = op._solve(w)
-        seconds = time.perf_counter() - t0 + (t_kfac if name == "kfac" else 0.0) + (t_exact if name == "exact" else 0.0)
+        x = op.apply_inverse(w)
+        seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
         E = fnorm2(x - zeta)
         coarse_dim = None
-        if isinstance(op, CoarseCorrection):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # re-issued below with context
-                gap = op.gap()
+        if method.family.coarse and isinstance(op, CoarseCorrection):
+            gap = op.gap()
             coarse_dim = op.coarse_dim
             if coarse_dim < sum(op.raw_dims):
                 note = f"{sum(op.raw_dims) - coarse_dim} dependent coarse column(s) dropped"
-        elif name == "kfac":
-            gap = 0.0
+            ratio = 1.0 + gap / E_kfac if E_kfac > 0 else float("nan")
         else:
-            gap = float((x * exact._matmat(x)).sum()) - zKFzK - 2 * float(((x - zK) * w).sum())
-        if name in _TWO_LEVEL and gap > 1e-10 * max(E_kfac, 1e-300) + 1e-13 * zeta_norm2:
-            warnings.warn(
-                f"compare: the multiplicative gap (4.6) of '{name}' is {gap:.3e} > 0; theory says ≤ 0 "
-                f"(𝔈_KFAC = {E_kfac:.3e})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            gap = 0.0 if op is kfac else float((x * exact.apply(x)).sum()) - zKFzK - 2 * float(((x - zK) * w).sum())
+            ratio = E / E_kfac if E_kfac > 0 else float("nan")
+        if method.family.gap_violation(gap, E_kfac + zeta_norm2):
+            msg = f"gap (4.6) of '{name}' is {gap:.3e} > 0; theory says ≤ 0 (𝔈_KFAC = {E_kfac:.3e})"
+            note = "; ".join(filter(None, [note, msg]))
+            notes.append(msg)
         xn = float(x.norm())
         rows.append(
             {
                 "method": name,
-                "legend": LEGENDS.get(name, name.upper()),
+                "legend": method.legend,
+                "family": method.family.value,
                 "energy_error": E,
                 "relative_error": E / zeta_norm2 if zeta_norm2 > 0 else float("nan"),
-                "reduction_ratio": E / E_kfac if E_kfac > 0 else float("nan"),
+                "reduction_ratio": ratio,
                 "gap": gap,
                 "euclidean_relative_error": float((x - zeta).norm()) / zeta_norm if zeta_norm > 0 else float("nan"),
                 "cosine": float((x * zeta).sum()) / (xn * zeta_norm) if xn > 0 and zeta_norm > 0 else float("nan"),
@@ -328,6 +293,8 @@ def compare(
                 "note": note,
             }
         )
+    if notes:
+        warnings.warn("compare: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
     meta = {
         "damping": lam,
         "N": jac.N,
@@ -338,6 +305,7 @@ def compare(
         "energy_error_kfac": E_kfac,
         "solver": exact.report(),
         "exact_seconds": t_exact,
+        "notes": notes,
     }
     return ComparisonTable(rows, meta)
 
@@ -345,7 +313,7 @@ def compare(
 def _na_row(name: str, note: str) -> dict:
     nan = float("nan")
     return {
-        "method": name, "legend": LEGENDS.get(name, name.upper()), "energy_error": nan, "relative_error": nan,
+        "method": name, "legend": registry.legend(name), "family": registry.get(name).family.value, "energy_error": nan, "relative_error": nan,
         "reduction_ratio": nan, "gap": nan, "euclidean_relative_error": nan, "cosine": nan,
         "coarse_dim": None, "seconds": nan, "note": note,
     }
@@ -370,7 +338,7 @@ def compare_file(
 
     lam = check_damping(damping)
     infos = select_checkpoints(path, checkpoints)
-    names = list(methods) if methods is not None else list(METHODS)
+    names = list(methods) if methods is not None else registry.default_keys()
     bar = tqdm(total=len(infos) * len(names), desc="compare", unit="method", disable=not progress, leave=False)
     tables = []
     try:

@@ -59,7 +59,6 @@ The batch is given to the step, ``opt.step(inputs=x, targets=y)``, or beforehand
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
@@ -74,7 +73,8 @@ from .capturing.record import Capture, FisherMode
 from .capturing.run import capture as _capture
 from .jacobian import Jacobian
 from .layout import Layout, layer_modules
-from .metrics import LEGENDS as METHOD_LEGENDS
+from . import methods as registry
+from .methods import Family
 from .operators import (
     KFAC,
     TKO,
@@ -94,6 +94,7 @@ __all__ = [
     "TwoLevelKFACOptimizer",
     "TKOOptimizer",
     "NaturalGradient",
+    "MethodOptimizer",
     "OPTIMIZERS",
     "LEGENDS",
     "make_optimizer",
@@ -499,13 +500,10 @@ class _KFACBased(FisherOptimizer):
         factors = self._update_factors(jac)
         due = self.kfac is None or (self._steps - 1) % self.inverse_update_period == 0
         if due or self.kfac.damping != damping:  # type: ignore[union-attr]
-            self.kfac = KFAC(jac, damping, self.damping_mode, factors=factors)
+            self.kfac = KFAC.from_factors(factors, damping, self.damping_mode)
             self._kfac_built_at = self._steps
-        else:
-            stale = copy.copy(self.kfac)  # the same Kronecker blocks (eigenbases), new Jacobian
-            stale.jac = jac
-            self.kfac = stale
-        return self.kfac
+        # otherwise the previous operator as it is: KFAC is independent of the Jacobian
+        return self.kfac  # type: ignore[return-value]
 
     def _extra_state(self) -> dict:
         d = super()._extra_state()
@@ -652,13 +650,36 @@ class NaturalGradient(FisherOptimizer):
             return
         exact = ExactFisher(op.jac, op.damping)  # type: ignore[attr-defined]
         z = exact.solve(rhs)
-        zk = KFAC(op.jac, op.damping, "pi").solve(rhs)  # type: ignore[attr-defined]
+        zk = KFAC.from_capture(op.jac, op.damping, "pi").solve(rhs)  # type: ignore[attr-defined]
         e0 = float(exact.fisher_norm2(zk - z))
         rec["ratio"] = float(exact.fisher_norm2(zeta - z)) / e0 if e0 > 0 else float("nan")
 
 
+class MethodOptimizer(FisherOptimizer):
+    """Any registered method as an optimizer: ζ = op⁻¹w with ``op = fisherlab.methods.build(method,
+    batch Jacobian, λ, rhs=w, **method_options)`` rebuilt every step (no running averages).
+
+    This is how a method added to :data:`fisherlab.methods.METHODS` becomes an optimizer without
+    further code (e.g. ``diagonal``).
+
+    Args:
+        method: a key of :data:`fisherlab.methods.METHODS`.
+        method_options: the method's options (``{"m": 3}``, ``{"base": "diagonal"}``).
+        Others: see :class:`FisherOptimizer`.
+    """
+
+    def __init__(self, model: nn.Module, *, method: str, method_options: dict | None = None, **kw: Any) -> None:
+        self.method_record = registry.get(method)
+        self.method_options = self.method_record.resolve_options(method_options or {})
+        super().__init__(model, **kw)
+        self.method = method
+
+    def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        return registry.build(self.method, jac, damping, rhs=rhs, **self.method_options)
+
+
 # ---------------------------------------------------------------------------------------------
-# registry: name -> factory(model, **options)
+# registry: name -> factory(model, **options), derived from fisherlab.methods
 # ---------------------------------------------------------------------------------------------
 
 
@@ -671,33 +692,47 @@ def _two_level(coarse: str) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "kfac": lambda model, **kw: KFACOptimizer(model, **kw),
-    "kfac-tikhonov": lambda model, **kw: KFACOptimizer(model, **{"damping_mode": "tikhonov", **kw}),
-    "two-level-kfac": lambda model, **kw: TwoLevelKFACOptimizer(model, **kw),
-    **{f"kfac-2l-{c}": _two_level(c) for c in COARSE_SPACES},
-    "tko": lambda model, **kw: TKOOptimizer(model, **{"coarse_operator": "exact", **kw}),
-    "tko-kronecker": lambda model, **kw: TKOOptimizer(model, **{"coarse_operator": "kronecker", **kw}),
-    "ngd": lambda model, **kw: NaturalGradient(model, **kw),
-    "ngd-block": lambda model, **kw: NaturalGradient(model, **{"block_diagonal": True, **kw}),
-}
-"""fisherlab's optimizers by name: ``factory(model, **options)``; options are the keyword
-arguments of the classes (``lr``, ``damping``, ``loss``, ``fisher``, ``n_samples``,
-``weight_decay``, ``momentum``, ``damping_mode``, ``factor_decay``, ``inverse_update_period``,
-``coarse``, ``k``, ``m``, ``q``, ``seed``, ``record_gap``, ``record_ratio``, …).
-``two-level-kfac`` takes ``coarse``; ``kfac-2l-<space>`` fixes it."""
+def _generic(method: str) -> Callable[..., torch.optim.Optimizer]:
+    def make(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+        return MethodOptimizer(model, method=method, **kw)
 
-LEGENDS = {
-    "kfac": METHOD_LEGENDS["kfac"],
-    "kfac-tikhonov": METHOD_LEGENDS["kfac-tikhonov"],
-    "two-level-kfac": "KFAC-2L",
-    **{f"kfac-2l-{space}": METHOD_LEGENDS[space] for space in COARSE_SPACES},
-    "tko": METHOD_LEGENDS["tko"],
-    "tko-kronecker": METHOD_LEGENDS["tko-kronecker"],
-    "ngd": "NGD",
-    "ngd-block": "NGD-BLOCK",
+    make.__doc__ = f"The '{method}' method as an optimizer (MethodOptimizer)."
+    return make
+
+
+def _factory(key: str) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer of a registered method: the KFAC family keeps running factors and reuses its
+    eigenbases (:class:`_KFACBased`); every other method is a :class:`MethodOptimizer`."""
+    family = registry.get(key).family
+    if key == "kfac":
+        return lambda model, **kw: KFACOptimizer(model, **kw)
+    if key == "kfac-tikhonov":
+        return lambda model, **kw: KFACOptimizer(model, **{"damping_mode": "tikhonov", **kw})
+    if family is Family.MULTIPLICATIVE:
+        return _two_level(key)
+    if key in ("tko", "tko-kronecker"):
+        op = "exact" if key == "tko" else "kronecker"
+        return lambda model, **kw: TKOOptimizer(model, **{"coarse_operator": op, **kw})
+    if key == "exact":
+        return lambda model, **kw: NaturalGradient(model, **kw)
+    if key == "block-diagonal":
+        return lambda model, **kw: NaturalGradient(model, **{"block_diagonal": True, **kw})
+    return _generic(key)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "two-level-kfac": lambda model, **kw: TwoLevelKFACOptimizer(model, **kw),
+    **{m.optimizer: _factory(k) for k, m in registry.METHODS.items() if m.optimizer},
 }
-"""Figure legends (the paper's Table 1 for the two-level methods)."""
+"""fisherlab's optimizers by name (one per registered method with an ``optimizer`` name, plus
+``two-level-kfac``, which takes ``coarse``): ``factory(model, **options)``; options are the
+keyword arguments of the classes (``lr``, ``damping``, ``loss``, ``fisher``, ``n_samples``,
+``weight_decay``, ``momentum``, ``damping_mode``, ``factor_decay``, ``inverse_update_period``,
+``coarse``, ``k``, ``m``, ``q``, ``seed``, ``record_gap``, ``record_ratio``, ``method_options``, …).
+``kfac-2l-<space>`` fixes the coarse space."""
+
+LEGENDS = {name: registry.legend(name) for name in OPTIMIZERS}
+"""Figure legends, from :mod:`fisherlab.methods` (the paper's Table 1 for the two-level methods)."""
 
 
 def make_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.Optimizer:

@@ -35,7 +35,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .metrics import LEGENDS
+from . import methods as registry
 
 __all__ = [
     "COLORS",
@@ -55,37 +55,30 @@ __all__ = [
     "plot_damping_sweep",
 ]
 
-METHOD_LEGENDS: dict[str, str] = {
-    **LEGENDS,
-    # operators of the spectra
-    "fisher": "EXACT",
-    "preconditioned": "PRECONDITIONED",
+_OPERATORS = {  # operators of the spectra that are not methods: key → (legend, colour, marker)
+    "fisher": ("EXACT", "#000000", ""),
+    "preconditioned": ("PRECONDITIONED", "#17becf", ""),  # tab20 cyan
 }
-"""Method (or operator) key → the paper's legend name."""
 
-_PALETTE = sns.color_palette("tab20", 20).as_hex()
-COLORS: dict[str, str] = {
-    "EXACT": "#000000",
-    "KFAC": _PALETTE[14],  # grey
-    "KFAC-TIKHONOV": _PALETTE[15],  # light grey
-    "BLOCK-DIAG": _PALETTE[16],  # olive
-    "NICO": _PALETTE[0],  # blue
-    "SPECTRAL": _PALETTE[2],  # orange
-    "RESIDU": _PALETTE[4],  # green
-    "KRY-NICO": _PALETTE[1],  # light blue
-    "KRY-RESIDU": _PALETTE[5],  # light green
-    "TAYLOR": _PALETTE[8],  # purple
-    "PREVIOUS": _PALETTE[6],  # red
-    "PREVIOUS-KRON": _PALETTE[7],  # light red
-    "PRECONDITIONED": _PALETTE[18],  # cyan
+METHOD_LEGENDS: dict[str, str] = {
+    **{k: m.legend for k, m in registry.METHODS.items()},
+    **{k: v[0] for k, v in _OPERATORS.items()},
 }
-"""Legend name → colour, fixed across every figure."""
+"""Method (or operator) key → legend, from :mod:`fisherlab.methods`."""
+
+COLORS: dict[str, str] = {
+    **{m.legend: m.colour for m in registry.METHODS.values()},
+    **{lg: c for lg, c, _ in registry.BASELINES.values()},
+    **{lg: c for lg, c, _ in _OPERATORS.values()},
+}
+"""Legend name → colour, fixed across every figure (from :mod:`fisherlab.methods`)."""
 
 MARKERS: dict[str, str] = {
-    "EXACT": "", "KFAC": "s", "KFAC-TIKHONOV": "D", "BLOCK-DIAG": "P", "NICO": "o", "SPECTRAL": "v",
-    "RESIDU": "^", "KRY-NICO": "<", "KRY-RESIDU": ">", "TAYLOR": "*", "PREVIOUS": "x",
-    "PREVIOUS-KRON": "+", "PRECONDITIONED": "",
+    **{m.legend: m.marker for m in registry.METHODS.values()},
+    **{lg: mk for lg, _, mk in registry.BASELINES.values()},
+    **{lg: mk for lg, _, mk in _OPERATORS.values()},
 }
+"""Legend name → marker (from :mod:`fisherlab.methods`)."""
 
 _RC = {
     "figure.dpi": 100,
@@ -115,12 +108,12 @@ def style() -> Iterator[None]:
 
 
 def legend_for(key: str) -> str:
-    """Legend name of a method/operator key (``"nicolaides"`` → ``"NICO"``); legends map to themselves."""
+    """Legend name of a method/operator/optimizer key (``"nicolaides"`` → ``"NICO"``); legends map to themselves."""
     if key in COLORS:
         return key
-    if key.startswith("error-"):
-        return METHOD_LEGENDS.get(key[len("error-") :], key)
-    return METHOD_LEGENDS.get(key, key.upper())
+    if key in _OPERATORS:
+        return _OPERATORS[key][0]
+    return registry.legend(key)
 
 
 def color_for(key: str) -> str:

@@ -47,12 +47,12 @@ from torch import Tensor
 from .capturing.record import Capture
 from .errors import FisherlabError
 from .jacobian import Jacobian
+from .methods import legend
 from .operators import (
     KFAC,
     ExactFisher,
     FisherOperator,
     TwoLevelKFAC,
-    as_jacobian,
     check_damping,
 )
 
@@ -124,10 +124,7 @@ def operator_label(name: str) -> str:
     if name in OPERATOR_LABELS:
         return OPERATOR_LABELS[name]
     if name.startswith("error-"):
-        from .operators import LEGEND
-
-        space = name[len("error-") :]
-        return f"(I−Π)(I−F•KFAC⁻¹F•) {LEGEND.get(space, space)}"
+        return f"(I−Π)(I−F•KFAC⁻¹F•) {legend(name[len('error-') :])}"
     return name
 
 
@@ -399,19 +396,15 @@ class PreconditionedFisher(FisherOperator):
         return (self.jac.matmat(self.jac.rmatmat(W)) + self.damping * W) * self.d_inv_sqrt
 
     def _solve(self, W: Tensor) -> Tensor:
-        return self.from_parameter_basis(self.exact._solve(self.to_parameter_basis(W / self.d_inv_sqrt))) / self.d_inv_sqrt
+        return self.from_parameter_basis(self.exact.apply_inverse(self.to_parameter_basis(W / self.d_inv_sqrt))) / self.d_inv_sqrt
 
     def to_parameter_basis(self, Y: Tensor) -> Tensor:
         """``Q Y`` for ``Y [p, c]`` in KFAC-eigenbasis coordinates (e.g. eigenvectors of S')."""
-        return torch.cat([b._from_eigen(y.T.reshape(-1, b.d_in, b.d_out).mT) for b, y in zip(self.kfac.blocks, self.kfac._split(Y))], dim=0)
+        return self.kfac.from_eigenbasis(Y)
 
     def from_parameter_basis(self, X: Tensor) -> Tensor:
         """``Qᵀ X`` for ``X [p, c]``."""
-        out = []
-        for b, x in zip(self.kfac.blocks, self.kfac._split(X)):
-            Yh = b._to_eigen(x)  # [c, d_out, d_in']
-            out.append(Yh.mT.reshape(Yh.shape[0], -1).T)
-        return torch.cat(out, dim=0)
+        return self.kfac.to_eigenbasis(X)
 
 
 def _rotated_jacobian(jac: Jacobian, kfac: KFAC) -> Jacobian:
@@ -479,19 +472,19 @@ class TwoLevelErrorOperator(FisherOperator):
         self.name = f"error-{two_level.name}"
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self.two_level.error_operator(V)
+        return self.two_level.error.apply(V)
 
     def P(self, V: Tensor) -> Tensor:
         """``(I − Π)V = V − R_0ᵀF_coarse⁻¹R_0F•V`` for ``V [p, c]``."""
         tl = self.two_level
         if tl.coarse_dim == 0:
             return V
-        return V - tl.R0T(tl._coarse_solve(tl._chol_exact, tl.R0(tl.exact._matmat(V))))
+        return V - tl.projector.apply(V)
 
     def M(self, V: Tensor) -> Tensor:
         """``(I − F•KFAC⁻¹F•)V`` for ``V [p, c]``."""
         tl = self.two_level
-        return V - tl.kfac._solve(tl.exact._matmat(V))
+        return V - tl.base.apply_inverse(tl.exact.apply(V))
 
     def projected(self, V: Tensor) -> Tensor:
         """``PMP V``: F•-self-adjoint, ``eig(PMP) = eig(E)``."""
@@ -499,7 +492,7 @@ class TwoLevelErrorOperator(FisherOperator):
 
     def symmetric_form(self, V: Tensor) -> Tensor:
         """``F•PMP V`` (symmetric): the left side of ``F•PMP x = μ F• x``."""
-        return self.two_level.exact._matmat(self.projected(V))
+        return self.two_level.exact.apply(self.projected(V))
 
     def symmetrized(self, sqrt: FisherSquareRoot | None = None, *, deflate: bool = False) -> FisherOperator:
         """``S = F•^{1/2} PMP F•^{-1/2}``: symmetric, similar to PMP, hence E's spectrum. Needs the
@@ -632,7 +625,7 @@ def slq(
     is ``tr f(A)/p``. The measure averages these rules over the probes (weights sum to 1).
 
     Args:
-        op: a symmetric :class:`FisherOperator` (``_matmat`` on ``[p, c]``).
+        op: a symmetric :class:`FisherOperator` (``apply`` on ``[p, c]``).
         n_probes: number of probes.
         n_steps: m, Lanczos steps per probe (capped at p).
         seed: seeds the probes (:func:`rademacher_probes`).
@@ -658,7 +651,7 @@ def slq(
     Z = rademacher_probes(p, n_probes, seed, op.dtype)
     nodes, weights = [], []
     for s in range(0, n_probes, chunk):
-        for a, b in lanczos_tridiagonal(op._matmat, Z[:, s : s + chunk], m):
+        for a, b in lanczos_tridiagonal(op.apply, Z[:, s : s + chunk], m):
             th, tau = _gauss_quadrature(a, b)
             nodes.append(th)
             weights.append(tau / n_probes)
@@ -747,7 +740,7 @@ def _exact_operator(source: Capture | Jacobian | ExactFisher, damping: float | N
         return source
     if damping is None:
         raise ValueError("damping is required unless an operator is given")
-    return ExactFisher(as_jacobian(source), damping)
+    return ExactFisher(Jacobian.coerce(source), damping)
 
 
 def _kfac_operator(source: Capture | Jacobian | KFAC, damping: float | None, damping_mode: str) -> KFAC:
@@ -757,7 +750,7 @@ def _kfac_operator(source: Capture | Jacobian | KFAC, damping: float | None, dam
         return source
     if damping is None:
         raise ValueError("damping is required unless an operator is given")
-    return KFAC(as_jacobian(source), damping, damping_mode)
+    return KFAC.from_capture(source, damping, damping_mode)
 
 
 def _uniform(values: np.ndarray, p: int) -> np.ndarray:
@@ -919,9 +912,11 @@ def preconditioned_spectrum(
     if kfac is None:
         if source is None:
             raise ValueError("preconditioned_spectrum: give a source or a KFAC operator")
-        kfac = _kfac_operator(as_jacobian(source) if exact is None else exact.jac, damping, damping_mode)
-    if exact is None:
-        exact = ExactFisher(kfac.jac, kfac.damping)
+        kfac = _kfac_operator(Jacobian.coerce(source) if exact is None else exact.jac, damping, damping_mode)
+    if exact is None:  # a KFAC operator is independent of any Jacobian: F• comes from the source
+        if source is None:
+            raise ValueError("preconditioned_spectrum: give a source, or the exact operator with the KFAC operator")
+        exact = ExactFisher(Jacobian.coerce(source), kfac.damping)
     if abs(exact.damping - kfac.damping) > 1e-15 * kfac.damping:
         raise ValueError(f"KFAC has λ = {kfac.damping:g}, F• has λ = {exact.damping:g}")
     S = PreconditionedFisher(kfac, exact)
@@ -972,7 +967,7 @@ def error_spectrum(
             raise FisherlabError(f"error_spectrum: p = {E.p:,} is too large for the dense method; use 'lanczos'")
         I = torch.eye(E.p, dtype=E.dtype)
         A = E.symmetric_form(I).double().numpy()
-        Fd = F._matmat(I).double().numpy()
+        Fd = F.apply(I).double().numpy()
         vals = scipy.linalg.eigh((A + A.T) / 2, (Fd + Fd.T) / 2, eigvals_only=True)
     elif method == "slq" and gram_ok:
         out = slq(E.symmetrized(), n_probes=n_probes, n_steps=n_steps, seed=seed, operator=E.name, damping=two_level.damping)
@@ -1046,13 +1041,13 @@ def spectra(
     bad = [o for o in operators if o not in known]
     if bad:
         raise ValueError(f"unknown operator(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
-    jac = as_jacobian(source)
+    jac = Jacobian.coerce(source)
     exact = ExactFisher(jac, lam)
     kfacs: dict[str, KFAC] = {}
 
     def kf(mode: str) -> KFAC:
         if mode not in kfacs:
-            kfacs[mode] = KFAC(jac, lam, mode)
+            kfacs[mode] = KFAC.from_capture(jac, lam, mode)
         return kfacs[mode]
 
     lk = dict(k=k, n_probes=n_probes, n_steps=n_steps, seed=seed)

@@ -25,7 +25,6 @@ nonnegative terms loses relative accuracy when KFAC is nearly exact (B = 1): val
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,8 @@ import torch
 from torch import Tensor
 
 from .capturing.record import Capture
+from .io.tables import write_csv
 from .jacobian import Jacobian, LayerJacobian
-from .operators import as_jacobian
 
 __all__ = [
     "LayerInteractions",
@@ -46,16 +45,6 @@ __all__ = [
     "off_diagonal_share",
     "kfac_block_inner",
 ]
-
-
-def _write_rows(path: str | Path, cols: list[str], rows: list[list]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows(rows)
-    return path
 
 
 @dataclass
@@ -105,11 +94,11 @@ class LayerInteractions:
         extra = [k for k, v in self.meta.items() if isinstance(v, (int, float, str)) or v is None]
         rho, n = self.rho, self.norms
         rows = [
-            [*(self.meta[k] for k in extra), i, j, self.names[i], self.names[j], repr(float(self.norms2[i, j])), repr(float(n[i, j])), repr(float(rho[i, j]))]
+            [*(self.meta[k] for k in extra), i, j, self.names[i], self.names[j], float(self.norms2[i, j]), float(n[i, j]), float(rho[i, j])]
             for i in range(len(self.names))
             for j in range(len(self.names))
         ]
-        return _write_rows(path, extra + ["i", "j", "layer_i", "layer_j", "norm2", "norm", "rho"], rows)
+        return write_csv(rows, path, extra + ["i", "j", "layer_i", "layer_j", "norm2", "norm", "rho"])
 
     def summary(self) -> dict:
         """One row: ℓ, ‖F‖²_F, the off-diagonal share, the largest off-diagonal ρ."""
@@ -185,8 +174,7 @@ class KFACBlockErrors:
 
     def to_csv(self, path: str | Path) -> Path:
         rows = self.rows()
-        cols = list(rows[0]) if rows else ["layer", "name"]
-        return _write_rows(path, cols, [[repr(r[c]) if isinstance(r[c], float) else r[c] for c in cols] for r in rows])
+        return write_csv(rows, path, None if rows else ["layer", "name"])
 
 
 def _source_meta(source: Capture | Jacobian) -> dict:
@@ -208,7 +196,7 @@ def layer_interactions(source: Capture | Jacobian) -> LayerInteractions:
     Returns:
         :class:`LayerInteractions` (``rho``, ``off_diagonal_share``, CSV export).
     """
-    jac = as_jacobian(source)
+    jac = Jacobian.coerce(source)
     G = torch.stack([k.reshape(-1) for k in jac.grams]).double()  # [ℓ, N²]
     norms2 = (G @ G.T).numpy()
     norms2 = (norms2 + norms2.T) / 2
@@ -256,7 +244,7 @@ def kfac_block_errors(source: Capture | Jacobian) -> KFACBlockErrors:
     Returns:
         :class:`KFACBlockErrors` (``relative_error``, ``cosine``, CSV export).
     """
-    jac = as_jacobian(source)
+    jac = Jacobian.coerce(source)
     bn, inner, kn = [], [], []
     for lj, K in zip(jac.layers, jac.grams):
         A, G = (t.to(K.dtype) for t in lj.kfac_factors)

@@ -1,21 +1,29 @@
-"""The operator protocol shared by every curvature approximation.
+"""The operator protocol shared by every curvature approximation (STYLE.md habit 1).
 
-Public methods validate and convert; subclasses implement the hooks ``_matmat`` and ``_solve``
-on ``[p, c]`` float64 blocks (STYLE.md habit 1):
+An operator maps ``[n, c]`` float blocks to ``[m, c]`` (``shape = (m, n)``; the curvature
+operators are square, ``p × p``). Subclasses implement hooks on ready ``[n, c]`` blocks in the
+operator's dtype; the public methods validate and convert:
 
-* ``op @ v`` / ``op.matvec(v)``: ``[p]`` or ``[p, c]`` → same shape;
-* ``op.solve(w)``: ``op⁻¹ w``;
-* ``op.to_dense()``: ``[p, p]`` (tiny models and tests only);
-* ``op.to_scipy()``: a :class:`scipy.sparse.linalg.LinearOperator` (``matvec``; ``rmatvec``
-  for symmetric operators);
-* ``op.inverse()``: the operator ``op⁻¹`` (its ``@`` is ``solve``);
-* ``op.shape``, ``op.dtype``.
+| hook | public, validating | public, block-level (no conversion) | meaning |
+|---|---|---|---|
+| ``_matmat`` | ``op @ v``, ``op.matvec(v)`` | ``op.apply(V)`` | ``op V`` |
+| ``_solve`` | ``op.solve(w)`` | ``op.apply_inverse(W)`` | ``op⁻¹ W`` |
+| ``_rmatmat`` | ``op.rmatvec(v)``, ``op.T @ v`` | ``op.apply_adjoint(V)`` | ``opᵀ V`` (``_matmat`` when symmetric) |
+| ``_rsolve`` | ``op.T.solve(w)`` | ``op.apply_adjoint_inverse(W)`` | ``op⁻ᵀ W`` (``_solve`` when symmetric) |
+
+``op @ other_operator`` composes, and ``+``, ``-``, scalar ``*``, ``op.T`` and ``op.inverse()``
+build operators (:mod:`fisherlab.operators.algebra`); ``op.to_dense()`` (tiny models and tests
+only) and ``op.to_scipy()`` (a :class:`scipy.sparse.linalg.LinearOperator`, with ``rmatvec``
+whenever the adjoint is known) work for every operator, composed or not.
+
+Modules never call another object's underscore hook: compositions use ``apply``,
+``apply_inverse`` and ``apply_adjoint``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,10 +31,17 @@ from torch import Tensor
 
 from ..errors import DampingError, FisherlabError
 
-__all__ = ["FisherOperator", "InverseOperator", "check_damping", "BlockOperator"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .algebra import Adjoint, Inverse
+
+__all__ = ["FisherOperator", "check_damping", "MAX_DENSE_P", "NotInvertibleError"]
 
 MAX_DENSE_P = 20_000
 """``to_dense`` refuses larger operators: it exists for tiny nets and tests."""
+
+
+class NotInvertibleError(FisherlabError, ValueError):
+    """The operator has no inverse that can be applied (a sum, a rectangular basis, …)."""
 
 
 def check_damping(damping: float) -> float:
@@ -41,134 +56,171 @@ def check_damping(damping: float) -> float:
 
 
 class FisherOperator:
-    """A p × p operator on fisherlab-ordered parameter vectors.
+    """A linear operator ``[m, n]`` on fisherlab-ordered parameter vectors (square: ``p × p``).
+
+    Args:
+        p: number of rows (and of columns unless ``cols`` is given).
+        dtype: compute dtype (float64 by default).
+        cols: number of columns for rectangular operators (e.g. the coarse basis R_0, m × p).
 
     Attributes:
-        p: dimension.
-        dtype: compute dtype (float64 by default).
-        symmetric: whether the operator is symmetric (then ``to_scipy`` has ``rmatvec``).
+        p: rows; shape: ``(rows, cols)``; dtype.
+        symmetric: whether ``opᵀ = op`` (then the adjoint hook is the product hook).
         name: short method name (``"kfac"``, ``"nicolaides"``, …).
     """
 
     symmetric: bool = True
     name: str = "operator"
 
-    def __init__(self, p: int, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, p: int, dtype: torch.dtype = torch.float64, *, cols: int | None = None) -> None:
         self.p = int(p)
+        self.cols = self.p if cols is None else int(cols)
         self.dtype = dtype
 
-    # ---- hooks -------------------------------------------------------------------------
+    # ---- hooks (on ready [n, c] blocks of self.dtype) -------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} has no matvec")
+        raise NotImplementedError(f"{type(self).__name__} has no product")
 
-    def _solve(self, W: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} has no solve")
+    def _solve(self, W: Tensor) -> Tensor:
+        raise NotInvertibleError(f"{self.name}: this operator ({type(self).__name__}) has no solve")
 
-    # ---- public ------------------------------------------------------------------------
+    def _rmatmat(self, V: Tensor) -> Tensor:
+        if self.symmetric:
+            return self._matmat(V)
+        raise NotImplementedError(f"{self.name}: the adjoint of {type(self).__name__} is not implemented")
+
+    def _rsolve(self, W: Tensor) -> Tensor:
+        if self.symmetric:
+            return self._solve(W)
+        raise NotInvertibleError(f"{self.name}: the adjoint of {type(self).__name__} has no solve")
+
+    # ---- block level: what compositions call ------------------------------------------------
+    def apply(self, V: Tensor) -> Tensor:
+        """``op V`` for a ready block ``V [n, c]`` in :attr:`dtype` (no conversion, no copy)."""
+        return self._matmat(V)
+
+    def apply_inverse(self, W: Tensor) -> Tensor:
+        """``op⁻¹ W`` for a ready block ``W [m, c]``."""
+        return self._solve(W)
+
+    def apply_adjoint(self, V: Tensor) -> Tensor:
+        """``opᵀ V`` for a ready block ``V [m, c]``."""
+        return self._rmatmat(V)
+
+    def apply_adjoint_inverse(self, W: Tensor) -> Tensor:
+        """``op⁻ᵀ W`` for a ready block ``W [n, c]``."""
+        return self._rsolve(W)
+
+    # ---- validating front ends ------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.p, self.p)
+        return (self.p, self.cols)
 
-    def _as_block(self, v: Tensor | np.ndarray, what: str) -> tuple[Tensor, bool]:
+    def _as_block(self, v: Tensor | np.ndarray, what: str, rows: int) -> tuple[Tensor, bool]:
         if isinstance(v, np.ndarray):
             v = torch.from_numpy(v)
         if not isinstance(v, Tensor):
-            raise TypeError(f"{what}: expected a tensor, got {type(v).__name__}")
-        if v.dim() not in (1, 2) or v.shape[0] != self.p:
-            raise ValueError(f"{self.name}.{what}: expected shape [{self.p}] or [{self.p}, c], got {tuple(v.shape)}")
-        vec = v.dim() == 1
-        V = v.reshape(self.p, -1).to(self.dtype)
-        return V, vec
+            raise TypeError(f"{self.name}.{what}: expected a tensor, got {type(v).__name__}")
+        if v.dim() not in (1, 2) or v.shape[0] != rows:
+            raise ValueError(f"{self.name}.{what}: expected shape [{rows}] or [{rows}, c], got {tuple(v.shape)}")
+        return v.reshape(rows, -1).to(self.dtype), v.dim() == 1
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``op v`` for ``v [p]`` or ``[p, c]``."""
-        V, vec = self._as_block(v, "matvec")
+        """``op v`` for ``v [n]`` or ``[n, c]``."""
+        V, vec = self._as_block(v, "matvec", self.cols)
         out = self._matmat(V)
         return out[:, 0] if vec else out
 
-    def __matmul__(self, v: Tensor) -> Tensor:
-        return self.matvec(v)
+    def __matmul__(self, other):
+        """``op @ B`` composes when ``B`` is an operator, and multiplies a vector/block otherwise."""
+        if isinstance(other, FisherOperator):
+            from .algebra import Composition
+
+            return Composition(self, other)
+        return self.matvec(other)
 
     def solve(self, w: Tensor) -> Tensor:
-        """``op⁻¹ w`` for ``w [p]`` or ``[p, c]``."""
-        W, vec = self._as_block(w, "solve")
+        """``op⁻¹ w`` for ``w [m]`` or ``[m, c]``."""
+        W, vec = self._as_block(w, "solve", self.p)
         out = self._solve(W)
         return out[:, 0] if vec else out
 
-    def to_dense(self) -> Tensor:
-        """``[p, p]`` by applying the operator to the identity. Tiny models only."""
-        if self.p > MAX_DENSE_P:
-            raise FisherlabError(
-                f"{self.name}.to_dense: p = {self.p:,} is too large for a dense matrix (limit {MAX_DENSE_P:,})"
-            )
-        return self._matmat(torch.eye(self.p, dtype=self.dtype))
+    def rmatvec(self, v: Tensor) -> Tensor:
+        """``opᵀ v`` for ``v [m]`` or ``[m, c]``."""
+        V, vec = self._as_block(v, "rmatvec", self.p)
+        out = self._rmatmat(V)
+        return out[:, 0] if vec else out
 
-    def inverse(self) -> "InverseOperator":
-        """The operator ``op⁻¹`` (``@`` solves)."""
-        return InverseOperator(self)
+    # ---- algebra --------------------------------------------------------------------------
+    def inverse(self) -> "Inverse":
+        """The operator ``op⁻¹`` (its ``@`` solves; it composes like any operator)."""
+        from .algebra import Inverse
+
+        return Inverse(self)
+
+    @property
+    def T(self) -> "FisherOperator":
+        """The adjoint ``opᵀ`` (the operator itself when symmetric)."""
+        if self.symmetric and self.p == self.cols:
+            return self
+        from .algebra import Adjoint
+
+        return Adjoint(self)
+
+    def __add__(self, other: "FisherOperator") -> "FisherOperator":
+        from .algebra import Sum
+
+        return Sum([self, other], [1.0, 1.0])
+
+    def __sub__(self, other: "FisherOperator") -> "FisherOperator":
+        from .algebra import Sum
+
+        return Sum([self, other], [1.0, -1.0])
+
+    def __mul__(self, c: float) -> "FisherOperator":
+        from .algebra import Scaled
+
+        if isinstance(c, FisherOperator):
+            raise TypeError("use @ to compose operators; * scales by a number")
+        return Scaled(self, float(c))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "FisherOperator":
+        return self * -1.0
+
+    # ---- materialisation ------------------------------------------------------------------
+    def to_dense(self) -> Tensor:
+        """``[m, n]`` by applying the operator to the identity. Tiny models only."""
+        if max(self.p, self.cols) > MAX_DENSE_P:
+            raise FisherlabError(
+                f"{self.name}.to_dense: {self.p:,} × {self.cols:,} is too large for a dense matrix (limit {MAX_DENSE_P:,})"
+            )
+        return self._matmat(torch.eye(self.cols, dtype=self.dtype))
+
+    def has_adjoint(self) -> bool:
+        """Whether :meth:`apply_adjoint` is available (symmetric, or an adjoint hook)."""
+        return self.symmetric or type(self)._rmatmat is not FisherOperator._rmatmat
 
     def to_scipy(self):
-        """A :class:`scipy.sparse.linalg.LinearOperator` on float64 numpy vectors."""
+        """A :class:`scipy.sparse.linalg.LinearOperator` on float64 numpy vectors (``rmatvec``
+        whenever the adjoint is known)."""
         from scipy.sparse.linalg import LinearOperator
 
-        def mv(x: np.ndarray) -> np.ndarray:
-            X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(self.p, -1).to(self.dtype)
-            out = self._matmat(X).double().numpy()
-            return out.reshape(x.shape) if x.ndim == 1 else out
+        def wrap(hook, rows):
+            def f(x: np.ndarray) -> np.ndarray:
+                X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(rows, -1).to(self.dtype)
+                out = hook(X).double().numpy()
+                return out.reshape(-1) if x.ndim == 1 else out
 
+            return f
+
+        mv = wrap(self.apply, self.cols)
         kw = dict(matvec=mv, matmat=mv)
-        if self.symmetric:
-            kw.update(rmatvec=mv, rmatmat=mv)
+        if self.has_adjoint():
+            rmv = wrap(self.apply_adjoint, self.p)
+            kw.update(rmatvec=rmv, rmatmat=rmv)
         return LinearOperator(self.shape, dtype=np.float64, **kw)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, p={self.p})"
-
-
-class InverseOperator(FisherOperator):
-    """``op⁻¹`` as an operator: ``@`` is ``op.solve``, ``solve`` is ``op @``."""
-
-    def __init__(self, op: FisherOperator) -> None:
-        super().__init__(op.p, op.dtype)
-        self.op = op
-        self.symmetric = op.symmetric
-        self.name = f"{op.name}⁻¹"
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.op._solve(V)
-
-    def _solve(self, W: Tensor) -> Tensor:
-        return self.op._matmat(W)
-
-
-class BlockOperator:
-    """One diagonal block ``[p_i, p_i]`` of a block-diagonal operator: ``matmat``/``solve`` on ``[p_i, c]``."""
-
-    p: int
-
-    def matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def solve(self, W: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class BlockDiagonalOperator(FisherOperator):
-    """``blockdiag(B_1, …, B_ℓ)`` over the layers (the shape of (3.7) and of KFAC)."""
-
-    def __init__(self, blocks: Sequence[BlockOperator], sizes: Sequence[int], dtype: torch.dtype = torch.float64) -> None:
-        super().__init__(sum(sizes), dtype)
-        self.blocks = list(blocks)
-        self.sizes = list(sizes)
-
-    def _split(self, V: Tensor) -> list[Tensor]:
-        return list(torch.split(V, self.sizes, dim=0))
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return torch.cat([b.matmat(v) for b, v in zip(self.blocks, self._split(V))], dim=0)
-
-    def _solve(self, W: Tensor) -> Tensor:
-        return torch.cat([b.solve(w) for b, w in zip(self.blocks, self._split(W))], dim=0)
-
-    def block(self, i: int) -> BlockOperator:
-        return self.blocks[i]
+        return f"{type(self).__name__}(name={self.name!r}, shape={self.shape})"

@@ -6,16 +6,21 @@ right-hand side and its KFAC residual) into per-layer blocks ``V_i [p_i, m_i]``.
 with column pivoting, columns under a relative tolerance dropped): the span — hence the
 correction — is unchanged, F_coarse stays well conditioned, and the effective m is reported.
 
-| name                 | legend      | V_i                                                                |
-|----------------------|-------------|--------------------------------------------------------------------|
-| ``nicolaides``       | NICO        | 1 (3.24)                                                           |
-| ``spectral``         | SPECTRAL    | the k smallest Kronecker eigenvectors of [F•KFAC]_ii (3.28), k=1   |
-| ``krylov-nicolaides``| KRY-NICO    | [v, B_i⁻¹v, …, B_i⁻⁽ᵐ⁻¹⁾v], v = 1 (3.29), m = 2                    |
-| ``residuals``        | RESIDU      | B_i⁻¹ r[i] (3.32), r = ∇h − F•ζ_KFAC (3.13)                        |
-| ``krylov-residuals`` | KRY-RESIDU  | the Krylov block (3.29) from v = B_i⁻¹ r[i], m = 2                 |
-| ``taylor``           | TAYLOR      | [w_1[i], …, w_q[i]], w_1 = F•KFAC⁻¹r, w_{j+1} = F•KFAC⁻¹F•w_j (3.38) |
+| name                 | V_i                                                                |
+|----------------------|--------------------------------------------------------------------|
+| ``nicolaides``       | 1 (3.24)                                                           |
+| ``spectral``         | the k smallest Kronecker eigenvectors of [F•KFAC]_ii (3.28), k=1   |
+| ``krylov-nicolaides``| [v, B_i⁻¹v, …, B_i⁻⁽ᵐ⁻¹⁾v], v = 1 (3.29), m = 2                    |
+| ``residuals``        | B_i⁻¹ r[i] (3.32), r = ∇h − F•ζ_KFAC (3.13)                        |
+| ``krylov-residuals`` | the Krylov block (3.29) from v = B_i⁻¹ r[i], m = 2                 |
+| ``taylor``           | [w_1[i], …, w_q[i]], w_1 = F•KFAC⁻¹r, w_{j+1} = F•KFAC⁻¹F•w_j (3.38) |
 
-(B_i = [F•KFAC]_ii.) ``taylor`` with q = 1 is ``residuals``; Krylov with m = 1 is its base space.
+(B_i = [F•KFAC]_ii, the diagonal blocks of the one-level operator — any block-diagonal operator.)
+``taylor`` with q = 1 is ``residuals``; Krylov with m = 1 is its base space. Legends, colours
+and markers belong to the method registry (:mod:`fisherlab.methods`); a subclass with a
+``name`` is found by :func:`make_coarse_space` (:data:`COARSE_SPACES` is derived from the classes).
+
+:class:`CoarseBasis` is R_0 itself, an ``m × p`` operator (``.T`` is R_0ᵀ).
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from .algebra import BlockDiagonal
+from .base import FisherOperator
+
 __all__ = [
+    "CoarseBasis",
     "CoarseContext",
     "CoarseSpace",
     "Nicolaides",
@@ -40,7 +49,6 @@ __all__ = [
     "Taylor",
     "UserSpace",
     "COARSE_SPACES",
-    "LEGEND",
     "make_coarse_space",
     "orthonormalize",
 ]
@@ -51,34 +59,51 @@ class CoarseContext:
     """What a coarse space may use.
 
     Attributes:
-        kfac: the one-level operator (a :class:`fisherlab.operators.KFAC`), with ``blocks``.
-        fisher: the exact F• (``_matmat`` on ``[p, c]``).
+        base: the one-level operator, block-diagonal over the layers (``blocks``, ``split``).
+        fisher: the exact F•.
         rhs: the right-hand side ∇h ``[p]``.
     """
 
-    kfac: object
-    fisher: object
+    base: BlockDiagonal
+    fisher: FisherOperator
     rhs: Tensor
+
+    @property
+    def kfac(self) -> BlockDiagonal:
+        """The one-level operator (the name the paper's spaces are written with)."""
+        return self.base
 
     @cached_property
     def zeta_kfac(self) -> Tensor:
         """ζ_KFAC = F•KFAC⁻¹∇h (3.3), ``[p, 1]``."""
-        return self.kfac._solve(self.rhs.reshape(-1, 1))  # type: ignore[attr-defined]
+        return self.base.apply_inverse(self.rhs.reshape(-1, 1))
 
     @cached_property
     def residual(self) -> Tensor:
         """r = ∇h − F•ζ_KFAC (3.13), ``[p, 1]``."""
-        return self.rhs.reshape(-1, 1) - self.fisher._matmat(self.zeta_kfac)  # type: ignore[attr-defined]
+        return self.rhs.reshape(-1, 1) - self.fisher.apply(self.zeta_kfac)
 
     def split(self, v: Tensor) -> list[Tensor]:
-        return list(torch.split(v, self.kfac.sizes, dim=0))  # type: ignore[attr-defined]
+        return self.base.split(v)
+
+
+COARSE_SPACES: dict[str, type["CoarseSpace"]] = {}
+"""Coarse-space name → class, filled by every :class:`CoarseSpace` subclass that sets ``name``."""
 
 
 class CoarseSpace:
-    """Produces the raw blocks ``V_i [p_i, m_i]`` (before orthonormalization)."""
+    """Produces the raw blocks ``V_i [p_i, m_i]`` (before orthonormalization).
+
+    A subclass sets ``name`` (its key, registered in :data:`COARSE_SPACES`) and, when it has a
+    size, a field named ``k``, ``m`` or ``q`` (:func:`make_coarse_space` passes it).
+    """
 
     name: str = "coarse"
-    legend: str = "COARSE"
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__ and cls.__dict__["name"] not in ("user",):
+            COARSE_SPACES[cls.__dict__["name"]] = cls
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -91,7 +116,7 @@ def _krylov(block, v: Tensor, m: int) -> Tensor:
     """``[v, B⁻¹v, …, B⁻⁽ᵐ⁻¹⁾v]`` (3.29), each iterate normalised (the span is unchanged)."""
     cols = [v]
     for _ in range(m - 1):
-        w = block.solve(cols[-1])
+        w = block.apply_inverse(cols[-1])
         n = w.norm()
         cols.append(w / n if n > 0 else w)
     return torch.cat(cols, dim=1)
@@ -100,10 +125,10 @@ def _krylov(block, v: Tensor, m: int) -> Tensor:
 class Nicolaides(CoarseSpace):
     """V_i = 1 ∈ R^{p_i} (3.24)."""
 
-    name, legend = "nicolaides", "NICO"
+    name = "nicolaides"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [torch.ones(b.p, 1, dtype=ctx.rhs.dtype) for b in ctx.kfac.blocks]  # type: ignore[attr-defined]
+        return [torch.ones(b.p, 1, dtype=ctx.rhs.dtype) for b in ctx.base.blocks]
 
 
 @dataclass
@@ -112,10 +137,12 @@ class Spectral(CoarseSpace):
 
     k: int = 1
     name = "spectral"
-    legend = "SPECTRAL"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [b.smallest(self.k)[1] for b in ctx.kfac.blocks]  # type: ignore[attr-defined]
+        for b in ctx.base.blocks:
+            if not hasattr(b, "smallest"):
+                raise ValueError(f"the spectral coarse space needs Kronecker blocks; the one-level block {b.name} has none")
+        return [b.smallest(self.k)[1] for b in ctx.base.blocks]
 
 
 @dataclass
@@ -124,19 +151,18 @@ class KrylovNicolaides(CoarseSpace):
 
     m: int = 2
     name = "krylov-nicolaides"
-    legend = "KRY-NICO"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [_krylov(b, torch.ones(b.p, 1, dtype=ctx.rhs.dtype), self.m) for b in ctx.kfac.blocks]  # type: ignore[attr-defined]
+        return [_krylov(b, torch.ones(b.p, 1, dtype=ctx.rhs.dtype), self.m) for b in ctx.base.blocks]
 
 
 class Residuals(CoarseSpace):
     """V_i = [F•KFAC]_ii⁻¹ r[i] (3.32): F•KFAC⁻¹r lies in the span."""
 
-    name, legend = "residuals", "RESIDU"
+    name = "residuals"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [b.solve(r) for b, r in zip(ctx.kfac.blocks, ctx.split(ctx.residual))]  # type: ignore[attr-defined]
+        return [b.apply_inverse(r) for b, r in zip(ctx.base.blocks, ctx.split(ctx.residual))]
 
 
 @dataclass
@@ -145,10 +171,9 @@ class KrylovResiduals(CoarseSpace):
 
     m: int = 2
     name = "krylov-residuals"
-    legend = "KRY-RESIDU"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [_krylov(b, b.solve(r), self.m) for b, r in zip(ctx.kfac.blocks, ctx.split(ctx.residual))]  # type: ignore[attr-defined]
+        return [_krylov(b, b.apply_inverse(r), self.m) for b, r in zip(ctx.base.blocks, ctx.split(ctx.residual))]
 
 
 @dataclass
@@ -157,12 +182,11 @@ class Taylor(CoarseSpace):
 
     q: int = 2
     name = "taylor"
-    legend = "TAYLOR"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        ws = [ctx.kfac._solve(ctx.residual)]  # type: ignore[attr-defined]
+        ws = [ctx.base.apply_inverse(ctx.residual)]
         for _ in range(self.q - 1):
-            w = ctx.kfac._solve(ctx.fisher._matmat(ws[-1]))  # type: ignore[attr-defined]
+            w = ctx.base.apply_inverse(ctx.fisher.apply(ws[-1]))
             n = w.norm()
             ws.append(w / n if n > 0 else w)
         W = torch.cat(ws, dim=1)
@@ -172,38 +196,19 @@ class Taylor(CoarseSpace):
 class UserSpace(CoarseSpace):
     """User-supplied blocks ``V_i [p_i, m_i]`` (or ``[p_i]``)."""
 
-    name, legend = "user", "USER"
+    name = "user"
 
     def __init__(self, blocks: Sequence[Tensor]) -> None:
         self.blocks = [b.reshape(b.shape[0], -1) for b in blocks]
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        sizes = ctx.kfac.sizes  # type: ignore[attr-defined]
+        sizes = ctx.base.sizes
         if len(self.blocks) != len(sizes):
             raise ValueError(f"user coarse space: expected {len(sizes)} blocks V_i (one per layer), got {len(self.blocks)}")
         for i, (b, p) in enumerate(zip(self.blocks, sizes)):
             if b.shape[0] != p:
                 raise ValueError(f"user coarse space: block {i} has {b.shape[0]} rows, layer {i} has p_i = {p}")
         return [b.to(ctx.rhs.dtype) for b in self.blocks]
-
-
-COARSE_SPACES: dict[str, Callable[..., CoarseSpace]] = {
-    "nicolaides": lambda **kw: Nicolaides(),
-    "spectral": lambda k=1, **kw: Spectral(k),
-    "krylov-nicolaides": lambda m=2, **kw: KrylovNicolaides(m),
-    "residuals": lambda **kw: Residuals(),
-    "krylov-residuals": lambda m=2, **kw: KrylovResiduals(m),
-    "taylor": lambda q=2, **kw: Taylor(q),
-}
-
-LEGEND = {
-    "nicolaides": "NICO",
-    "spectral": "SPECTRAL",
-    "krylov-nicolaides": "KRY-NICO",
-    "residuals": "RESIDU",
-    "krylov-residuals": "KRY-RESIDU",
-    "taylor": "TAYLOR",
-}
 
 
 def make_coarse_space(coarse: str | CoarseSpace | Sequence[Tensor], *, k: int = 1, m: int = 2, q: int = 2) -> CoarseSpace:
@@ -214,9 +219,11 @@ def make_coarse_space(coarse: str | CoarseSpace | Sequence[Tensor], *, k: int = 
         if coarse not in COARSE_SPACES:
             raise ValueError(f"unknown coarse space '{coarse}' (choose one of {', '.join(COARSE_SPACES)} or pass blocks V_i)")
         for nm, val in (("k", k), ("m", m), ("q", q)):
-            if not isinstance(val, int) or val < 1:
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"coarse space parameter {nm} must be a positive integer, got {val!r}")
-        return COARSE_SPACES[coarse](k=k, m=m, q=q)
+        cls = COARSE_SPACES[coarse]
+        sizes = {nm: val for nm, val in (("k", k), ("m", m), ("q", q)) if nm in getattr(cls, "__dataclass_fields__", {})}
+        return cls(**sizes)
     return UserSpace(list(coarse))
 
 
@@ -234,3 +241,55 @@ def orthonormalize(V: Tensor, rtol: float = 1e-10) -> Tensor:
         return V.new_zeros(V.shape[0], 0)
     r = int((d > rtol * d[0]).sum())
     return torch.from_numpy(np.ascontiguousarray(Q[:, :r])).to(V.dtype)
+
+
+class CoarseBasis(FisherOperator):
+    """R_0 = blockdiag(V_1, …, V_ℓ)ᵀ (3.21) as an ``m × p`` operator; ``.T`` is R_0ᵀ (``p × m``).
+
+    The constructor takes orthonormal blocks; :meth:`from_raw` orthonormalizes a coarse space's
+    raw blocks (:func:`orthonormalize`) and records how many columns were dependent.
+
+    Args:
+        blocks: ``V_i [p_i, m_i]`` with orthonormal columns (m_i may be 0).
+        raw_dims: the column counts before orthonormalization (default: ``m_i``).
+
+    Attributes:
+        V: the blocks; sizes: ``[p_i]``; dims: ``[m_i]``; m: Σ m_i; raw_dims.
+    """
+
+    symmetric = False
+    name = "R_0"
+
+    def __init__(self, blocks: Sequence[Tensor], raw_dims: Sequence[int] | None = None) -> None:
+        self.V = list(blocks)
+        self.sizes = [v.shape[0] for v in self.V]
+        self.dims = [v.shape[1] for v in self.V]
+        self.m = sum(self.dims)
+        self.raw_dims = list(raw_dims) if raw_dims is not None else list(self.dims)
+        super().__init__(self.m, self.V[0].dtype, cols=sum(self.sizes))
+
+    @classmethod
+    def from_raw(cls, raw: Sequence[Tensor], *, rtol: float = 1e-10, dtype: torch.dtype = torch.float64) -> "CoarseBasis":
+        """Orthonormal bases of the spans of raw blocks ``V_i [p_i, r_i]`` (QR with pivoting; columns
+        under ``rtol`` dropped): the span, hence the correction, is unchanged."""
+        return cls([orthonormalize(v.to(dtype), rtol) for v in raw], [v.shape[1] for v in raw])
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        """``R_0 X``: ``[p, c] -> [m, c]``."""
+        parts = torch.split(X, self.sizes, dim=0)
+        return torch.cat([v.T @ x for v, x in zip(self.V, parts)], dim=0)
+
+    def _rmatmat(self, beta: Tensor) -> Tensor:
+        """``R_0ᵀ β``: ``[m, c] -> [p, c]``."""
+        parts = torch.split(beta, self.dims, dim=0)
+        return torch.cat([v @ b for v, b in zip(self.V, parts)], dim=0)
+
+    def has_adjoint(self) -> bool:
+        return True
+
+    def gram(self) -> Tensor:
+        """R_0R_0ᵀ = blockdiag(V_iᵀV_i) ``[m, m]`` (the identity for orthonormal blocks, up to round-off)."""
+        return torch.block_diag(*[v.T @ v for v in self.V]) if self.m else torch.zeros(0, 0, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return f"CoarseBasis(m={self.m}, dims={self.dims}, p={self.cols})"

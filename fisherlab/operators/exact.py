@@ -21,35 +21,14 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
-from ..errors import FisherlabError
 from ..jacobian import Jacobian, LayerJacobian
-from .base import BlockDiagonalOperator, BlockOperator, FisherOperator, check_damping
+from .algebra import BlockDiagonal, spd_cholesky
+from .base import FisherOperator, check_damping
 
-__all__ = ["ExactFisher", "BlockDiagonalFisher", "as_jacobian", "spd_cholesky", "SolveInfo"]
+__all__ = ["ExactFisher", "BlockDiagonalFisher", "ExactBlock", "spd_cholesky", "SolveInfo"]
 
 GRAM_BUDGET_BYTES = 2 * 2**30
 """Default memory budget for the N × N Woodbury matrix (``solver="auto"``)."""
-
-
-def as_jacobian(source: Capture | Jacobian, dtype: torch.dtype = torch.float64) -> Jacobian:
-    """A :class:`Jacobian` from a capture (converted to ``dtype``) or the given one."""
-    if isinstance(source, Jacobian):
-        return source
-    if isinstance(source, Capture):
-        return Jacobian.from_capture(source, dtype)
-    raise TypeError(f"expected a Capture or a Jacobian, got {type(source).__name__}")
-
-
-def spd_cholesky(M: Tensor, what: str) -> Tensor:
-    """Lower Cholesky factor of a matrix that theory says is SPD; a clear error if it is not."""
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) != 0:
-        ev = torch.linalg.eigvalsh(M)
-        raise FisherlabError(
-            f"{what} is not positive definite (smallest eigenvalue {float(ev[0]):.3e}, "
-            f"largest {float(ev[-1]):.3e}); increase the damping or check the capture"
-        )
-    return L
 
 
 @dataclass
@@ -71,7 +50,9 @@ class ExactFisher(FisherOperator):
         solver: ``"auto"`` (Woodbury when the N × N matrix fits ``gram_budget_bytes`` and N < p,
             else CG), ``"woodbury"`` or ``"cg"``. The choice is in :attr:`solver` and
             :meth:`report`.
-        preconditioner: for CG, ``"kfac"`` (π-damped KFAC), ``None``, or ``"auto"`` (the default):
+        preconditioner: for CG, an operator whose ``inverse()`` preconditions (e.g. a
+            :class:`~fisherlab.operators.KFAC`), ``None``, or the rules ``"kfac"`` (π-damped KFAC of
+            the same Jacobian) and ``"auto"`` (the default; :func:`cg_preconditioner_rule`):
             KFAC when N ≥ p, none when N < p. F = UUᵀ has rank ≤ N, so plain CG on F + λI
             converges in at most N + 1 steps in exact arithmetic, whereas F•KFAC⁻¹F• spreads the
             spectrum: on the exact-mode MNIST autoencoder (N = 12,544 ≪ p = 2.8 M) plain CG
@@ -90,14 +71,14 @@ class ExactFisher(FisherOperator):
         damping: float,
         *,
         solver: Literal["auto", "woodbury", "cg"] = "auto",
-        preconditioner: Literal["auto", "kfac"] | None = "auto",
+        preconditioner: FisherOperator | Literal["auto", "kfac"] | None = "auto",
         cg_rtol: float = 1e-10,
         cg_maxiter: int | None = None,
         gram_budget_bytes: int = GRAM_BUDGET_BYTES,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.damping = check_damping(damping)
-        self.jac = as_jacobian(source, dtype)
+        self.jac = Jacobian.coerce(source, dtype)
         super().__init__(self.jac.p, dtype)
         N, p = self.jac.N, self.jac.p
         gram_bytes = N * N * torch.finfo(dtype).bits // 8
@@ -107,15 +88,20 @@ class ExactFisher(FisherOperator):
             raise ValueError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}")
         self.solver = solver
         self.gram_bytes = gram_bytes
-        if preconditioner not in ("auto", "kfac", None):
-            raise ValueError(f"preconditioner must be 'auto', 'kfac' or None, got {preconditioner!r}")
-        if preconditioner == "auto":
-            preconditioner = "kfac" if N >= p else None
+        self._precond: FisherOperator | None = None
+        if isinstance(preconditioner, FisherOperator):
+            if preconditioner.shape != self.shape:
+                raise ValueError(f"preconditioner has shape {preconditioner.shape}, F• is {self.shape}")
+            self._precond = preconditioner
+            preconditioner = preconditioner.name
+        elif preconditioner == "auto":
+            preconditioner = cg_preconditioner_rule(N, p)
+        elif preconditioner not in ("kfac", None):
+            raise ValueError(f"preconditioner must be an operator, 'auto', 'kfac' or None, got {preconditioner!r}")
         self.preconditioner = preconditioner
         self.cg_rtol = cg_rtol
         self.cg_maxiter = cg_maxiter or min(10_000, max(100, 10 * min(N, p)))
         self._chol: Tensor | None = None
-        self._precond: FisherOperator | None = None
         self.last_solve = SolveInfo(solver)
 
     # ---- description -------------------------------------------------------------------
@@ -169,9 +155,9 @@ class ExactFisher(FisherOperator):
         if self.preconditioner is None:
             return None
         if self._precond is None:
-            from .kfac import KFAC
+            from .kfac import KFAC  # kfac.py does not import this module: no cycle
 
-            self._precond = KFAC(self.jac, self.damping, damping_mode="pi")
+            self._precond = KFAC.from_capture(self.jac, self.damping, "pi")
         return self._precond
 
     def _cg(self, W: Tensor) -> tuple[Tensor, list[int], bool]:
@@ -202,21 +188,24 @@ class ExactFisher(FisherOperator):
         return torch.stack(cols, 1).to(self.dtype), iters, ok
 
 
-class _ExactBlock(BlockOperator):
-    """``[F•]_ii = U_iU_iᵀ + λI`` of one layer; solved by Woodbury on K_i (N × N) when N ≤ p_i,
-    by a Cholesky of the p_i × p_i block when the layer is smaller than the batch."""
+class ExactBlock(FisherOperator):
+    """``[F•]_ii = U_iU_iᵀ + λI`` of one layer, ``[p_i, p_i]``; solved by Woodbury on K_i (N × N)
+    when N ≤ p_i, by a Cholesky of the p_i × p_i block when the layer is smaller than the batch."""
 
     def __init__(self, lj: LayerJacobian, damping: float) -> None:
+        super().__init__(lj.p, _dtype_of(lj))
         self.lj = lj
-        self.lam = damping
-        self.p = lj.p
+        self.lam = check_damping(damping)
         self._chol: Tensor | None = None
         self.small = lj.p < lj.N
+        self.name = f"exact block '{lj.spec.name}'"
 
-    def matmat(self, V: Tensor) -> Tensor:
+    def _matmat(self, V: Tensor) -> Tensor:
         return self.lj.matmat(self.lj.rmatmat(V)) + self.lam * V
 
-    def _factor(self) -> Tensor:
+    @property
+    def cholesky(self) -> Tensor:
+        """Cholesky factor of ``λI + U_iᵀU_i`` (N × N) or of ``[F•]_ii`` (p_i × p_i), computed once."""
         if self._chol is None:
             if self.small:
                 Jr = self.lj.dense_rows()
@@ -228,15 +217,25 @@ class _ExactBlock(BlockOperator):
             self._chol = spd_cholesky(M, f"the exact diagonal block of layer '{self.lj.spec.name}'")
         return self._chol
 
-    def solve(self, W: Tensor) -> Tensor:
-        L = self._factor()
+    def _solve(self, W: Tensor) -> Tensor:
+        L = self.cholesky
         if self.small:
             return torch.cholesky_solve(W, L)
         Z = torch.cholesky_solve(self.lj.rmatmat(W), L)
         return (W - self.lj.matmat(Z)) / self.lam
 
 
-class BlockDiagonalFisher(BlockDiagonalOperator):
+def _dtype_of(lj: LayerJacobian) -> torch.dtype:
+    return (lj.dense if lj.dense is not None else lj.a).dtype  # type: ignore[union-attr]
+
+
+def cg_preconditioner_rule(N: int, p: int) -> str | None:
+    """The ``"auto"`` CG preconditioner: π-KFAC when N ≥ p, none when N < p (F = UUᵀ has rank
+    ≤ N, so plain CG converges in ≤ N + 1 steps; measured in ``analysis/bench/woodbury_bench.py``)."""
+    return "kfac" if N >= p else None
+
+
+class BlockDiagonalFisher(BlockDiagonal):
     """The exact diagonal blocks of F•: ``blockdiag([F•]_11, …, [F•]_ℓℓ)`` (3.7).
 
     Args:
@@ -244,10 +243,7 @@ class BlockDiagonalFisher(BlockDiagonalOperator):
         damping: λ > 0.
     """
 
-    name = "block-diagonal"
-
     def __init__(self, source: Capture | Jacobian, damping: float, *, dtype: torch.dtype = torch.float64) -> None:
         self.damping = check_damping(damping)
-        self.jac = as_jacobian(source, dtype)
-        blocks = [_ExactBlock(lj, self.damping) for lj in self.jac.layers]
-        super().__init__(blocks, self.jac.layout.sizes, dtype)
+        self.jac = Jacobian.coerce(source, dtype)
+        super().__init__([ExactBlock(lj, self.damping) for lj in self.jac.layers], name="block-diagonal")

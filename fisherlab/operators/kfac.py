@@ -16,18 +16,18 @@ inverses, spectra and the spectral coarse space all reuse them. With ``X = MAT(v
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from enum import Enum
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
 from ..jacobian import Jacobian, factor_eigh
-from .base import BlockDiagonalOperator, BlockOperator, check_damping
-from .exact import as_jacobian
+from .algebra import BlockDiagonal
+from .base import FisherOperator, check_damping
 
-__all__ = ["KFAC", "DampingMode", "KroneckerBlock", "factor_eigh", "pi_damping"]
+__all__ = ["KFAC", "DampingMode", "KroneckerBlock", "factor_eigh", "pi_damping", "pi_from_traces"]
 
 
 class DampingMode(str, Enum):
@@ -38,47 +38,67 @@ class DampingMode(str, Enum):
     TIKHONOV = "tikhonov"
     """Exact Tikhonov: A ⊗ G + λI."""
 
+    @classmethod
+    def parse(cls, value: "str | DampingMode") -> "DampingMode":
+        """The mode of ``value``; a one-line error naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {value!r}") from None
 
-def pi_damping(A: Tensor, G: Tensor) -> float:
+
+def pi_from_traces(trace_A: float, dim_A: int, trace_G: float, dim_G: int) -> float:
     """π = √[(tr A / dim A) / (tr G / dim G)] (2.30); 1 when either trace vanishes."""
-    ta = float(torch.trace(A)) / A.shape[0]
-    tg = float(torch.trace(G)) / G.shape[0]
+    ta, tg = trace_A / dim_A, trace_G / dim_G
     if ta <= 0 or tg <= 0 or not math.isfinite(ta / tg):
         return 1.0
     return math.sqrt(ta / tg)
 
 
-@dataclass
-class KroneckerBlock(BlockOperator):
-    """One layer's ``Ã ⊗ G̃`` (or ``A ⊗ G + λI``) in its eigenbasis.
+def pi_damping(A: Tensor, G: Tensor) -> float:
+    """π of (2.30) from the factors ``A``, ``G``."""
+    return pi_from_traces(float(torch.trace(A)), A.shape[0], float(torch.trace(G)), G.shape[0])
+
+
+class KroneckerBlock(FisherOperator):
+    """One layer's ``Ã ⊗ G̃`` (or ``A ⊗ G + λI``) in its eigenbasis, ``[p_i, p_i]`` (p_i = d_out·d_in').
+
+    The constructor takes ready pieces; :meth:`from_factors` eigendecomposes.
+
+    Args:
+        eigh: ``(s_A [d_in'], Q_A, s_G [d_out], Q_G)``, ascending eigenpairs of the undamped factors
+            (shared between damping modes, spectra and spectral coarse spaces).
+        damping: λ > 0.
+        mode: :class:`DampingMode`.
+        factors: the undamped ``(A, G)`` when at hand (otherwise rebuilt from ``eigh`` on demand).
 
     Attributes:
-        A, G: undamped factors ``[d_in', d_in']``, ``[d_out, d_out]``.
-        sA, QA, sG, QG: eigenpairs of the undamped factors (ascending).
-        damping: λ; mode: :class:`DampingMode`; pi: π_i (1 for Tikhonov).
+        sA, QA, sG, QG: the eigenpairs (negative round-off eigenvalues clipped to 0).
+        pi: π_i (2.30) from the traces tr A = Σ s_A, tr G = Σ s_G (1 for Tikhonov).
         eig: eigenvalues of the damped block as ``[d_out, d_in']`` (``eig[r, c]`` belongs to the
             eigenvector ``vec(QG[:, r] QA[:, c]ᵀ) = QA[:, c] ⊗ QG[:, r]``).
     """
 
-    A: Tensor
-    G: Tensor
-    damping: float
-    mode: DampingMode
-    eigh: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-    """Precomputed ``(s_A, Q_A, s_G, Q_G)`` of the undamped factors (shared between modes)."""
-
-    def __post_init__(self) -> None:
-        self.d_in, self.d_out = self.A.shape[0], self.G.shape[0]
-        self.p = self.d_in * self.d_out
-        if self.eigh is None:
-            self.eigh = factor_eigh(self.A, self.G)
-        self.sA, self.QA, self.sG, self.QG = self.eigh
+    def __init__(
+        self,
+        eigh: tuple[Tensor, Tensor, Tensor, Tensor],
+        damping: float,
+        mode: str | DampingMode = DampingMode.PI,
+        *,
+        factors: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        sA, QA, sG, QG = eigh
+        self.d_in, self.d_out = QA.shape[0], QG.shape[0]
+        super().__init__(self.d_in * self.d_out, QA.dtype)
+        self.damping = check_damping(damping)
+        self.mode = DampingMode.parse(mode)
+        self.eigh = eigh
+        self._factors = factors
         # PSD in theory: clip round-off negatives.
-        self.sA = self.sA.clamp_min(0)
-        self.sG = self.sG.clamp_min(0)
+        self.sA, self.QA, self.sG, self.QG = sA.clamp_min(0), QA, sG.clamp_min(0), QG
         sq = math.sqrt(self.damping)
         if self.mode is DampingMode.PI:
-            self.pi = pi_damping(self.A, self.G)
+            self.pi = pi_from_traces(float(sA.sum()), self.d_in, float(sG.sum()), self.d_out)
             self.sA_damped = self.sA + self.pi * sq
             self.sG_damped = self.sG + sq / self.pi
             self.eig = torch.outer(self.sG_damped, self.sA_damped)
@@ -86,41 +106,63 @@ class KroneckerBlock(BlockOperator):
             self.pi = 1.0
             self.sA_damped, self.sG_damped = self.sA, self.sG
             self.eig = torch.outer(self.sG, self.sA) + self.damping
+        self.name = "kronecker-block"
+
+    @classmethod
+    def from_factors(cls, A: Tensor, G: Tensor, damping: float, mode: str | DampingMode = DampingMode.PI) -> "KroneckerBlock":
+        """Eigendecompose ``A [d_in', d_in']`` and ``G [d_out, d_out]`` (2.25)–(2.27) and build the block."""
+        return cls(factor_eigh(A, G), damping, mode, factors=(A, G))
+
+    @property
+    def A(self) -> Tensor:
+        """The undamped A (given, or ``Q_A diag(s_A) Q_Aᵀ``)."""
+        return self.factors[0]
+
+    @property
+    def G(self) -> Tensor:
+        """The undamped G (given, or ``Q_G diag(s_G) Q_Gᵀ``)."""
+        return self.factors[1]
+
+    @property
+    def factors(self) -> tuple[Tensor, Tensor]:
+        if self._factors is None:
+            sA, QA, sG, QG = self.eigh
+            self._factors = ((QA * sA) @ QA.T, (QG * sG) @ QG.T)
+        return self._factors
 
     @property
     def A_damped(self) -> Tensor:
         """Ã = A + π√λ I (``pi``); A itself for ``tikhonov``."""
-        return self.A + (self.pi * math.sqrt(self.damping) if self.mode is DampingMode.PI else 0.0) * torch.eye(
-            self.d_in, dtype=self.A.dtype
-        )
+        shift = self.pi * math.sqrt(self.damping) if self.mode is DampingMode.PI else 0.0
+        return self.A + shift * torch.eye(self.d_in, dtype=self.A.dtype)
 
     @property
     def G_damped(self) -> Tensor:
         """G̃ = G + (√λ/π) I (``pi``); G itself for ``tikhonov``."""
-        return self.G + (math.sqrt(self.damping) / self.pi if self.mode is DampingMode.PI else 0.0) * torch.eye(
-            self.d_out, dtype=self.G.dtype
-        )
+        shift = math.sqrt(self.damping) / self.pi if self.mode is DampingMode.PI else 0.0
+        return self.G + shift * torch.eye(self.d_out, dtype=self.G.dtype)
 
     # ---- eigenbasis transforms of [p_i, c] blocks -----------------------------------------
-    def _to_eigen(self, V: Tensor) -> Tensor:
+    def to_eigenbasis(self, V: Tensor) -> Tensor:
         """``V [p_i, c] -> X̂ [c, d_out, d_in']`` with ``X̂ = Q_Gᵀ MAT(v) Q_A``."""
         c = V.shape[1]
         X = V.T.reshape(c, self.d_in, self.d_out).mT  # MAT per column: [c, d_out, d_in']
         return self.QG.T @ X @ self.QA
 
-    def _from_eigen(self, Xh: Tensor) -> Tensor:
+    def from_eigenbasis(self, Xh: Tensor) -> Tensor:
+        """``X̂ [c, d_out, d_in'] -> V [p_i, c]`` with ``MAT(v) = Q_G X̂ Q_Aᵀ`` (inverse of :meth:`to_eigenbasis`)."""
         X = self.QG @ Xh @ self.QA.T  # [c, d_out, d_in']
         return X.mT.reshape(X.shape[0], -1).T
 
-    def matmat(self, V: Tensor) -> Tensor:
-        return self._from_eigen(self._to_eigen(V) * self.eig)
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.from_eigenbasis(self.to_eigenbasis(V) * self.eig)
 
-    def solve(self, W: Tensor) -> Tensor:
-        return self._from_eigen(self._to_eigen(W) / self.eig)
+    def _solve(self, W: Tensor) -> Tensor:
+        return self.from_eigenbasis(self.to_eigenbasis(W) / self.eig)
 
     def power(self, V: Tensor, k: float) -> Tensor:
         """``[F•KFAC]_ii^k V`` (k may be negative or fractional)."""
-        return self._from_eigen(self._to_eigen(V) * self.eig.pow(k))
+        return self.from_eigenbasis(self.to_eigenbasis(V) * self.eig.pow(k))
 
     def eigenvectors(self, rows: Tensor, cols: Tensor) -> Tensor:
         """Kronecker eigenvectors ``QA[:, c] ⊗ QG[:, r]`` as ``[p_i, len(rows)]``."""
@@ -134,71 +176,108 @@ class KroneckerBlock(BlockOperator):
         return vals, self.eigenvectors(rows, cols)
 
 
-class KFAC(BlockDiagonalOperator):
-    """F•KFAC = blockdiag(Ã_i ⊗ G̃_i) (2.28)–(2.31), or blockdiag(A_i ⊗ G_i + λI).
+class KFAC(BlockDiagonal):
+    """F•KFAC = blockdiag(Ã_i ⊗ G̃_i) (2.28)–(2.31), or blockdiag(A_i ⊗ G_i + λI), ``[p, p]``.
 
-    Args:
-        source: a :class:`Capture` or :class:`Jacobian` (the factors come from ā and g, or the
-            stored ``A_i``/``G_i`` of dense-stored layers).
-        damping: λ > 0.
-        damping_mode: ``"pi"`` (2.30) or ``"tikhonov"``.
-        factors: optional ``[(A_i, G_i)]`` to use instead of the capture's (e.g. running averages
-            kept by an optimizer); shapes must match the layers.
+    Constructors:
+
+    * ``KFAC(blocks)`` — ready :class:`KroneckerBlock` per layer (all with one λ and mode);
+    * :meth:`KFAC.from_capture` ``(source, damping, damping_mode)`` — the capture's factors,
+      eigendecomposed once per Jacobian and shared by both damping modes;
+    * :meth:`KFAC.from_factors` ``(factors, damping, damping_mode)`` — external factors (running
+      averages kept by an optimizer);
+    * ``KFAC(source, damping, damping_mode="pi", *, factors=None)`` — the call of the README,
+      forwarded to :meth:`from_capture` (checking ``factors`` against the layers when given).
+
+    An operator built this way is independent of any Jacobian: an optimizer may reuse it as the
+    preconditioner of later batches.
 
     Attributes:
-        factors: ``[(A_i, G_i)]``; pi: ``[π_i]``; blocks: the :class:`KroneckerBlock` per layer,
-        with their eigendecompositions.
+        blocks: the :class:`KroneckerBlock` per layer; factors: ``[(A_i, G_i)]``; pi: ``[π_i]``;
+        damping: λ; damping_mode: :class:`DampingMode`.
     """
 
-    def __init__(
-        self,
-        source: Capture | Jacobian,
-        damping: float,
-        damping_mode: str | DampingMode = "pi",
-        *,
-        factors: list[tuple[Tensor, Tensor]] | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> None:
-        self.damping = check_damping(damping)
-        try:
-            self.damping_mode = DampingMode(damping_mode)
-        except ValueError:
-            raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
-        self.jac: Jacobian = as_jacobian(source, dtype)
-        shared = factors is None
-        if factors is None:
-            factors = [lj.kfac_factors for lj in self.jac.layers]
-        elif len(factors) != len(self.jac.layers):
-            raise ValueError(f"KFAC: {len(factors)} factor pairs given for {len(self.jac.layers)} layers")
-        for (A, G), lj in zip(factors, self.jac.layers):
-            if A.shape != (lj.spec.d_in_bar,) * 2 or G.shape != (lj.spec.d_out,) * 2:
-                raise ValueError(
-                    f"KFAC: layer '{lj.spec.name}' needs A [{lj.spec.d_in_bar}, {lj.spec.d_in_bar}] and "
-                    f"G [{lj.spec.d_out}, {lj.spec.d_out}], got {tuple(A.shape)} and {tuple(G.shape)}"
-                )
-        # the capture's factors are decomposed once per Jacobian and shared by both damping modes
-        blocks = [
-            KroneckerBlock(
-                A.to(dtype), G.to(dtype), self.damping, self.damping_mode,
-                eigh=lj.kfac_eigh if shared and A.dtype == dtype else None,
-            )
-            for (A, G), lj in zip(factors, self.jac.layers)
-        ]
-        super().__init__(blocks, self.jac.layout.sizes, dtype)
+    def __init__(self, blocks, damping: float | None = None, damping_mode: str | DampingMode = "pi", *, factors=None, dtype: torch.dtype = torch.float64) -> None:
+        if isinstance(blocks, (Capture, Jacobian)):  # the README's KFAC(capture, λ, mode)
+            damping_mode = DampingMode.parse(damping_mode)
+            damping = check_damping(damping)
+            jac = Jacobian.coerce(blocks, dtype)
+            if factors is None:
+                blocks = _blocks_of(jac, damping, damping_mode, dtype)
+            else:
+                _check_factors(factors, jac)
+                blocks = [KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, damping_mode) for A, G in factors]
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, KroneckerBlock) for b in blocks):
+            raise TypeError("KFAC(blocks): expected a list of KroneckerBlock (or a Capture/Jacobian and λ)")
+        if len({(b.damping, b.mode) for b in blocks}) != 1:
+            raise ValueError("KFAC: every Kronecker block must have the same damping and mode")
+        super().__init__(blocks)
+        self.damping = blocks[0].damping
+        self.damping_mode = blocks[0].mode
         self.name = "kfac" if self.damping_mode is DampingMode.PI else "kfac-tikhonov"
+
+    @classmethod
+    def from_capture(cls, source: Capture | Jacobian, damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":
+        """KFAC from a capture's factors (2.25)–(2.27); the eigendecompositions are the
+        Jacobian's, computed once and shared by every KFAC built on it."""
+        jac = Jacobian.coerce(source, dtype)
+        return cls(_blocks_of(jac, damping, damping_mode, dtype))
+
+    @classmethod
+    def from_factors(cls, factors: Sequence[tuple[Tensor, Tensor]], damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":
+        """KFAC from given factors ``[(A_i [d_in', d_in'], G_i [d_out, d_out])]`` (e.g. running averages)."""
+        return cls([KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, damping_mode) for A, G in factors])
 
     @property
     def factors(self) -> list[tuple[Tensor, Tensor]]:
-        return [(b.A, b.G) for b in self.blocks]  # type: ignore[attr-defined]
+        return [b.factors for b in self.blocks]
 
     @property
     def pi(self) -> list[float]:
-        return [b.pi for b in self.blocks]  # type: ignore[attr-defined]
+        return [b.pi for b in self.blocks]
 
     def eigenvalues(self) -> Tensor:
         """All p eigenvalues of F•KFAC (products of the damped factor eigenvalues), unsorted."""
-        return torch.cat([b.eig.reshape(-1) for b in self.blocks])  # type: ignore[attr-defined]
+        return torch.cat([b.eig.reshape(-1) for b in self.blocks])
 
     def power(self, V: Tensor, k: float) -> Tensor:
         """``F•KFAC^k V`` for ``V [p, c]`` (e.g. k = −½ for the preconditioned operator)."""
-        return torch.cat([b.power(v, k) for b, v in zip(self.blocks, self._split(V))], dim=0)  # type: ignore[attr-defined]
+        return torch.cat([b.power(v, k) for b, v in zip(self.blocks, self.split(V))], dim=0)
+
+    def to_eigenbasis(self, X: Tensor) -> Tensor:
+        """``Qᵀ X`` for ``X [p, c]``, ``Q = blockdiag(Q_{A,i} ⊗ Q_{G,i})`` (coordinates of ``vec(X̂_i)``)."""
+        out = []
+        for b, x in zip(self.blocks, self.split(X)):
+            Yh = b.to_eigenbasis(x)  # [c, d_out, d_in']
+            out.append(Yh.mT.reshape(Yh.shape[0], -1).T)
+        return torch.cat(out, dim=0)
+
+    def from_eigenbasis(self, Y: Tensor) -> Tensor:
+        """``Q Y`` for ``Y [p, c]`` in eigenbasis coordinates (inverse of :meth:`to_eigenbasis`)."""
+        return torch.cat(
+            [b.from_eigenbasis(y.T.reshape(-1, b.d_in, b.d_out).mT) for b, y in zip(self.blocks, self.split(Y))], dim=0
+        )
+
+
+def _check_factors(factors: Sequence[tuple[Tensor, Tensor]], jac: Jacobian) -> None:
+    if len(factors) != len(jac.layers):
+        raise ValueError(f"KFAC: {len(factors)} factor pairs given for {len(jac.layers)} layers")
+    for (A, G), lj in zip(factors, jac.layers):
+        if A.shape != (lj.spec.d_in_bar,) * 2 or G.shape != (lj.spec.d_out,) * 2:
+            raise ValueError(
+                f"KFAC: layer '{lj.spec.name}' needs A [{lj.spec.d_in_bar}, {lj.spec.d_in_bar}] and "
+                f"G [{lj.spec.d_out}, {lj.spec.d_out}], got {tuple(A.shape)} and {tuple(G.shape)}"
+            )
+
+
+def _blocks_of(jac: Jacobian, damping: float, mode: str | DampingMode, dtype: torch.dtype) -> list[KroneckerBlock]:
+    """The capture's Kronecker blocks, reusing each layer's cached eigendecomposition."""
+    blocks = []
+    for lj in jac.layers:
+        A, G = lj.kfac_factors
+        if A.dtype == dtype:
+            blocks.append(KroneckerBlock(lj.kfac_eigh, damping, mode, factors=(A, G)))
+        else:
+            blocks.append(KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, mode))
+    return blocks

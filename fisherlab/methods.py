@@ -1,0 +1,397 @@
+"""THE method registry: every curvature approximation fisherlab compares, in one table.
+
+A method is one :class:`Method` record — key, legend (the paper's Table 1 names, extended),
+:class:`Family`, builder, options with defaults, colour, marker, optimizer name — in
+:data:`METHODS`. Everything else derives from it: :func:`fisherlab.compare` (rows, gap rule and
+sign check by family), the CLI's choices, the optimizers (``kfac-2l-<key>`` for every
+multiplicative correction, a generic optimizer for every other method), the plots' colours,
+markers and legends, the paper reproduction's method lists, and the tests' parametrization.
+
+Adding a method: write its operator (one file in :mod:`fisherlab.operators`) and add one
+``Method(...)`` entry below. ``diagonal`` was added that way.
+
+| key | legend | family | operator |
+|---|---|---|---|
+| ``exact`` | EXACT | exact | :class:`~fisherlab.operators.ExactFisher` (ζ itself; not in compare's default) |
+| ``block-diagonal`` | BLOCK-DIAG | exact | :class:`~fisherlab.operators.BlockDiagonalFisher` (3.7) |
+| ``kfac`` | KFAC | one-level | :class:`~fisherlab.operators.KFAC`, π-damping (2.30) — the reference of every ratio |
+| ``kfac-tikhonov`` | KFAC-TIKHONOV | one-level | :class:`~fisherlab.operators.KFAC`, A ⊗ G + λI |
+| ``diagonal`` | DIAGONAL | one-level | :class:`~fisherlab.operators.DiagonalFisher`, diag(F) + λI |
+| ``nicolaides`` … ``taylor`` | NICO … TAYLOR | multiplicative | :class:`~fisherlab.operators.TwoLevelKFAC` (3.9)–(3.15) |
+| ``tko``, ``tko-kronecker`` | PREVIOUS, PREVIOUS-KRON | additive | :class:`~fisherlab.operators.TKO` (4.7), (3.18) |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from .capturing.record import Capture
+from .errors import FisherlabError
+from .jacobian import Jacobian
+from .operators import (
+    GAP_RTOL,
+    KFAC,
+    TKO,
+    BlockDiagonalFisher,
+    DiagonalFisher,
+    ExactFisher,
+    FisherOperator,
+    TwoLevelKFAC,
+    cg_preconditioner_rule,
+    check_damping,
+)
+
+__all__ = [
+    "BASELINES",
+    "Family",
+    "Method",
+    "METHODS",
+    "Pieces",
+    "UnknownMethodError",
+    "build",
+    "colour",
+    "default_keys",
+    "get",
+    "keys",
+    "legend",
+    "marker",
+    "method_of_optimizer",
+    "optimizer_names",
+]
+
+
+class UnknownMethodError(FisherlabError, ValueError):
+    """A method key (or one of its options) that the registry does not know."""
+
+
+class Family(str, Enum):
+    """What kind of approximation a method is; it fixes how its gap is computed and checked."""
+
+    EXACT = "exact"
+    """Exact references (F• itself, its exact block diagonal): nobody trains with them; kept apart
+    from practical methods in headlines and plots."""
+    ONE_LEVEL = "one-level"
+    """Practical one-level approximations (KFAC, diagonal, …). Gap by the ζ-free identity
+    xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ against y = ζ_KFAC."""
+    MULTIPLICATIVE = "multiplicative"
+    """Consistent two-level corrections (3.9): gap (4.6) = −(R_0r)ᵀF_coarse⁻¹(R_0r) ≤ 0."""
+    ADDITIVE = "additive"
+    """Additive corrections (TKO, (4.7)): gap (4.6), which may be positive."""
+
+    @property
+    def coarse(self) -> bool:
+        """Whether the method is a coarse correction of a one-level operator (gap by (4.6))."""
+        return self in (Family.MULTIPLICATIVE, Family.ADDITIVE)
+
+    @property
+    def gap_nonpositive(self) -> bool:
+        """Whether theory bounds the gap by 0 (then the sign is checked)."""
+        return self is Family.MULTIPLICATIVE
+
+    def gap_violation(self, gap: float, scale: float) -> bool:
+        """Whether ``gap`` breaks the family's bound beyond round-off: ``gap > GAP_RTOL · scale``
+        for multiplicative corrections (``scale``: the size of the terms the gap is a difference
+        of, 𝔈_KFAC + ‖ζ‖²_F•); never for the others."""
+        return self.gap_nonpositive and gap > GAP_RTOL * scale
+
+
+@dataclass
+class Pieces:
+    """What the builders share for one capture and one λ: the Jacobian, the right-hand side, the
+    exact F• and the one-level KFAC operators (built once, on first use).
+
+    Args:
+        jac: the :class:`Jacobian`.
+        damping: λ > 0.
+        rhs: ∇h ``[p]`` (needed by the coarse corrections).
+        exact: a ready :class:`ExactFisher` to share (default: built by the ``exact`` method's rule).
+        kfac: a ready π-damped :class:`KFAC` to share (e.g. an optimizer's running-average KFAC).
+    """
+
+    jac: Jacobian
+    damping: float
+    rhs: Tensor | None = None
+    exact: ExactFisher | None = None
+    kfac: KFAC | None = None
+    _one_level: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, source: Capture | Jacobian, damping: float, *, rhs: Tensor | None = None, **kw) -> "Pieces":
+        jac = Jacobian.coerce(source)
+        if rhs is None and isinstance(source, Capture):
+            rhs = source.grad
+        return cls(jac, check_damping(damping), None if rhs is None else rhs.to(torch.float64).reshape(-1), **kw)
+
+    def fisher(self) -> ExactFisher:
+        """The shared exact F• (Woodbury or CG by :class:`ExactFisher`'s automatic rule)."""
+        if self.exact is None:
+            self.exact = ExactFisher(self.jac, self.damping)
+        return self.exact
+
+    def one_level(self, key: str = "kfac", **options: Any) -> FisherOperator:
+        """The shared one-level operator of method ``key`` (the fine level of a coarse correction)."""
+        if key == "kfac" and self.kfac is not None and not options:
+            return self.kfac
+        cache_key = (key, tuple(sorted(options.items())))
+        if cache_key not in self._one_level:
+            method = get(key)
+            if method.family is not Family.ONE_LEVEL and key != "block-diagonal":
+                raise UnknownMethodError(f"'{key}' is not a one-level method (a coarse correction needs one as its base)")
+            self._one_level[cache_key] = method.builder(self, **method.resolve_options(options))
+        return self._one_level[cache_key]
+
+    def right_hand_side(self, key: str) -> Tensor:
+        if self.rhs is None:
+            raise FisherlabError(f"method '{key}' needs the right-hand side ∇h: pass rhs= (or a Capture)")
+        return self.rhs
+
+
+Builder = Callable[..., FisherOperator]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method.
+
+    Attributes:
+        key: the name in tables, the CLI and the API (``"nicolaides"``).
+        legend: the figure/table name (``"NICO"``).
+        family: :class:`Family`.
+        builder: ``builder(pieces, **options) -> FisherOperator``.
+        options: option name → default (``{"m": 2}``); :func:`build` refuses others.
+        colour, marker: fixed across every figure.
+        optimizer: the optimizer's name in :mod:`fisherlab.optim` (``None``: no optimizer).
+        optimizer_legend: the optimizer's legend when it differs from ``legend``.
+        default: whether :func:`fisherlab.compare` runs it by default.
+        description: one line for help texts.
+    """
+
+    key: str
+    legend: str
+    family: Family
+    builder: Builder
+    colour: str
+    marker: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str | None = None
+    optimizer_legend: str | None = None
+    default: bool = True
+    description: str = ""
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults updated by ``given``; a one-line error for an option the method lacks."""
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "no options"
+            raise UnknownMethodError(f"method '{self.key}' has no option {', '.join(unknown)} (it takes {takes})")
+        return {**self.options, **given}
+
+
+# ---- builders -------------------------------------------------------------------------------
+
+
+def _exact(pieces: Pieces, *, solver: str = "auto", preconditioner: str | None = "auto") -> ExactFisher:
+    if solver == "auto" and preconditioner == "auto":
+        return pieces.fisher()
+    jac, lam = pieces.jac, pieces.damping
+    rule = cg_preconditioner_rule(jac.N, jac.p) if preconditioner == "auto" else preconditioner
+    pc = KFAC.from_capture(jac, lam, "pi") if rule == "kfac" else None
+    if rule not in ("kfac", None):
+        raise UnknownMethodError(f"exact: preconditioner must be 'auto', 'kfac' or None, got {preconditioner!r}")
+    return ExactFisher(jac, lam, solver=solver, preconditioner=pc)  # type: ignore[arg-type]
+
+
+def _kfac(mode: str) -> Builder:
+    def build(pieces: Pieces) -> KFAC:
+        if mode == "pi" and pieces.kfac is not None:
+            return pieces.kfac
+        return KFAC.from_capture(pieces.jac, pieces.damping, mode)
+
+    return build
+
+
+def _two_level(space: str) -> Builder:
+    def build(pieces: Pieces, *, base: str = "kfac", **sizes: int) -> TwoLevelKFAC:
+        return TwoLevelKFAC.from_capture(
+            pieces.jac, pieces.damping, space, base=pieces.one_level(base), exact=pieces.fisher(),
+            rhs=pieces.right_hand_side(space), **sizes,
+        )
+
+    return build
+
+
+def _tko(coarse_operator: str) -> Builder:
+    def build(pieces: Pieces, *, base: str = "kfac", coarse: str = "nicolaides", **sizes: int) -> TKO:
+        return TKO.from_capture(
+            pieces.jac, pieces.damping, coarse, base=pieces.one_level(base), exact=pieces.fisher(),
+            rhs=pieces.right_hand_side("tko"), coarse_operator=coarse_operator, **sizes,
+        )
+
+    return build
+
+
+def _palette() -> list[str]:
+    """matplotlib's tab20 (pairs of dark/light hues), as hex."""
+    return [
+        "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896",
+        "#9467bd", "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7",
+        "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
+    ]
+
+
+_P = _palette()
+_COARSE_OPTS = {"base": "kfac"}
+
+_ENTRIES = [
+    Method("exact", "EXACT", Family.EXACT, _exact, "#000000", "", {"solver": "auto", "preconditioner": "auto"},
+           optimizer="ngd", optimizer_legend="NGD", default=False,
+           description="F• = F + λI by Woodbury (or CG): ζ itself"),
+    Method("block-diagonal", "BLOCK-DIAG", Family.EXACT, lambda pc: BlockDiagonalFisher(pc.jac, pc.damping), _P[16], "P",
+           optimizer="ngd-block", optimizer_legend="NGD-BLOCK", description="the exact diagonal blocks of F• (3.7)"),
+    Method("kfac", "KFAC", Family.ONE_LEVEL, _kfac("pi"), _P[14], "s", optimizer="kfac",
+           description="KFAC with π-damping (2.30)"),
+    Method("kfac-tikhonov", "KFAC-TIKHONOV", Family.ONE_LEVEL, _kfac("tikhonov"), _P[15], "D", optimizer="kfac-tikhonov",
+           description="KFAC with exact Tikhonov damping A ⊗ G + λI"),
+    Method("diagonal", "DIAGONAL", Family.ONE_LEVEL, lambda pc: DiagonalFisher.from_capture(pc.jac, pc.damping), _P[3], "d",
+           optimizer="diagonal", description="the exact diagonal diag(F) + λI"),
+    Method("nicolaides", "NICO", Family.MULTIPLICATIVE, _two_level("nicolaides"), _P[0], "o", dict(_COARSE_OPTS),
+           optimizer="kfac-2l-nicolaides", description="two-level, V_i = 1 (3.24)"),
+    Method("spectral", "SPECTRAL", Family.MULTIPLICATIVE, _two_level("spectral"), _P[2], "v", {**_COARSE_OPTS, "k": 1},
+           optimizer="kfac-2l-spectral", description="two-level, smallest Kronecker eigenvectors (3.28)"),
+    Method("krylov-nicolaides", "KRY-NICO", Family.MULTIPLICATIVE, _two_level("krylov-nicolaides"), _P[1], "<",
+           {**_COARSE_OPTS, "m": 2}, optimizer="kfac-2l-krylov-nicolaides", description="two-level, Krylov from 1 (3.29)"),
+    Method("residuals", "RESIDU", Family.MULTIPLICATIVE, _two_level("residuals"), _P[4], "^", dict(_COARSE_OPTS),
+           optimizer="kfac-2l-residuals", description="two-level, [F•KFAC]_ii⁻¹ r[i] (3.32)"),
+    Method("krylov-residuals", "KRY-RESIDU", Family.MULTIPLICATIVE, _two_level("krylov-residuals"), _P[5], ">",
+           {**_COARSE_OPTS, "m": 2}, optimizer="kfac-2l-krylov-residuals", description="two-level, Krylov from the residual"),
+    Method("taylor", "TAYLOR", Family.MULTIPLICATIVE, _two_level("taylor"), _P[8], "*", {**_COARSE_OPTS, "q": 2},
+           optimizer="kfac-2l-taylor", description="two-level, Taylor/Neumann directions (3.37)–(3.38)"),
+    Method("tko", "PREVIOUS", Family.ADDITIVE, _tko("exact"), _P[6], "x", {**_COARSE_OPTS, "coarse": "nicolaides"},
+           optimizer="tko", description="additive TKO (4.7), exact F_coarse"),
+    Method("tko-kronecker", "PREVIOUS-KRON", Family.ADDITIVE, _tko("kronecker"), _P[7], "+",
+           {**_COARSE_OPTS, "coarse": "nicolaides"}, optimizer="tko-kronecker",
+           description="additive TKO with the Kronecker F_coarse (3.18); Linear layers only"),
+]
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.key: m for m in _ENTRIES})
+"""Key → :class:`Method`, in table order (iterating gives the keys)."""
+
+BASELINES: Mapping[str, tuple[str, str, str]] = MappingProxyType({
+    "sgd": ("SGD", "#8c564b", "."),
+    "adam": ("ADAM", "#e377c2", "."),
+    "two-level-kfac": ("KFAC-2L", _P[0], "o"),
+})
+"""Names that are not methods but appear in figures (optimizers without an operator of their own,
+and the generic two-level optimizer): name → (legend, colour, marker)."""
+
+
+# ---- queries --------------------------------------------------------------------------------
+
+
+def get(key: str) -> Method:
+    """The :class:`Method` of ``key``; a one-line error listing the choices."""
+    try:
+        return METHODS[key]
+    except KeyError:
+        raise UnknownMethodError(f"unknown method '{key}' (choose from {', '.join(METHODS)})") from None
+
+
+def keys(family: Family | str | Iterable[Family | str] | None = None) -> list[str]:
+    """Keys in table order, of one family or several (all when ``None``)."""
+    if family is None:
+        return list(METHODS)
+    fams = {Family(family)} if isinstance(family, (str, Family)) else {Family(f) for f in family}
+    return [k for k, m in METHODS.items() if m.family in fams]
+
+
+def default_keys() -> list[str]:
+    """The methods :func:`fisherlab.compare` runs by default, in table order."""
+    return [k for k, m in METHODS.items() if m.default]
+
+
+def optimizer_names() -> dict[str, str]:
+    """Optimizer name → method key, for every method with an optimizer."""
+    return {m.optimizer: k for k, m in METHODS.items() if m.optimizer}
+
+
+def method_of_optimizer(name: str) -> str | None:
+    """The method key behind optimizer ``name`` (``"kfac-2l-residuals"`` → ``"residuals"``), or None."""
+    return optimizer_names().get(name)
+
+
+def _lookup(key: str) -> tuple[str, str, str] | None:
+    if key in METHODS:
+        m = METHODS[key]
+        return m.legend, m.colour, m.marker
+    if key.startswith("error-") and key[len("error-") :] in METHODS:  # spectra: error operator of a method
+        return _lookup(key[len("error-") :])
+    method = method_of_optimizer(key)
+    if method is not None:
+        m = METHODS[method]
+        return m.optimizer_legend or m.legend, m.colour, m.marker
+    if key in BASELINES:
+        return BASELINES[key]
+    for m in METHODS.values():  # a legend maps to itself
+        if key in (m.legend, m.optimizer_legend):
+            return key, m.colour, m.marker
+    for lg, c, mk in BASELINES.values():
+        if key == lg:
+            return lg, c, mk
+    return None
+
+
+def legend(key: str) -> str:
+    """Legend of a method key, optimizer name, baseline or legend (unknown keys: upper-cased)."""
+    found = _lookup(key)
+    return found[0] if found else key.upper()
+
+
+def colour(key: str, default: str = "#444444") -> str:
+    """The fixed colour of a method, optimizer, baseline or legend name."""
+    found = _lookup(key)
+    return found[1] if found else default
+
+
+def marker(key: str, default: str = "o") -> str:
+    """The fixed marker of a method, optimizer, baseline or legend name."""
+    found = _lookup(key)
+    return found[2] if found else default
+
+
+def build(
+    key: str,
+    capture: Capture | Jacobian | Pieces,
+    damping: float | None = None,
+    *,
+    rhs: Tensor | None = None,
+    exact: ExactFisher | None = None,
+    kfac: KFAC | None = None,
+    **options: Any,
+) -> FisherOperator:
+    """The operator of method ``key`` for a capture (or Jacobian with ``rhs``) at damping λ.
+
+    Args:
+        key: a key of :data:`METHODS`.
+        capture: a :class:`Capture`, a :class:`Jacobian`, or ready :class:`Pieces` (shared between calls).
+        damping: λ > 0 (not needed with ``Pieces``).
+        rhs: ∇h ``[p]`` for the coarse corrections (default ``capture.grad``).
+        exact, kfac: ready operators to share.
+        options: the method's options (:attr:`Method.options`, e.g. ``m=3`` for Krylov spaces,
+            ``base="diagonal"`` for a coarse correction over another one-level operator).
+    """
+    method = get(key)
+    opts = method.resolve_options(options)
+    if isinstance(capture, Pieces):
+        pieces = capture
+    else:
+        if damping is None or (isinstance(damping, float) and math.isnan(damping)):
+            raise FisherlabError(f"method '{key}': the damping λ is required")
+        pieces = Pieces.of(capture, damping, rhs=rhs, exact=exact, kfac=kfac)
+    return method.builder(pieces, **opts)
