@@ -33,7 +33,22 @@ earlier checkpoint is modified, so SIGKILL at that moment leaves every earlier c
 (``libver=("earliest", "v108")``): the newer superblock of ``libver="latest"`` records "open for
 write" and refuses to open after a crash until ``h5clear`` is run. HDF5 itself gives no formal
 crash guarantee outside SWMR; the two short commit steps (create the staging link, move it) each
-rewrite a few small metadata blocks and are the remaining window.
+rewrite a few small metadata blocks and are the remaining window: when a kill there leaves
+staging links HDF5 can neither delete nor move, the next append moves the whole ``/staging``
+aside (``/.stale-staging-<n>``) and starts a fresh one. A new file's ``<file>.partial`` is held
+under an exclusive ``flock`` and published with ``os.link`` (never replacing a file): a concurrent
+creator gets a one-line error, and one that loses the publish appends instead. A write checks the
+free disk space first; disk full, read-only and permission errors are one line naming the cause.
+
+**Trust.** The store reads and writes only what it writes itself: every link under ``/`` is a
+hard link to an object of this file, linked once (no soft or external links, no aliases);
+datasets are contiguous or chunked in this file (no virtual datasets, no external storage),
+with no filter but gzip or lzf, of plain number types; a declared dataset must be fully
+allocated in the file and fit the available memory before it is read. Attributes are typed and
+bounded (JSON size and depth), and the root, every checkpoint and every layer group carry
+``attrs_crc32``, a CRC-32 of their other attributes (``complete`` apart): a changed attribute is
+an error, not a silent load. A committed checkpoint whose metadata cannot be read is reported
+``damaged``, not incomplete.
 """
 
 from __future__ import annotations
@@ -78,8 +93,8 @@ _CHUNK_BYTES = 1 << 20
 _DS_ORDER = ("a", "g", "J", "A", "G")
 
 # Test hook: called as ``_WRITE_HOOK(checkpoint, stage)`` while a checkpoint is being written
-# (``stage`` = "staged", "<i>/<dataset>" after each layer dataset, "grad", "before-commit",
-# "committed"). tests/test_store.py uses it to stop a writer at a known moment and SIGKILL it.
+# (``stage`` = "staged", "<i>/<dataset>" after each layer dataset, "before-commit", "moved" (in
+# /checkpoints, not yet complete), "completed" (flag set, not yet flushed), "committed"). tests/test_store.py uses it to stop a writer at a known moment and SIGKILL it.
 _WRITE_HOOK: Callable[[str, str], None] | None = None
 
 
@@ -116,7 +131,8 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A checkpoint of a file: complete (under ``/checkpoints``) or not (staging, killed writer)."""
+    """A checkpoint of a file: complete (under ``/checkpoints``), not (staging, killed writer), or
+    ``damaged`` (committed, but its metadata cannot be read: ``complete`` is then ``False``)."""
 
     name: str
     complete: bool
@@ -135,6 +151,7 @@ class CheckpointInfo:
     nbytes: int = 0
     stored_bytes: int = 0
     status: str = ""
+    damaged: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +182,33 @@ def _attr(obj: Any, key: str, default: Any = None) -> Any:
     return v
 
 
-def _jattr(obj: Any, key: str, default: Any = None) -> Any:
+def _jattr(obj: Any, key: str, default: Any = None, where: str | None = None) -> Any:
+    """A JSON attribute, bounded in size and nesting depth; bad JSON is a one-line StoreError."""
     v = _attr(obj, key, None)
-    return default if v is None else json.loads(v)
+    if v is None:
+        return default
+    at = f"{where}: " if where else ""
+    if not isinstance(v, str):
+        raise StoreError(f"{at}attribute '{key}' is a {type(v).__name__}, not a JSON string; the file is corrupted")
+    if len(v) > _MAX_JSON_CHARS or not _json_depth_ok(v):
+        raise StoreError(f"{at}attribute '{key}' is larger or more deeply nested than fisherlab writes; the file is corrupted")
+    try:
+        return json.loads(v)
+    except (ValueError, RecursionError) as err:
+        raise StoreError(f"{at}attribute '{key}' is not valid JSON ({_first_line(err)}); the file is corrupted") from None
+
+
+def _typed(obj: Any, key: str, kinds: tuple, where: str, *, json_: bool = False, optional: bool = False) -> Any:
+    """An attribute of one of the Python types ``kinds`` (bool is never an int here)."""
+    v = _jattr(obj, key, None, where) if json_ else _attr(obj, key)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        raise StoreError(
+            f"{where}: attribute '{key}' is {type(v).__name__} {v!r:.40}, expected "
+            f"{' or '.join(k.__name__ for k in kinds)}; the file is corrupted"
+        )
+    return v
 
 
 def _crc(arr: np.ndarray) -> int:
@@ -271,6 +312,291 @@ def _layer_table(capture: Capture) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# trust nothing the store did not write: links, storage, filters, sizes, attributes
+# --------------------------------------------------------------------------------------------
+
+_FILTERS = {h5py.h5z.FILTER_DEFLATE: "gzip", 32000: "lzf"}  # the only filters save() sets
+_ROOT_MEMBERS = ("checkpoints", "staging")
+_CKPT_MEMBERS = ("grad", "targets", "sampled", "layers")
+_MAX_OBJECTS = 1_000_000
+_MAX_JSON_CHARS = 64 << 20
+_MAX_JSON_DEPTH = 32
+_STALE = ".stale-"
+
+
+class _Unreadable(StoreError):
+    """Metadata that cannot be read (a killed writer, a damaged block), as opposed to a refusal."""
+
+
+class _Refused(StoreError):
+    """Something save() never writes (links out of the file, foreign storage): refused outright."""
+
+
+def _link_type(grp: Any, name: str) -> int:
+    return grp.id.links.get_info(name.encode()).type
+
+
+def _refuse_link(path: Path, where: str, ltype: int) -> None:
+    kind = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}.get(ltype, "a user-defined link")
+    raise _Refused(
+        f"{path}: {where} is {kind}, not an object of this file; fisherlab files hold only hard links "
+        "(refusing to follow it; was the file edited by another tool?)"
+    )
+
+
+def _check_links(path: Path, grp: Any, prefix: str) -> list[str]:
+    """Names of ``grp``'s members, every one a hard link (else a one-line :class:`StoreError`)."""
+    names = _safe_keys(grp)
+    for n in names:
+        try:
+            t = _link_type(grp, n)
+        except Exception as err:
+            raise _Unreadable(f"{path}: cannot read the link {prefix}/{n} ({_first_line(err)}); the file is corrupted") from None
+        if t != h5py.h5l.TYPE_HARD:
+            _refuse_link(path, f"{prefix}/{n}", t)
+    return names
+
+
+def _refcount(obj: Any) -> int:
+    return int(h5py.h5o.get_info(obj.id).rc)
+
+
+def _audit_dataset(path: Path, ds: Any, where: str) -> None:
+    """A dataset save() could have written: contiguous or chunked storage inside this file, no
+    external or virtual storage, only the gzip/lzf filter, a plain numeric dtype."""
+    try:
+        plist = ds.id.get_create_plist()
+        layout = plist.get_layout()
+        external = plist.get_external_count()
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+        kind = ds.dtype.kind
+        vlen = h5py.check_dtype(vlen=ds.dtype) is not None
+    except StoreError:
+        raise
+    except Exception as err:
+        raise _Unreadable(f"{path}: cannot read the dataset {where} ({_first_line(err)}); the file is corrupted") from None
+    if layout == h5py.h5d.VIRTUAL:
+        raise _Refused(f"{path}: {where} is a virtual dataset (its data live in other files); refusing to read it")
+    if external:
+        raise _Refused(f"{path}: {where} keeps its data in external files; refusing to read it")
+    if layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
+        raise _Refused(f"{path}: {where} has a storage layout fisherlab never writes; the file is corrupted")
+    bad = [f for f in filters if f not in _FILTERS]
+    if bad or len(filters) > 1:
+        raise _Refused(f"{path}: {where} uses HDF5 filter(s) {filters} that fisherlab never sets; refusing to read it")
+    if kind not in "biuf" or vlen or ds.dtype.names is not None or ds.dtype.subdtype is not None:
+        raise _Refused(f"{path}: {where} has dtype {ds.dtype}, not a plain number type; the file is corrupted")
+
+
+def _audit_tree(path: Path, grp: Any, prefix: str, depth: int, budget: list[int]) -> None:
+    """Every member of ``grp``, recursively: hard links only, each object linked once (no object
+    reachable from two places, no cycles), datasets audited by :func:`_audit_dataset`."""
+    if depth > 4:
+        raise _Refused(f"{path}: {prefix} is nested deeper than any fisherlab checkpoint; the file is corrupted")
+    for n in _check_links(path, grp, prefix):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _Refused(f"{path}: more than {_MAX_OBJECTS} objects; not a fisherlab file")
+        where = f"{prefix}/{n}"
+        try:
+            obj = grp[n]
+            rc = _refcount(obj)
+        except Exception as err:
+            raise _Unreadable(f"{path}: cannot open {where} ({_first_line(err)}); the file is corrupted") from None
+        if rc != 1:
+            raise _Refused(
+                f"{path}: {where} is linked from {rc} places (fisherlab links every object once); refusing to use it"
+            )
+        if isinstance(obj, h5py.Dataset):
+            _audit_dataset(path, obj, where)
+        elif isinstance(obj, h5py.Group):
+            _audit_tree(path, obj, where, depth + 1, budget)
+        else:  # pragma: no cover - named datatypes
+            raise _Refused(f"{path}: {where} is a {type(obj).__name__}, which fisherlab never writes")
+
+
+def _audit_top(f: h5py.File, path: Path) -> None:
+    """The root: only ``/checkpoints``, ``/staging`` (and ``.stale-*`` left by a recovery), hard
+    links to distinct groups each linked once; their members hard links. Cheap (no descent)."""
+    for n in _check_links(path, f, ""):
+        if n not in _ROOT_MEMBERS and not n.startswith(_STALE):
+            raise _Refused(f"{path}: unexpected object /{n} at the root (fisherlab writes /checkpoints and /staging only)")
+    addrs = set()
+    for n in _ROOT_MEMBERS:
+        if n not in f:
+            continue
+        g = f[n]
+        if not isinstance(g, h5py.Group):
+            raise _Refused(f"{path}: /{n} is not a group; the file is corrupted")
+        info = h5py.h5o.get_info(g.id)
+        if info.rc != 1 or info.addr in addrs:
+            raise _Refused(f"{path}: /{n} is linked from several places; refusing to use it")
+        addrs.add(info.addr)
+        _check_links(path, g, f"/{n}")
+
+
+def _audit_checkpoint(path: Path, g: Any, prefix: str) -> None:
+    """One checkpoint's whole tree (see :func:`_audit_tree`), its member names as save() writes them."""
+    if not isinstance(g, h5py.Group):
+        raise _Refused(f"{path}: {prefix} is not a group; the file is corrupted")
+    rc = _refcount(g)
+    if rc != 1:
+        raise _Refused(f"{path}: {prefix} is linked from {rc} places (fisherlab links every object once); refusing to use it")
+    names = _safe_keys(g)
+    odd = [n for n in names if n not in _CKPT_MEMBERS]
+    if odd:
+        raise _Refused(f"{path}: {prefix} holds unexpected member(s) {odd}; the file is corrupted")
+    _audit_tree(path, g, prefix, 1, [_MAX_OBJECTS])
+    if "layers" in g:
+        for i in _safe_keys(g["layers"]):
+            odd = [k for k in _safe_keys(g["layers"][i]) if k not in _DS_ORDER]
+            if not i.isdigit() or odd or isinstance(g["layers"][i], h5py.Dataset):
+                raise _Refused(f"{path}: {prefix}/layers/{i} is not a layer group save() writes; the file is corrupted")
+
+
+def _audit_all(f: h5py.File, path: Path) -> None:
+    """Every checkpoint and staging entry (before a write): refusals raise; what a killed writer
+    left unreadable does not (the writer replaces or moves it aside)."""
+    for top in _ROOT_MEMBERS:
+        grp = f.get(top)
+        if grp is None:
+            continue
+        for n in _safe_keys(grp):
+            if n.startswith(_STALE):
+                continue
+            try:
+                _audit_checkpoint(path, grp[n], f"/{top}/{n}")
+            except _Refused:
+                raise
+            except Exception:
+                continue
+
+
+def _check_allocated(path: Path, ds: Any, where: str, key: str) -> None:
+    """A dataset whose storage the file does not hold in full (sparse, unallocated chunks) was not
+    written by save(); refuse it before allocating its declared size. Also a memory budget."""
+    shape = tuple(int(s) for s in ds.shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * ds.dtype.itemsize
+    if nbytes == 0:
+        return
+    if ds.chunks is None:
+        ok = int(ds.id.get_storage_size()) == nbytes
+    else:
+        expect = int(np.prod([-(-s // c) for s, c in zip(shape, ds.chunks)], dtype=np.int64))
+        try:
+            ok = int(ds.id.get_num_chunks()) == expect
+        except Exception:  # pragma: no cover - older HDF5
+            ok = int(ds.id.get_storage_size()) > 0
+    if not ok:
+        raise StoreError(
+            f"{where}: dataset '{key}' declares {nbytes} bytes but the file does not hold them "
+            "(sparse or unwritten storage); the file is corrupted"
+        )
+    avail = _available_memory()
+    if avail is not None and nbytes > avail:
+        raise StoreError(
+            f"{where}: dataset '{key}' needs {nbytes / 2**30:.2f} GiB, more than the {avail / 2**30:.2f} GiB "
+            "of memory available; read it on a larger machine or layer by layer (CaptureFile.read_layer)"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (``None`` where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover
+        pass
+    return None
+
+
+def _json_depth_ok(s: str) -> bool:
+    depth = best = 0
+    in_str = esc = False
+    for ch in s:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+            if best > _MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _attrs_digest(obj: Any, extra: Sequence[Any] = ()) -> int:
+    """CRC-32 of an object's attributes (all but ``complete`` and ``attrs_crc32``) as read back,
+    and of the attributes of ``extra`` objects (a checkpoint's layer groups)."""
+    parts = []
+    for o in (obj, *extra):
+        items = []
+        for k in sorted(o.attrs.keys()):
+            if k in ("complete", "attrs_crc32"):
+                continue
+            v = _attr(o, k)
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            items.append([k, type(v).__name__, v])
+        parts.append(items)
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return zlib.crc32(blob) & 0xFFFFFFFF
+
+
+def _seal(obj: Any, extra: Sequence[Any] = ()) -> None:
+    obj.attrs["attrs_crc32"] = np.int64(_attrs_digest(obj, extra))
+
+
+def _verify_attrs(path: Path, obj: Any, where: str, extra: Sequence[Any] = (), required: bool = False) -> None:
+    stored = _attr(obj, "attrs_crc32")
+    if stored is None:
+        if required:
+            raise StoreError(f"{where}: the attribute checksum (attrs_crc32) is missing; the file is corrupted")
+        return  # written before attribute checksums existed
+    try:
+        got = _attrs_digest(obj, extra)
+    except Exception as err:
+        raise StoreError(f"{where}: cannot read the attributes ({_first_line(err)}); the file is corrupted") from None
+    if not isinstance(stored, int) or int(stored) != got:
+        raise StoreError(f"{where}: attribute checksum mismatch (metadata changed after writing); the file is corrupted")
+
+
+def _os_cause(err: BaseException) -> str | None:
+    """'disk full', 'read-only file system', … when an OS error is behind an HDF5 failure."""
+    import errno as _errno
+
+    chain, e = [], err
+    while e is not None and len(chain) < 8:  # HDF5's close after a failed flush hides the first error
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    s = " ".join(str(e) for e in chain)
+    code = next((getattr(e, "errno", None) for e in chain if getattr(e, "errno", None)), None)
+    table = [
+        (_errno.ENOSPC, ("No space left", "errno = 28"), "the disk is full (no space left on device)"),
+        (_errno.EFBIG, ("File too large", "errno = 27"), "the file size limit was reached (file too large)"),
+        (_errno.EDQUOT, ("Disk quota exceeded", "errno = 122"), "the disk quota is exceeded"),
+        (_errno.EROFS, ("Read-only file system", "errno = 30"), "the file system is read-only"),
+        (_errno.EACCES, ("Permission denied", "errno = 13"), "permission denied"),
+        (_errno.EPERM, ("Operation not permitted", "errno = 1,"), "operation not permitted"),
+        (_errno.EIO, ("Input/output error", "errno = 5,"), "an input/output error of the device"),
+    ]
+    for num, needles, text in table:
+        if code == num or any(n in s for n in needles):
+            return text
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # opening files with one-line errors
 # --------------------------------------------------------------------------------------------
 
@@ -294,6 +620,10 @@ def _open(path: Path, mode: str) -> h5py.File:
         f = h5py.File(path, mode, libver=_LIBVER)
     except OSError as err:
         msg = _first_line(err)
+        cause = _os_cause(err)
+        if cause is not None:
+            action = "read" if mode == "r" else "open for writing"
+            raise StoreError(f"{path}: cannot {action}: {cause}") from None
         if "truncated" in msg.lower():
             raise StoreError(f"{path}: truncated HDF5 file ({msg}); was it copied or written completely?") from None
         if "lock" in msg.lower():
@@ -313,6 +643,8 @@ def _open(path: Path, mode: str) -> h5py.File:
             )
         if version < 1:
             raise StoreError(f"{path}: unknown schema version {version} (this fisherlab reads version {SCHEMA_VERSION})")
+        _verify_attrs(path, f, f"{path}: root")
+        _audit_top(f, path)
     except StoreError:
         f.close()
         raise
@@ -381,16 +713,17 @@ class CaptureFile:
     def run(self) -> dict:
         """Root attributes: format, versions, created, model, loss, fisher, K, B (layout apart)."""
         f = self.file
+        where = f"{self.path}: root"
         return {
             "format": _attr(f, "format"),
             "schema_version": _attr(f, "schema_version"),
-            "fisherlab_version": _attr(f, "fisherlab_version"),
-            "created": _attr(f, "created"),
-            "model": _jattr(f, "model", {}),
-            "loss": _attr(f, "loss"),
-            "fisher": _attr(f, "fisher"),
-            "n_vectors": _attr(f, "n_vectors"),
-            "batch_size": _attr(f, "batch_size"),
+            "fisherlab_version": _typed(f, "fisherlab_version", (str,), where, optional=True),
+            "created": _typed(f, "created", (str,), where, optional=True),
+            "model": _typed(f, "model", (dict,), where, json_=True, optional=True) or {},
+            "loss": _typed(f, "loss", (str,), where),
+            "fisher": _typed(f, "fisher", (str,), where),
+            "n_vectors": _typed(f, "n_vectors", (int,), where),
+            "batch_size": _typed(f, "batch_size", (int,), where),
         }
 
     @property
@@ -423,56 +756,83 @@ class CaptureFile:
         return [c.name for c in self.checkpoints if c.complete]
 
     def _info(self, grp: Any, name: str, *, staging: bool, details: bool = True) -> CheckpointInfo:
+        where = _where(self.path, name)
+        committed = False
         try:
             g = grp[name]
-            complete = (not staging) and bool(_attr(g, "complete", False))
+            committed = (not staging) and _attr(g, "complete", False) is True
+            _audit_checkpoint(self.path, g, f"/{'staging' if staging else 'checkpoints'}/{name}")
+            complete = committed
             status = "complete" if complete else ("incomplete (writer stopped)" if staging else "incomplete")
             layers: list[LayerInfo] = []
             datasets: list[DatasetInfo] = []
-            for row in _jattr(g, "layers", []):
+            rows = _jattr(g, "layers", [], where)
+            if not isinstance(rows, list):
+                raise StoreError(f"{where}: the layer table is not a list")
+            for row in rows:
                 dsi: tuple[DatasetInfo, ...] = ()
+                index, shapes = int(row["index"]), dict(row["shapes"])
                 if details:
-                    lg = g.get(f"layers/{row['index']}")
-                    keys = [k for k in _DS_ORDER if k in row["shapes"]]
+                    lg = g.get(f"layers/{index}")
+                    keys = [k for k in _DS_ORDER if k in shapes]
                     dsi = tuple(_ds_info(lg, k) for k in keys if k in lg) if lg is not None else ()
                 layers.append(
-                    LayerInfo(row["index"], row["name"], row["kind"], row["storage"], row["positions"], row["shapes"], dsi)
+                    LayerInfo(index, str(row["name"]), str(row["kind"]), str(row["storage"]), int(row["positions"]), shapes, dsi)
                 )
             if details:
                 datasets = [_ds_info(g, k) for k in ("grad", "targets", "sampled") if k in g]
             all_ds = [d for li in layers for d in li.datasets] + datasets
+            opt_int = lambda k: _typed(g, k, (int,), where, json_=True, optional=True)  # noqa: E731
+            bi = _jattr(g, "batch_indices", None, where)
+            if bi is not None and not (isinstance(bi, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in bi)):
+                raise StoreError(f"{where}: attribute 'batch_indices' is not a list of integers")
+            opt = lambda k, kinds: _typed(g, k, kinds, where, optional=True)  # noqa: E731
             return CheckpointInfo(
                 name=name,
                 complete=complete,
-                step=_jattr(g, "step"),
-                batch_indices=_jattr(g, "batch_indices"),
-                seed=_jattr(g, "seed"),
-                loss_value=_attr(g, "loss_value"),
-                loss=_attr(g, "loss"),
-                fisher=_attr(g, "fisher"),
-                batch_size=_attr(g, "batch_size"),
-                n_vectors=_attr(g, "n_vectors"),
-                dtype=_attr(g, "dtype"),
-                created=_attr(g, "created"),
+                step=opt_int("step"),
+                batch_indices=bi,
+                seed=opt_int("seed"),
+                loss_value=opt("loss_value", (float, int)),
+                loss=opt("loss", (str,)),
+                fisher=opt("fisher", (str,)),
+                batch_size=opt("batch_size", (int,)),
+                n_vectors=opt("n_vectors", (int,)),
+                dtype=opt("dtype", (str,)),
+                created=opt("created", (str,)),
                 layers=tuple(layers),
                 datasets=tuple(datasets),
                 nbytes=sum(d.nbytes for d in all_ds if d.nbytes >= 0),
                 stored_bytes=sum(d.stored_bytes for d in all_ds if d.stored_bytes >= 0),
                 status=status,
             )
+        except _Refused:
+            raise  # links out of the file, foreign storage: never just "incomplete" or "damaged"
         except Exception as err:  # a killed writer may leave unreadable staging metadata
-            return CheckpointInfo(name=name, complete=False, status=f"incomplete (unreadable: {_first_line(err)})")
+            return self._broken(name, committed, err)
+
+    def _broken(self, name: str, committed: bool, err: BaseException) -> CheckpointInfo:
+        msg = _first_line(err).replace(f"{self.path}: ", "")
+        if committed:  # it was committed: its metadata were damaged afterwards
+            return CheckpointInfo(name=name, complete=False, damaged=True, status=f"damaged (unreadable: {msg})")
+        return CheckpointInfo(name=name, complete=False, status=f"incomplete (unreadable: {msg})")
 
     def _group(self, checkpoint: str | None) -> tuple[str, Any]:
-        """The group of a *complete* checkpoint (``None``: the only or the last one)."""
+        """The group of a *complete* checkpoint (``None``: the only or the last one), audited."""
         f = self.file
         ckpts = f.get("checkpoints")
         names = _safe_keys(ckpts) if ckpts is not None else []
-        complete = [n for n in names if bool(_attr(ckpts[n], "complete", False))]
+        complete = []
+        for n in names:
+            try:
+                if _attr(ckpts[n], "complete", False) is True:
+                    complete.append(n)
+            except Exception as err:
+                raise StoreError(f"{_where(self.path, n)} is damaged: cannot read it ({_first_line(err)})") from None
         if checkpoint is None:
             if not complete:
                 staged = _safe_keys(f["staging"]) if "staging" in f else []
-                pending = names + [n for n in staged if not n.startswith(".stale-")]
+                pending = names + [n for n in staged if not n.startswith(_STALE)]
                 extra = f" (incomplete: {', '.join(pending)})" if pending else ""
                 raise StoreError(f"{self.path}: no complete checkpoint{extra}")
             if len(complete) > 1:
@@ -493,7 +853,9 @@ class CaptureFile:
                 )
             listed = ", ".join(complete) if complete else "none"
             raise StoreError(f"{self.path}: no checkpoint '{checkpoint}' (complete checkpoints: {listed})")
-        return checkpoint, ckpts[checkpoint]
+        g = ckpts[checkpoint]
+        _audit_checkpoint(self.path, g, f"/checkpoints/{checkpoint}")
+        return checkpoint, g
 
     def info(self, checkpoint: str | None = None) -> CheckpointInfo:
         """The :class:`CheckpointInfo` of a complete checkpoint (``None``: the last)."""
@@ -505,23 +867,31 @@ class CaptureFile:
         if key not in g:
             raise StoreError(f"{where}: dataset '{key}' is missing")
         ds = g[key]
+        if not isinstance(ds, h5py.Dataset):
+            raise StoreError(f"{where}: '{key}' is not a dataset; the file is corrupted")
         if shape is not None and list(ds.shape) != list(shape):
             raise StoreError(
                 f"{where}: dataset '{key}' has shape {list(ds.shape)}, the layer table expects {list(shape)}"
             )
+        _check_allocated(self.path, ds, where, key)
         try:
             arr = ds[()]
         except Exception as err:
+            cause = _os_cause(err)
+            if cause is not None:
+                raise StoreError(f"{where}: cannot read dataset '{key}': {cause}") from None
             raise StoreError(f"{where}: cannot read dataset '{key}' ({_first_line(err)}); the file is corrupted") from None
         arr = np.asarray(arr)
         if self.verify:
             stored = _attr(ds, "crc32")
             if stored is None:
                 raise StoreError(f"{where}: dataset '{key}' has no checksum (crc32 attribute)")
+            if isinstance(stored, bool) or not isinstance(stored, int):
+                raise StoreError(f"{where}: dataset '{key}' has a malformed checksum attribute; the file is corrupted")
             got = _crc(arr)
             if int(stored) != got:
                 raise StoreError(
-                    f"{where}: checksum mismatch in dataset '{key}' (stored crc32 {int(stored):08x}, "
+                    f"{where}: checksum mismatch in dataset '{key}' (stored crc32 {int(stored) & 0xFFFFFFFF:08x}, "
                     f"read {got:08x}); the file is corrupted"
                 )
         bad = _count_non_finite(arr)
@@ -530,25 +900,38 @@ class CaptureFile:
         return arr
 
     def _layer_rows(self, name: str, g: Any, layout: Layout) -> list[dict]:
-        rows = _jattr(g, "layers", None)
+        """The checkpoint's layer table checked against the layout, then its attribute checksum."""
         where = _where(self.path, name)
-        if rows is None or len(rows) != len(layout):
-            n = "no" if rows is None else len(rows)
+        rows = _jattr(g, "layers", None, where)
+        if not isinstance(rows, list) or len(rows) != len(layout):
+            n = "no" if rows is None else (len(rows) if isinstance(rows, list) else "no valid")
             raise StoreError(f"{where}: the layer table has {n} rows, the layout {len(layout)} layers")
-        B, K = int(_attr(g, "batch_size")), int(_attr(g, "n_vectors"))
+        B = _typed(g, "batch_size", (int,), where)
+        K = _typed(g, "n_vectors", (int,), where)
         for i, (row, spec) in enumerate(zip(rows, layout.layers)):
+            if not isinstance(row, dict):
+                raise StoreError(f"{where}, layer {i}: the layer table's row is not an object; the file is corrupted")
             if row.get("name") != spec.name:
                 raise StoreError(f"{where}, layer {i}: the layer table names '{row.get('name')}', the layout '{spec.name}'")
+            shapes, T = row.get("shapes"), row.get("positions")
+            if not isinstance(shapes, dict) or isinstance(T, bool) or not isinstance(T, int) or T < 1 or row.get("index") != i:
+                raise StoreError(f"{where}, layer {i} '{spec.name}': malformed layer table row; the file is corrupted")
             try:
-                expect = _expected_shapes(spec, row["storage"], B, K, int(row["positions"]), kfac="A" in row["shapes"])
+                expect = _expected_shapes(spec, row.get("storage"), B, K, T, kfac="A" in shapes)
             except ValueError as err:
                 raise StoreError(f"{where}, layer {i} '{spec.name}': {err}") from None
-            if {k: list(v) for k, v in row["shapes"].items()} != expect:
+            if not all(isinstance(v, list) for v in shapes.values()) or {k: list(v) for k, v in shapes.items()} != expect:
                 raise StoreError(
-                    f"{where}, layer {i} '{spec.name}': the layer table's shapes {row['shapes']} disagree with "
+                    f"{where}, layer {i} '{spec.name}': the layer table's shapes {shapes} disagree with "
                     f"the layout (expected {expect})"
                 )
+        _verify_attrs(self.path, g, where, required=self._sealed)
         return rows
+
+    @property
+    def _sealed(self) -> bool:
+        """Files written with attribute checksums must have them on every object."""
+        return _attr(self.file, "attrs_crc32") is not None
 
     def read_layer(self, checkpoint: str | None, layer: int | str) -> LayerCapture:
         """Read one layer: factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]`` or dense ``J [N, p_i]``."""
@@ -567,6 +950,7 @@ class CaptureFile:
         lg = g.get(f"layers/{i}")
         if lg is None:
             raise StoreError(f"{where}: layer is missing (no group layers/{i})")
+        _verify_attrs(self.path, lg, where, required=self._sealed)
         arrays = {k: torch.from_numpy(self._read(lg, k, shape, where)) for k, shape in row["shapes"].items()}
         if row["storage"] == Storage.DENSE.value:
             return LayerCapture(spec, int(row["positions"]), dense=arrays["J"], A=arrays.get("A"), G=arrays.get("G"))
@@ -583,7 +967,9 @@ class CaptureFile:
     def read_grad(self, checkpoint: str | None = None) -> Tensor:
         """∇h ``[p]`` of a checkpoint, fisherlab order."""
         name, g = self._group(checkpoint)
-        return torch.from_numpy(self._read(g, "grad", [self.layout.p], _where(self.path, name)))
+        layout = self.layout
+        self._layer_rows(name, g, layout)  # the attribute checksum
+        return torch.from_numpy(self._read(g, "grad", [layout.p], _where(self.path, name)))
 
     def read_capture(self, checkpoint: str | None = None, layers: Sequence[int | str] | None = None) -> Capture:
         """The :class:`Capture` of a checkpoint, read layer by layer. See :func:`load`."""
@@ -600,21 +986,42 @@ class CaptureFile:
                 raise StoreError(f"{where}: {err.args[0]}") from None
             if len(set(idx)) != len(idx):
                 raise StoreError(f"{where}: layers {list(layers)} repeat a layer")
-        B, K = int(_attr(g, "batch_size")), int(_attr(g, "n_vectors"))
+        B, K = _typed(g, "batch_size", (int,), where), _typed(g, "n_vectors", (int,), where)
+        run = self.run
+        if B != run["batch_size"] or K != run["n_vectors"] or B < 1 or K < 1:
+            raise StoreError(f"{where}: B = {B}, K = {K} disagree with the run's B = {run['batch_size']}, K = {run['n_vectors']}")
+        loss = _typed(g, "loss", (str,), where)
+        fisher = _typed(g, "fisher", (str,), where)
+        if loss != run["loss"] or fisher != run["fisher"]:
+            raise StoreError(f"{where}: loss/fisher '{loss}'/'{fisher}' disagree with the run's '{run['loss']}'/'{run['fisher']}'")
+        try:
+            fisher_mode = FisherMode(fisher)
+        except ValueError:
+            raise StoreError(f"{where}: unknown fisher mode {fisher!r}; the file is corrupted") from None
+        loss_value = float(_typed(g, "loss_value", (float, int), where))
+        step = _typed(g, "step", (int,), where, json_=True, optional=True)
+        seed = _typed(g, "seed", (int,), where, json_=True, optional=True)
+        meta = _typed(g, "meta", (dict,), where, json_=True, optional=True) or {}
+        bi = _jattr(g, "batch_indices", None, where)
+        if bi is not None and not (
+            isinstance(bi, list) and len(bi) == B and all(isinstance(i, int) and not isinstance(i, bool) for i in bi)
+        ):
+            raise StoreError(f"{where}: attribute 'batch_indices' is not a list of {B} integers; the file is corrupted")
         grad = torch.from_numpy(self._read(g, "grad", [layout.p], where))
+        targets_ds = g.get("targets")
+        if targets_ds is not None and (targets_ds.ndim not in (1, 2) or targets_ds.shape[:1] != (B,)):
+            raise StoreError(f"{where}: dataset 'targets' has shape {list(targets_ds.shape)}, expected {B} rows")
         targets = torch.from_numpy(self._read(g, "targets", None, where))
-        if targets.shape[:1] != (B,):
-            raise StoreError(f"{where}: dataset 'targets' has shape {list(targets.shape)}, expected {B} rows")
         sampled = None
         if "sampled" in g:
+            sds = g["sampled"]
+            if sds.ndim != targets.ndim + 1 or tuple(sds.shape) != (K, *targets.shape):
+                raise StoreError(f"{where}: dataset 'sampled' has shape {list(sds.shape)}, expected [{K}, {B}, ...]")
             sampled = torch.from_numpy(self._read(g, "sampled", None, where))
-            if sampled.shape[:2] != (K, B):
-                raise StoreError(f"{where}: dataset 'sampled' has shape {list(sampled.shape)}, expected [{K}, {B}, ...]")
         lcs = [self._read_layer(name, g, layout, rows, i) for i in idx]
-        meta = dict(_jattr(g, "meta", {}))
+        meta = dict(meta)
         meta["checkpoint"] = name
-        meta["step"] = _jattr(g, "step")
-        bi = _jattr(g, "batch_indices")
+        meta["step"] = step
         if bi is not None:
             meta["batch_indices"] = bi
         if layers is not None and idx != list(range(len(layout))):
@@ -625,15 +1032,15 @@ class CaptureFile:
             layout=layout,
             layers=lcs,
             grad=grad,
-            loss_value=float(_attr(g, "loss_value")),
-            loss=str(_attr(g, "loss")),
-            fisher=FisherMode(_attr(g, "fisher")),
+            loss_value=loss_value,
+            loss=loss,
+            fisher=fisher_mode,
             batch_size=B,
             n_vectors=K,
             targets=targets,
             sampled=sampled,
-            seed=_jattr(g, "seed"),
-            model=_jattr(self.file, "model", {}),
+            seed=seed,
+            model=run["model"],
             meta=meta,
         )
 
@@ -768,8 +1175,14 @@ def _validate(capture: Capture) -> None:
 
 def _check_name(name: str) -> str:
     name = str(name)
-    if not name or "/" in name or name.startswith(".") or name.strip() != name:
-        raise StoreError(f"invalid checkpoint name {name!r} (non-empty, no '/', no leading '.' or spaces)")
+    if (
+        not name or "/" in name or name.startswith(".") or name.strip() != name
+        or any(not ch.isprintable() for ch in name) or len(name.encode("utf-8", "replace")) > 255
+    ):
+        raise StoreError(
+            f"invalid checkpoint name {name!r} (non-empty, printable, at most 255 bytes, no '/', "
+            "no leading '.' or spaces)"
+        )
     return name
 
 
@@ -828,71 +1241,196 @@ def save(
             raise StoreError(f"batch_indices has {len(batch_indices)} entries for a batch of {capture.B}")
     if step is not None:
         step = int(step)
+    if checkpoint is not None:
+        checkpoint = _check_name(checkpoint)  # before anything touches the file
     run = _run_attrs(capture)
+    _check_free_space(path, capture, dtype)
+    try:
+        if not path.exists() and _create(path, run, capture, checkpoint, step, batch_indices, compression, dtype, fsync):
+            return
+        with _open(path, "a") as f:
+            _audit_all(f, path)
+            _check_run(f, path, run)
+            ckpts = f["checkpoints"] if "checkpoints" in f else f.create_group("checkpoints")
+            names = list(ckpts.keys())
+            name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
+            if name in ckpts and _attr(ckpts[name], "complete", False) is True and not overwrite:
+                raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True to replace it)")
+            _clear_staging(f, path)
+            _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
+    except (OSError, RuntimeError) as err:  # from HDF5 (StoreError is a ValueError)
+        cause = _os_cause(err)
+        if cause is None:
+            raise StoreError(f"{path}: HDF5 failed writing the checkpoint ({_first_line(err)})") from None
+        raise StoreError(
+            f"{path}: cannot write the checkpoint: {cause}; checkpoints committed before are intact"
+        ) from None
 
-    if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        if partial.exists():  # left by a writer that was killed before its first commit
-            partial.unlink()
-        if not path.parent.exists():
-            raise StoreError(f"{path}: directory {path.parent} does not exist")
-        name = _check_name(checkpoint if checkpoint is not None else "checkpoint-0")
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _check_free_space(path: Path, capture: Capture, dtype: torch.dtype | None) -> None:
+    """Refuse before writing when the file system cannot hold the checkpoint (a disk filling up
+    half-way through HDF5 writes leaves the library in states it does not always survive)."""
+    if not path.parent.is_dir():
+        raise StoreError(f"{path}: directory {path.parent} does not exist")
+    scale = 1.0
+    if dtype is not None and capture.grad.is_floating_point():
+        scale = torch.tensor([], dtype=dtype).element_size() / capture.grad.element_size()
+    data = (capture.nbytes() + capture.grad.numel() * capture.grad.element_size()) * scale
+    need = int(data * 1.05) + (64 << 10)  # + HDF5 metadata (a few KiB per layer)
+    free = _free_bytes(path.parent)
+    if free is not None and need > free:
+        raise StoreError(
+            f"{path}: cannot write the checkpoint: the disk is full ({need / 2**20:.1f} MiB needed, "
+            f"{free / 2**20:.1f} MiB free on {path.parent})"
+        )
+
+
+def _lock_partial(path: Path, partial: Path) -> int:
+    """Create or take over ``partial`` under an exclusive ``flock`` held until the new file is
+    published; a live concurrent creator holds it, so the loser gets a one-line error."""
+    import fcntl
+
+    for _ in range(5):
         try:
-            with h5py.File(partial, "w", libver=_LIBVER) as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["schema_version"] = SCHEMA_VERSION
-                f.attrs["fisherlab_version"] = _version()
-                f.attrs["created"] = _now()
-                for k, v in run.items():
-                    f.attrs[k] = v
-                f.create_group("checkpoints")
-                f.create_group("staging")
-                _write_checkpoint(f, partial, capture, name, step, batch_indices, compression, dtype, fsync)
-            if fsync:
-                _fsync(partial)
-            os.replace(partial, path)
-            if fsync:
-                _fsync_dir(path.parent)
-        except BaseException:
-            if partial.exists():
-                partial.unlink()
-            raise
-        return
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreError(f"{path}: cannot create {partial.name}: {_os_cause(err) or _first_line(err)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreError(
+                f"{path}: another process is creating this file ({partial.name} is locked); "
+                "run one writer per file, or wait for it and append"
+            ) from None
+        try:  # the name may have been unlinked or replaced before we got the lock: retry
+            same = os.stat(partial).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise StoreError(f"{path}: {partial.name} keeps changing under concurrent writers; retry")  # pragma: no cover
 
-    with _open(path, "a") as f:
-        _check_run(f, path, run)
-        ckpts = f.require_group("checkpoints")
-        names = list(ckpts.keys())
-        name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
-        if name in ckpts and bool(_attr(ckpts[name], "complete", False)) and not overwrite:
-            raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True to replace it)")
-        _clear_staging(f, path)
-        _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
+
+def _publish(partial: Path, path: Path) -> bool:
+    """Move ``partial`` to ``path`` without ever replacing a file: ``False`` when ``path`` exists."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        return False
+    except OSError:  # file systems without hard links: a rename after a check
+        if path.exists():
+            return False
+        os.rename(partial, path)
+        return True
+    os.unlink(partial)
+    return True
+
+
+def _create(
+    path: Path,
+    run: dict,
+    capture: Capture,
+    checkpoint: str | None,
+    step: int | None,
+    batch_indices: list[int] | None,
+    compression: str | None,
+    dtype: torch.dtype | None,
+    fsync: bool,
+) -> bool:
+    """Write a new file with its first checkpoint through ``<path>.partial`` (exclusively locked)
+    and publish it. ``False`` when another writer published ``path`` first: append instead."""
+    partial = path.with_name(path.name + ".partial")
+    name = _check_name(checkpoint if checkpoint is not None else "checkpoint-0")
+    fd = _lock_partial(path, partial)
+    published = False
+    try:
+        if path.exists():  # another creator finished between our check and the lock
+            return False
+        with h5py.File(partial, "w", libver=_LIBVER, locking=False) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["fisherlab_version"] = _version()
+            f.attrs["created"] = _now()
+            for k, v in run.items():
+                f.attrs[k] = v
+            _seal(f)
+            f.create_group("checkpoints")
+            f.create_group("staging")
+            _write_checkpoint(f, partial, capture, name, step, batch_indices, compression, dtype, fsync)
+        if fsync:
+            _fsync(partial)
+        published = _publish(partial, path)
+        if fsync:
+            _fsync_dir(path.parent)
+        return published
+    finally:
+        if not published:
+            try:  # ours (we hold the lock on this inode)
+                if os.stat(partial).st_ino == os.fstat(fd).st_ino:
+                    partial.unlink()
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def _fresh_staging(f: h5py.File, path: Path, why: BaseException) -> Any:
+    """Move the whole ``/staging`` group aside (``/.stale-staging-<n>``) and start a new one: the
+    recovery when a kill inside a commit left staging metadata that can no longer be edited."""
+    n = 0
+    while f"{_STALE}staging-{n}" in f:
+        n += 1
+    try:
+        f.move("staging", f"{_STALE}staging-{n}")
+        staging = f.create_group("staging")
+    except Exception as err:
+        raise StoreError(
+            f"{path}: cannot remove the incomplete checkpoint left by a killed writer ({_first_line(why)}) "
+            f"nor move it aside ({_first_line(err)}); copy the complete checkpoints out with h5copy or h5repack"
+        ) from None
+    f.flush()
+    return staging
 
 
 def _clear_staging(f: h5py.File, path: Path) -> None:
     """Unlink what killed writers left in ``/staging`` (unreachable from any checkpoint).
 
     A staging group whose metadata a crash left unreadable may refuse to be deleted; its link is
-    then renamed ``.stale-<name>-<n>`` (hidden from listings) so that the name can be reused.
+    then renamed ``.stale-<name>-<n>`` (hidden from listings) so that the name can be reused, and
+    when even that fails (a kill inside the commit's flush), the whole ``/staging`` group is moved
+    aside to ``/.stale-staging-<n>`` and a fresh one started.
     """
-    staging = f.require_group("staging")
-    for old in _safe_keys(staging):
-        if old.startswith(".stale-"):
+    if "staging" not in f:
+        f.create_group("staging")
+    staging = f["staging"]
+    try:
+        olds = list(staging.keys())
+    except Exception as err:
+        _fresh_staging(f, path, err)
+        return
+    for old in olds:
+        if old.startswith(_STALE):
             continue
         try:
             del staging[old]
-        except Exception:
+        except Exception as err:
             n = 0
-            while f".stale-{old}-{n}" in staging:
+            while f"{_STALE}{old}-{n}" in staging:
                 n += 1
             try:
-                staging.move(old, f".stale-{old}-{n}")
-            except Exception as err:
-                raise StoreError(
-                    f"{path}: cannot remove the incomplete checkpoint '{old}' left by a killed writer "
-                    f"({_first_line(err)}); copy the complete checkpoints out with h5copy or h5repack"
-                ) from None
+                staging.move(old, f"{_STALE}{old}-{n}")
+            except Exception:
+                _fresh_staging(f, path, err)
+                return
     f.flush()
 
 
@@ -979,8 +1517,14 @@ def _write_checkpoint(
     fsync: bool,
 ) -> None:
     """Stage, checksum, flush, move to ``/checkpoints/<name>``, mark complete, flush."""
-    staging = f.require_group("staging")
-    g = staging.create_group(name)
+    staging = f["staging"] if "staging" in f else f.create_group("staging")
+    try:
+        g = staging.create_group(name)
+    except (KeyError, OSError, RuntimeError) as err:  # damaged staging metadata (a kill in a commit)
+        if _os_cause(err) is not None:
+            raise
+        staging = _fresh_staging(f, path, err)
+        g = staging.create_group(name)
     f.flush()  # the attempt is visible as "incomplete" from here on
     _hook(name, "staged")
     out_dtype = dtype
@@ -1034,15 +1578,28 @@ def _write_checkpoint(
         f.flush()
         raise
     g.attrs["nbytes"] = int(nbytes)
+    for i in range(len(capture.layers)):
+        _seal(layers[str(i)])
+    _seal(g)
     _hook(name, "before-commit")
     f.flush()
     if fsync:
         _fsync(path)
     ckpts = f["checkpoints"]
     if name in ckpts:  # incomplete, or complete with overwrite=True
-        del ckpts[name]
+        try:
+            del ckpts[name]
+        except (KeyError, OSError, RuntimeError) as err:
+            if _os_cause(err) is not None:
+                raise
+            n = 0
+            while f"{_STALE}checkpoint-{name}-{n}" in f:
+                n += 1
+            f.move(f"checkpoints/{name}", f"{_STALE}checkpoint-{name}-{n}")
     f.move(f"staging/{name}", f"checkpoints/{name}")
+    _hook(name, "moved")
     ckpts[name].attrs["complete"] = True
+    _hook(name, "completed")
     f.flush()
     if fsync:
         _fsync(path)
