@@ -74,3 +74,34 @@ def test_csv_exports(tiny_capture, tmp_path):
     lines = ke.to_csv(tmp_path / "kfac.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + ell and "relative_error" in lines[0]
     assert li.summary()["layers"] == ell
+
+
+def test_csv_exports_round_trip_in_full_precision(tmp_path):
+    """The CSV files go through fisherlab.io.tables: floats are written with repr, read back exactly."""
+    from fisherlab.io.tables import read_csv
+
+    cap = make_capture(MODELS["mlp"], "cross_entropy", "exact")[0]
+    li, ke = St.layer_interactions(cap), St.kfac_block_errors(cap)
+    rows = read_csv(li.to_csv(tmp_path / "rho.csv"), parse=True)
+    assert [r["norm2"] for r in rows] == [float(v) for v in li.norms2.reshape(-1)]
+    rows = read_csv(ke.to_csv(tmp_path / "kfac.csv"), parse=True)
+    assert [r["relative_error"] for r in rows] == [float(v) for v in ke.relative_error]
+
+
+def test_tables_format_numbers_and_write_files(tmp_path):
+    import json
+    import math
+
+    from fisherlab.io.tables import fmt, markdown_table, read_csv, text_table, write_csv, write_json
+
+    assert [fmt(None), fmt(math.nan, "+.3e"), fmt(np.float64("nan")), fmt(0.5, ".2f"), fmt(3, "{:d}")] == [
+        "n/a", "n/a", "n/a", "0.50", "3"]
+    assert markdown_table(["a", "b"], [[1, None]], align="lr") == ["| a | b |", "|:---|---:|", "| 1 |  |"]
+    assert text_table([["x", "n"], ["long", "1"]], right={1}) == ["  x     n", "  long  1"]
+    p = write_csv([{"a": 0.1, "b": None}, {"a": np.float64(1 / 3), "c": "s"}], tmp_path / "sub" / "t.csv")
+    assert read_csv(p) == [{"a": "0.1", "b": "", "c": ""}, {"a": repr(1 / 3), "b": "", "c": "s"}]
+    assert not list((tmp_path / "sub").glob("*.tmp"))  # written atomically
+    with pytest.raises(TypeError, match="columns"):
+        write_csv([[1, 2]], tmp_path / "u.csv")
+    q = write_json({"p": tmp_path, "x": np.arange(2)}, tmp_path / "o.json")
+    assert json.loads(q.read_text()) == {"p": str(tmp_path), "x": [0, 1]} and q.read_text().endswith("\n")

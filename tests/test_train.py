@@ -188,3 +188,35 @@ def test_fisherlab_optimizers_are_registered():
 
     assert set(CURVATURE) <= set(OPTIMIZERS)  # registered on import, no probing
     assert tiny_config(optimizer="kfac").resolved().optimizer == "kfac"
+
+
+@pytest.mark.parametrize(
+    "check, match",
+    [
+        (lambda v: v.parse_enum("cgg", ["auto", "woodbury", "cg"], "solver"), r"^solver must be one of auto, woodbury, cg; got 'cgg'$"),
+        (lambda v: v.positive_int(0, "k"), r"^k must be a positive integer, got 0$"),
+        (lambda v: v.positive_int(True, "k"), r"got True"),
+        (lambda v: v.positive_int(9, "k", max=8), r"<= 8, got 9"),
+        (lambda v: v.bounded(1.0, "decay", 0.0, 1.0, hi_open=True), r"^decay must be a finite number in \[0, 1\), got 1.0$"),
+        (lambda v: v.bounded(float("inf"), "lr", 0.0, lo_open=True), r"^lr must be a finite number > 0, got inf$"),
+        (lambda v: v.damping(-1), r"damping λ must be finite and > 0"),
+        (lambda v: v.same_damping(0.1, 0.2, "the exact operator"), r"^the exact operator has damping 0.2, expected 0.1$"),
+    ],
+)
+def test_validators_raise_one_line_fisherlab_value_errors(check, match):
+    from fisherlab import _validate
+    from fisherlab.errors import FisherlabError
+
+    with pytest.raises(FisherlabError, match=match) as err:
+        check(_validate)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
+def test_validators_return_parsed_values():
+    from fisherlab import _validate as v
+    from fisherlab.capturing import FisherMode
+
+    assert v.parse_enum("mc", FisherMode, "--fisher") is FisherMode.MC
+    assert v.positive_int(3, "k", max=3) == 3 and v.nonnegative_int(0, "steps") == 0
+    assert v.bounded(0, "x", 0.0) == 0.0 and v.damping("1e-3") == 1e-3
+    assert v.same_damping(0.1, 0.1 * (1 + 1e-16), "kfac") == 0.1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .._validate import parse_enum, positive_int
 from ..errors import ConfigError
+from ..io.tables import fmt
 
 __all__ = [
     "SUBCOMMANDS",
@@ -31,7 +32,7 @@ __all__ = [
     "rewrite_argv",
 ]
 
-SPECTRUM_METHODS = ("auto", "dense", "lanczos", "slq")
+SPECTRUM_METHODS = ("auto", "dense", "lanczos", "slq")  # = fisherlab.workflows.analysis.SPECTRUM_METHODS
 SPECTRUM_OPERATORS = ("fisher", "kfac", "kfac-tikhonov", "preconditioned")
 
 
@@ -135,11 +136,13 @@ def error_reduction_main(args: argparse.Namespace) -> int:
 
 
 def spectra_main(args: argparse.Namespace) -> int:
+    from ..operators import COARSE_SPACES
     from ..workflows.analysis import run_spectra
 
     operators = [parse_enum(o, SPECTRUM_OPERATORS, "--operators") for o in args.operators]
+    coarse = [parse_enum(c, COARSE_SPACES, "--coarse") for c in args.coarse]
     res = run_spectra(
-        args.file, args.damping, args.out, checkpoints=args.checkpoints, operators=operators, coarse=args.coarse,
+        args.file, args.damping, args.out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
         method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
         n_steps=args.n_steps, seed=args.seed, progress=args.progress, figures=args.figures,
     )
@@ -150,7 +153,6 @@ def spectra_main(args: argparse.Namespace) -> int:
 
 
 def interactions_main(args: argparse.Namespace) -> int:
-    from ..io.tables import fmt
     from ..workflows.analysis import run_interactions
 
     res = run_interactions(args.file, args.out, checkpoints=args.checkpoints, progress=args.progress, figures=args.figures)

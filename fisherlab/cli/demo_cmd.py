@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .._validate import damping
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .._validate import damping
     from ..workflows.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()

@@ -4,6 +4,9 @@ Errors that fisherlab raises on purpose (:class:`fisherlab.errors.FisherlabError
 arguments, missing files, unusable captures) print as one line, ``fisherlab: error: …``, exit
 status 2, no traceback; argparse's own usage errors exit 2 too. Any other exception is a bug and
 shows its traceback. ``--traceback`` shows it for FisherlabErrors as well.
+
+The subcommands import the library inside their handlers, so that building the parser stays
+cheap; the import-order test (tests/test_imports.py) checks those imports like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from .._version import __version__
 from ..errors import FisherlabError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -32,8 +36,6 @@ def _command(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .._version import __version__
-
     parser = argparse.ArgumentParser(
         prog="fisherlab",
         description="Capture per-example Jacobians to HDF5 and compare curvature approximations offline.",

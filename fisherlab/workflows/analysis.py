@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import plots
 from .._validate import damping as check_damping
+from .._validate import parse_enum, positive_int
 from ..errors import ConfigError
 from ..io.tables import write_csv
 from ..jacobian import Jacobian
@@ -37,11 +38,15 @@ from ..structure import kfac_block_errors, layer_interactions
 
 __all__ = [
     "MAX_VALUES_PER_CSV",
+    "SPECTRUM_METHODS",
     "run_error_reduction",
     "run_spectra",
     "run_interactions",
     "run_damping_sweep",
 ]
+
+SPECTRUM_METHODS = ("auto", "dense", "lanczos", "slq")
+"""The ``method`` values of :func:`run_spectra` (see :func:`fisherlab.spectra.spectra`)."""
 
 MAX_VALUES_PER_CSV = 200_000
 """Spectra with more values are stored binned (:meth:`fisherlab.spectra.Spectrum.binned`)."""
@@ -143,6 +148,8 @@ def run_spectra(
         beyond :data:`MAX_VALUES_PER_CSV`).
     """
     lam = check_damping(damping)
+    method = parse_enum(method, SPECTRUM_METHODS, "spectrum method")
+    k, n_probes, n_steps = (positive_int(v, w) for v, w in ((k, "k"), (n_probes, "n_probes"), (n_steps, "n_steps")))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     infos = _checkpoints(path, checkpoints)
