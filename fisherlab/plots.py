@@ -471,14 +471,6 @@ def plot_damping_sweep(
 # Plain functions of the rows the reproduction writes (fig2_curves.csv, fig5_gap.csv), so each
 # figure can be redrawn from its CSV.
 
-_FIRST_ORDER_COLOURS = {"SGD": "#8c564b", "ADAM": "#e377c2"}  # tab20 brown and pink: no method's colour
-
-
-def _run_colour(legend: str) -> str:
-    """The colour of a training run by its legend name (first-order baselines included)."""
-    return _FIRST_ORDER_COLOURS.get(legend) or color_for(legend)
-
-
 def _run_marker(key: str) -> str:
     return MARKERS.get(legend_for(key), "") or ""
 
@@ -547,7 +539,7 @@ def plot_training_curves(
                 name = str(orows[0].get("legend") or legend_for(o))
                 y = _running_mean([_nan(r["loss"]) for r in orows], k)
                 style_kw: dict[str, Any] = {"lw": 2.4, "zorder": 3} if o == reference else {"lw": 1.4, "ls": "--"} if o in dashed else {"lw": 1.2}
-                kw = dict(color=_run_colour(name), label=name + (" (diverged)" if (problem, o) in gone else ""), **style_kw)
+                kw = dict(color=color_for(name), label=name + (" (diverged)" if (problem, o) in gone else ""), **style_kw)
                 row[0].plot([r["step"] for r in orows], y, **kw)
                 row[1].plot([_nan(r["wall_time"]) for r in orows], y, **kw)
             for ax, xl in zip(row, ("step", "training time (s)")):
