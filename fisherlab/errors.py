@@ -38,3 +38,11 @@ class MissingFileError(FisherlabError, FileNotFoundError, ValueError):
 
 
 __all__ += ["MissingFileError"]
+
+
+class MemoryBudgetError(FisherlabError, ValueError):
+    """A planned allocation (a capture, a dense matrix) would exceed the memory budget: refused
+    before allocating, naming the size and the option to change."""
+
+
+__all__ += ["MemoryBudgetError"]

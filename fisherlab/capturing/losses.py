@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Loss", "per_example_loss", "output_gradient", "sample_targets", "hessian_sqrt", "check_targets"]
+__all__ = ["Loss", "normalize_targets", "per_example_loss", "output_gradient", "sample_targets", "hessian_sqrt", "check_targets"]
 
 
 class Loss(str, Enum):
@@ -59,6 +59,29 @@ def check_targets(loss: str | Loss, z: Tensor, y: Tensor) -> None:
             raise ValueError(
                 f"{loss.value} targets must have the output shape {tuple(z.shape)}, got {tuple(y.shape)}"
             )
+
+
+def normalize_targets(loss: str | Loss, y: Tensor) -> Tensor:
+    """Class labels of any integer dtype as int64; refuse boolean labels and, for ``bce_logits``,
+    targets outside [0, 1] (a negative loss otherwise), with one line."""
+    loss = _loss(loss)
+    if y.dtype == torch.bool:
+        raise ValueError(
+            f"{loss.value} targets are booleans; pass class indices as integers or probabilities as floats"
+        )
+    if loss is Loss.CROSS_ENTROPY:
+        if y.is_complex():
+            raise ValueError(f"cross_entropy targets must be class indices (integer), got {y.dtype}")
+        return y.long() if not y.is_floating_point() else y
+    if y.is_floating_point() and loss is Loss.BCE_LOGITS and y.numel():
+        lo, hi = float(y.min()), float(y.max())
+        if not (0.0 <= lo and hi <= 1.0):
+            raise ValueError(f"bce_logits targets must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+    if not y.is_floating_point():
+        if loss is Loss.BCE_LOGITS and y.numel() and (int(y.min()) < 0 or int(y.max()) > 1):
+            raise ValueError(f"bce_logits targets must lie in [0, 1], got [{int(y.min())}, {int(y.max())}]")
+        return y.to(torch.get_default_dtype())
+    return y
 
 
 def per_example_loss(loss: str | Loss, z: Tensor, y: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import NonFiniteError
+from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
 from ..layout import Layout, layer_modules
 from . import losses as L
 from .layers import dense_from_factors, layer_inputs, layer_output_grads
@@ -55,8 +55,10 @@ def _fisher(fisher: str | FisherMode) -> FisherMode:
 
 @contextmanager
 def _prepared(model: nn.Module, layout: Layout) -> Iterator[None]:
-    """Eval mode (BatchNorm statistics, no dropout) and gradients enabled on the layers."""
-    was_training = model.training
+    """Eval mode (BatchNorm statistics, no dropout) and gradients enabled on the layers; every
+    submodule's own train/eval flag is restored exactly afterwards (a frozen BatchNorm inside a
+    training model stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
     modules = layer_modules(model, layout)
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters(recurse=False)]
     model.eval()
@@ -66,9 +68,154 @@ def _prepared(model: nn.Module, layout: Layout) -> Iterator[None]:
         with torch.enable_grad():
             yield
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for p, f in flags:
             p.requires_grad_(f)
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but CUDA is not available here; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """BatchNorm that normalizes by the batch even in eval mode couples the examples: the
+    per-example gradients (and so the Fisher) would be wrong."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and (not m.track_running_stats or m.running_mean is None or m.running_var is None):
+            raise UnsupportedLayerError(
+                f"module '{name}' ({type(m).__name__}, track_running_stats=False) normalizes by the batch's "
+                "statistics even in eval mode, which couples the examples: the per-example Fisher would be "
+                "wrong; use track_running_stats=True (running statistics) or a per-example norm (GroupNorm, LayerNorm)"
+            )
+
+
+def _param_uses(z: Tensor) -> dict[int, int]:
+    """How many autograd edges of ``z``'s graph lead into each leaf tensor (by ``id``)."""
+    uses: dict[int, int] = {}
+    seen: set = set()
+    stack = [z.grad_fn] if z.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+            elif nxt not in seen:
+                stack.append(nxt)
+    return uses
+
+
+def _refuse_reuse(z: Tensor, layout: Layout, modules: list[nn.Module], outs_used: list[bool]) -> None:
+    """Each captured parameter must reach the output through its own module call only: a weight
+    also used functionally (a tied autoencoder's ``F.linear(h, enc.weight.t())``) or instead of
+    the call gets gradients the hooks never see, and a silently wrong Fisher."""
+    uses = _param_uses(z)
+    for spec, m, used in zip(layout.layers, modules, outs_used):
+        for pname, p in m.named_parameters(recurse=False):
+            n = uses.get(id(p), 0)
+            if n > 1 or (n == 1 and not used):
+                raise UnsupportedLayerError(
+                    f"parameter '{spec.name}.{pname}' is used outside its module's call in forward "
+                    f"({n} use(s) in the graph, e.g. a tied weight F.linear(h, layer.weight.t()) or "
+                    "F.linear(h, layer.weight)): its per-example gradients would be wrong; call the module "
+                    "itself, or give the reused copy its own nn.Linear"
+                )
+
+
+def _probe(work: nn.Module, x: Tensor, n: int) -> Tensor | None:
+    """The outputs of the first ``n`` examples alone (no graph), or ``None`` where the model
+    cannot run on fewer examples (a hard-coded batch size)."""
+    try:
+        with torch.no_grad():
+            out = work(x[:n])
+    except Exception:
+        return None
+    return out.reshape(n, -1) if isinstance(out, Tensor) and out.shape[:1] == (n,) else None
+
+
+def _refuse_coupling(probe: Tensor | None, z: Tensor, n: int, B: int) -> None:
+    """Per-example outputs must not depend on the rest of the batch (batch statistics) nor change
+    from one forward to the next (dropout hard-coded with ``training=True``)."""
+    if probe is None:
+        return
+    ref = z[:n].detach()
+    if probe.shape != ref.shape or not bool(torch.isfinite(ref).all() and torch.isfinite(probe).all()):
+        return  # (non-finite outputs are reported by the NaN/Inf check)
+    tol = (1e-7 if ref.dtype == torch.float64 else 1e-2) * max(1.0, float(ref.abs().max()))
+    diff = float((probe - ref).abs().max()) if ref.numel() else 0.0
+    if not diff <= tol:
+        what = f"its other {B - n} examples are left out" if n < B else "the forward pass is repeated"
+        raise UnsupportedLayerError(
+            f"the model's outputs for the first {n} example(s) change when {what} (max difference "
+            f"{diff:.3g}): the forward couples examples (batch statistics) or is random (dropout hard-coded "
+            "with training=True), so the per-example Fisher would be wrong"
+        )
+
+
+def _budget(memory: int | float | None, device: torch.device) -> int | None:
+    if memory is not None:
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0:
+            raise ConfigError(f"memory must be a positive number of bytes, got {memory!r}")
+        return int(memory)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # pragma: no cover
+            return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover
+        pass
+    return None
+
+
+def _estimate(layout: Layout, positions: list[int], B: int, K: int, storage, itemsize: int) -> tuple[int, str]:
+    """Bytes the capture will allocate after the forward pass (K backward results per layer, the
+    stacked g, ā, dense rows and their einsum temporary), and the largest layer's share."""
+    total, worst, worst_text = 0, -1, ""
+    for spec, T in zip(layout.layers, positions):
+        choice = storage.get(spec.name, "auto") if isinstance(storage, dict) else storage
+        g = B * K * T * spec.d_out
+        a = B * T * spec.d_in_bar
+        n = 2 * g + a  # K backward results + their stack, ā
+        if choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
+            d = B * K * spec.numel
+            n += 2 * d  # the einsum result and its contiguous CPU copy
+            text = f"layer '{spec.name}': dense J [{B * K}, {spec.numel}] = {d * itemsize / 2**30:.3g} GiB"
+        else:
+            text = f"layer '{spec.name}': g [{B}, {K}, {T}, {spec.d_out}] = {g * itemsize / 2**30:.3g} GiB"
+        total += n * itemsize
+        if n > worst:
+            worst, worst_text = n, text
+    return total, worst_text
+
+
+def _storage_value(v: object) -> Storage:
+    try:
+        return Storage(v)
+    except ValueError:
+        raise ConfigError(f"unknown storage {v!r} (choose one of {', '.join(m.value for m in Storage)})") from None
 
 
 def _check_finite(t: Tensor, what: str) -> None:
@@ -95,6 +242,7 @@ def capture(
     storage: str | dict[str, str] = "auto",
     model_description: dict | None = None,
     meta: dict | None = None,
+    memory: int | None = None,
 ) -> Capture:
     """Record per-example layer Jacobians of one mini-batch (MATH.md §2).
 
@@ -116,28 +264,50 @@ def capture(
             ``"dense"``, or a dict ``{layer name: storage}`` overriding ``auto`` per layer.
         model_description: JSON-able description kept in the capture (and the HDF5 file).
         meta: further JSON-able metadata (checkpoint, step, batch indices, …).
+        memory: the bytes the capture may allocate after the forward pass (default: the memory
+            available on ``device``); a capture estimated to need more is refused before it
+            allocates, naming the size and the largest layer.
 
     Returns:
         A :class:`Capture` on the CPU in ``dtype``.
 
     Raises:
         ValueError: bad arguments or target shapes; :class:`NonFiniteError` for NaN/Inf;
-        :class:`fisherlab.layout.UnsupportedLayerError` for unsupported layer configurations.
+        :class:`fisherlab.layout.UnsupportedLayerError` for unsupported layer configurations and
+        for models the per-example Fisher would silently get wrong: parameters used outside their
+        module's call (tied weights), batch statistics (BatchNorm with
+        ``track_running_stats=False``), outputs that depend on the rest of the batch or change
+        between two forward passes; :class:`MemoryBudgetError` when the estimate exceeds ``memory``.
     """
     mode = _fisher(fisher)
     loss_enum = L._loss(loss)
-    if mode is FisherMode.MC and (not isinstance(n_samples, int) or n_samples < 1):
+    if mode is FisherMode.MC and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
-        raise ValueError("inputs must be a tensor [B, ...] with B >= 1")
+        raise ValueError(f"inputs must be a torch.Tensor [B, ...] with B >= 1, got {type(inputs).__name__}")
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__} (use torch.as_tensor)")
     if targets.shape[:1] != inputs.shape[:1]:
         raise ValueError(f"inputs have B={inputs.shape[0]} examples but targets have shape {tuple(targets.shape)}")
-    device = torch.device(device) if device is not None else default_device()
+    targets = L.normalize_targets(loss_enum, targets)
+    device = _device(device)
     dtype = dtype or torch.float32
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    budget = _budget(memory, device)
 
     layout = Layout.from_model(model)
+    if isinstance(storage, dict):
+        unknown = sorted(set(storage) - set(layout.names))
+        if unknown:
+            raise ConfigError(
+                f"storage: no captured layer named {', '.join(map(repr, unknown))} (layers: {', '.join(layout.names)})"
+            )
+        for v in storage.values():
+            _storage_value(v)
+    else:
+        _storage_value(storage)
+    _refuse_batch_statistics(model)
     ref = next(model.parameters())
     work = model if (ref.device == device and ref.dtype == dtype) else copy.deepcopy(model).to(device, dtype)
     modules = layer_modules(work, layout)
@@ -160,10 +330,19 @@ def capture(
 
         return hook
 
+    n_probe = min(2, max(1, B - 1))
     with _prepared(work, layout), ExitStack() as stack:
+        probe = _probe(work, x, n_probe)
         for i, m in enumerate(modules):
             stack.callback(m.register_forward_hook(make_hook(i)).remove)
         z = work(x)
+        if not isinstance(z, Tensor):
+            raise ValueError(
+                f"the model returned a {type(z).__name__}; capture needs one output tensor [B, ...] "
+                "(wrap the model so that it returns the logits)"
+            )
+        if z.shape[:1] != (B,):
+            raise ValueError(f"the model's output has shape {tuple(z.shape)}, not [B={B}, ...]")
         for i, r in enumerate(recorded):
             name = layout.layers[i].name
             if "out" not in r:
@@ -174,6 +353,7 @@ def capture(
                     "(e.g. ReLU(inplace=True)); use out-of-place activations"
                 )
         z = z.reshape(B, -1)
+        _refuse_coupling(probe, z, n_probe, B)
         L.check_targets(loss_enum, z, y)
         _check_finite(z.detach(), "the network outputs")
         zd = z.detach()
@@ -197,12 +377,26 @@ def capture(
         K = vectors.shape[0]
 
         outs = [r["out"] for r in recorded]
+        positions = [
+            r["out"].shape[-2] * r["out"].shape[-1] if spec.kind.value == "conv2d" else r["out"].numel() // (B * spec.d_out)
+            for r, spec in zip(recorded, layout.layers)
+        ]
+        need, worst = _estimate(layout, positions, B, K, storage, torch.tensor([], dtype=dtype).element_size())
+        if budget is not None and need > budget:
+            raise MemoryBudgetError(
+                f"capture would need about {need / 2**30:.3g} GiB ({worst}), more than the "
+                f"{budget / 2**30:.3g} GiB {'allowed' if memory is not None else 'available'}; use "
+                "storage='factored' (--storage factored), a smaller batch, fewer vectors per example, "
+                "or raise the budget (memory=..., --memory)"
+            )
 
         def backward(e: Tensor) -> list[Tensor]:
             return list(torch.autograd.grad(z, outs, grad_outputs=e, retain_graph=True, allow_unused=True))
 
         g_true = backward(true_vec) if mode is not FisherMode.EMPIRICAL else None
         g_k = [backward(vectors[k]) for k in range(K)]
+        reached = [any(gs[i] is not None for gs in g_k + ([g_true] if g_true is not None else [])) for i in range(len(outs))]
+        _refuse_reuse(z, layout, modules, reached)
         z = outs = None  # release the graph before the per-layer work
 
     layers: list[LayerCapture] = []
