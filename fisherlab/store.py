@@ -659,6 +659,27 @@ def _open(path: Path, mode: str) -> h5py.File:
 # --------------------------------------------------------------------------------------------
 
 
+def _guarded(fn: Callable) -> Callable:
+    """Public readers: an HDF5 failure on damaged metadata (``addr overflow``, a bad B-tree node)
+    becomes a one-line :class:`StoreError` naming the file, never a raw traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self_or_path, *args, **kwargs)
+        except (KeyError, RuntimeError, OSError, TypeError, AttributeError, IndexError, RecursionError, ValueError) as err:
+            if isinstance(err, (StoreError, NonFiniteError)) or type(err).__module__.startswith("fisherlab"):
+                raise
+            path = getattr(self_or_path, "path", self_or_path)
+            cause = _os_cause(err)
+            if cause is not None:
+                raise StoreError(f"{path}: cannot read: {cause}") from None
+            raise StoreError(f"{path}: the file is corrupted ({type(err).__name__}: {_first_line(err)[:200]})") from None
+
+    return wrapper
+
+
 class CaptureFile:
     """A fisherlab HDF5 file open for reading; reads one checkpoint or one layer at a time.
 
@@ -710,6 +731,7 @@ class CaptureFile:
 
     # ---- run-level metadata ----------------------------------------------------------------
     @property
+    @_guarded
     def run(self) -> dict:
         """Root attributes: format, versions, created, model, loss, fisher, K, B (layout apart)."""
         f = self.file
@@ -727,6 +749,7 @@ class CaptureFile:
         }
 
     @property
+    @_guarded
     def layout(self) -> Layout:
         try:
             return Layout.from_json(_attr(self.file, "layout"))
@@ -735,6 +758,7 @@ class CaptureFile:
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
+    @_guarded
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every checkpoint in the file: complete ones first (file order), then incomplete ones."""
         out: list[CheckpointInfo] = []
@@ -857,6 +881,7 @@ class CaptureFile:
         _audit_checkpoint(self.path, g, f"/checkpoints/{checkpoint}")
         return checkpoint, g
 
+    @_guarded
     def info(self, checkpoint: str | None = None) -> CheckpointInfo:
         """The :class:`CheckpointInfo` of a complete checkpoint (``None``: the last)."""
         name, _ = self._group(checkpoint)
@@ -933,6 +958,7 @@ class CaptureFile:
         """Files written with attribute checksums must have them on every object."""
         return _attr(self.file, "attrs_crc32") is not None
 
+    @_guarded
     def read_layer(self, checkpoint: str | None, layer: int | str) -> LayerCapture:
         """Read one layer: factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]`` or dense ``J [N, p_i]``."""
         name, g = self._group(checkpoint)
@@ -964,6 +990,7 @@ class CaptureFile:
         for i in range(len(layout)):
             yield self._read_layer(name, g, layout, rows, i)
 
+    @_guarded
     def read_grad(self, checkpoint: str | None = None) -> Tensor:
         """∇h ``[p]`` of a checkpoint, fisherlab order."""
         name, g = self._group(checkpoint)
@@ -971,6 +998,7 @@ class CaptureFile:
         self._layer_rows(name, g, layout)  # the attribute checksum
         return torch.from_numpy(self._read(g, "grad", [layout.p], _where(self.path, name)))
 
+    @_guarded
     def read_capture(self, checkpoint: str | None = None, layers: Sequence[int | str] | None = None) -> Capture:
         """The :class:`Capture` of a checkpoint, read layer by layer. See :func:`load`."""
         name, g = self._group(checkpoint)
@@ -1086,6 +1114,7 @@ def _restrict(layout: Layout, idx: list[int], grad: Tensor) -> tuple[Layout, Ten
 # --------------------------------------------------------------------------------------------
 
 
+@_guarded
 def load(
     path: str | os.PathLike,
     checkpoint: str | None = None,
@@ -1118,6 +1147,7 @@ def load(
         return cf.read_capture(checkpoint, layers)
 
 
+@_guarded
 def list_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
     """Every checkpoint of a file, complete ones first, with step, batch and layer table."""
     with CaptureFile(path) as cf:
@@ -1145,6 +1175,7 @@ def select_checkpoints(path: str | os.PathLike, names: Sequence[str] | None = No
     return infos
 
 
+@_guarded
 def file_info(path: str | os.PathLike) -> dict:
     """Everything ``fisherlab inspect`` shows: run metadata, layout, checkpoints with datasets."""
     p = Path(path)

@@ -428,3 +428,79 @@ def test_read_only_file_system_is_not_called_corrupted(small_fs, cap):
     with pytest.raises(StoreError, match=r"new\.h5: cannot create new\.h5\.partial: the file system is read-only"):
         fisherlab.save(cap, small_fs / "new.h5", checkpoint="c1", fsync=False)
     assert [c.name for c in store.list_checkpoints(path)] == ["c1"]  # reading still works
+
+
+# ---- item 9: seeded bit flips in the metadata -------------------------------------------------
+
+FUZZ = r"""
+import json, random, shutil, sys, warnings
+sys.path.insert(0, {tests!r})
+import h5py
+import fisherlab
+from fisherlab import store
+from fisherlab.errors import FisherlabError
+
+src, work, n, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ref = fisherlab.load(src, "c1")
+data = []                                   # byte ranges of dataset storage: not metadata
+with h5py.File(src, "r") as f:
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.size:
+            if obj.chunks is None:
+                data.append((obj.id.get_offset(), obj.id.get_storage_size()))
+            else:
+                for i in range(obj.id.get_num_chunks()):
+                    ci = obj.id.get_chunk_info(i)
+                    data.append((ci.byte_offset, ci.size))
+    f.visititems(visit)
+raw = bytearray(open(src, "rb").read())
+meta = [i for i in range(len(raw)) if not any(o <= i < o + s for o, s in data)]
+rng = random.Random(seed)
+counts = {{"same": 0, "one-line error": 0}}
+bad = []
+for t in range(n):
+    pos = rng.choice(meta)
+    bit = rng.randrange(8)
+    flipped = bytearray(raw)
+    flipped[pos] ^= 1 << bit
+    open(work, "wb").write(flipped)
+    outcome = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store.list_checkpoints(work)
+            store.file_info(work)
+            got = fisherlab.load(work, "c1")
+        outcome = "same" if got.equals(ref) else "CHANGED"
+    except FisherlabError as err:
+        outcome = "one-line error" if "\n" not in str(err) else "MULTI-LINE"
+    except Exception as err:
+        outcome = type(err).__name__ + ": " + str(err).splitlines()[0][:120]
+    if outcome in counts:
+        counts[outcome] += 1
+    else:
+        bad.append(f"byte {{pos}} bit {{bit}}: {{outcome}}")
+print(json.dumps({{"counts": counts, "bad": bad, "metadata_bytes": len(meta)}}))
+"""
+
+
+@pytest.mark.parametrize(
+    "flips,seed", [(60, 9), pytest.param(400, 1, marks=pytest.mark.slow)], ids=["60-flips", "400-flips"]
+)
+def test_metadata_bit_flips_are_one_line_errors_or_unchanged_loads(tmp_path, cap, flips, seed):
+    """Seeded single-bit flips in the metadata bytes (everything but dataset storage), in a child
+    process (so that a crash inside HDF5 is a failure, not a dead test run)."""
+    src = tmp_path / "src.h5"
+    fisherlab.save(cap, src, checkpoint="c1", step=1, fsync=False)
+    script = tmp_path / "fuzz.py"
+    script.write_text(FUZZ.format(tests=str(TESTS)))
+    r = subprocess.run(
+        [sys.executable, str(script), str(src), str(tmp_path / "work.h5"), str(flips), str(seed)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, f"the fuzz child died with status {r.returncode}: {r.stderr[-1500:]}"
+    import json
+
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["bad"] == [], result
+    assert sum(result["counts"].values()) == flips
