@@ -372,9 +372,10 @@ def _kill_writer_at(tmp_path: Path, stop_at: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage", ["1/J", "before-commit"])
+@pytest.mark.parametrize("stage", ["1/J", "before-commit", "moved"])
 def test_sigkill_during_second_checkpoint(tmp_path, stage):
-    """SIGKILL mid-write of c2 (after a layer's data; after all data, before the commit):
+    """SIGKILL mid-write of c2 (after a layer's data; after all data, before the commit; inside the
+    commit, moved to /checkpoints but not yet complete):
     c1 stays intact and loadable, c2 is reported incomplete, and saving c2 again completes the file."""
     path = _kill_writer_at(tmp_path, f"c2:{stage}")
     c1, *_ = make_capture(MODELS["cnn"], "mse", "mc", seed=0)
