@@ -17,6 +17,7 @@ from .capturing import (
 )
 from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
 from . import methods
+from .damping import Damping, DampingScale
 from .metrics import METHODS, ComparisonTable, compare
 from .operators import KFAC, TKO, BlockDiagonalFisher, DiagonalFisher, ExactFisher, TwoLevelKFAC
 from .store import load, save
@@ -24,6 +25,8 @@ from .store import load, save
 __all__ = [
     "BlockDiagonalFisher",
     "ComparisonTable",
+    "Damping",
+    "DampingScale",
     "DiagonalFisher",
     "ExactFisher",
     "KFAC",

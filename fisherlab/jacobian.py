@@ -221,6 +221,67 @@ class LayerJacobian:
                 M += Gb.pow(2).sum((0, 1))
         return (M / self.B).mT.reshape(-1)
 
+    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
+        """``S [d_out, d_in']`` with ``S[r, c] = (1/B) Σ_n (Q_Gᵀ MAT(j_n) Q_A)[r, c]²`` — the
+        diagonal of ``(Q_A ⊗ Q_G)ᵀ F_ii (Q_A ⊗ Q_G)`` (EKFAC's re-fitted eigenvalues; ``Q = I`` gives
+        :meth:`diagonal` as a matrix).
+
+        ``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` ``[d_out, d_in']``, so its rotation is
+        ``Σ_t (Q_Gᵀg_{n,t})(Q_Aᵀā_{b,t})ᵀ``: the factors are rotated first (T = 1: one GEMM of the
+        squares, as :meth:`diagonal`); T > 1 in chunks of examples; dense rows rotated per row.
+
+        Args:
+            QA: ``[d_in', d_in']``; QG: ``[d_out, d_out]`` (orthogonal, in this layer's dtype).
+        """
+        d_out, d_in = self.spec.d_out, self.spec.d_in_bar
+        if self.dense is not None:
+            M = self.dense.reshape(-1, d_in, d_out).mT  # MAT of each row: [N, d_out, d_in']
+            out = M.new_zeros(d_out, d_in)
+            step = max(1, _MAX_TEMP_NUMEL // max(d_out * d_in, 1))
+            for s in range(0, M.shape[0], step):
+                out += (QG.T @ M[s : s + step] @ QA).pow(2).sum(0)
+            return out / self.B
+        assert self.a is not None and self.g is not None
+        a, g = self.a @ QA, self.g @ QG  # rotated factors
+        B, K, T, _ = g.shape
+        if T == 1:
+            return g[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2) / self.B
+        out = a.new_zeros(d_out, d_in)
+        step = max(1, _MAX_TEMP_NUMEL // max(K * d_out * d_in, 1))
+        for s in range(0, B, step):
+            Gb = torch.einsum("bktd,bte->bkde", g[s : s + step], a[s : s + step])  # [b, K, d_out, d_in']
+            out += Gb.pow(2).sum((0, 1))
+        return out / self.B
+
+    def per_example_matrices(self) -> Tensor:
+        """``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` ``[N, d_out, d_in']`` (not scaled): the per-example
+        gradients of the layer as matrices. ``N·p_i`` numbers: for sub-block and Kronecker-SVD
+        methods on layers with positions or dense rows."""
+        return self.dense_rows().reshape(self.N, self.spec.d_in_bar, self.spec.d_out).mT
+
+    @cached_property
+    def reduce_factors(self) -> tuple[Tensor, Tensor]:
+        """KFAC-reduce factors (Eschenhagen et al. 2023) ``(A_red [d_in', d_in'], G_red [d_out, d_out])``.
+
+        ``A_red = (1/B) Σ_b ā̄_b ā̄_bᵀ`` with the position mean ``ā̄_b = (1/T) Σ_t ā_{b,t}``;
+        ``G_red = (1/B) Σ_{b,k} ḡ_{b,k} ḡ_{b,k}ᵀ`` with the position sum ``ḡ_{b,k} = Σ_t g_{b,k,t}``.
+        For T = 1 these are the KFAC (expand) factors (2.25). Needs factored storage (dense rows
+        keep no per-position factors, and a dense layer does not record T).
+        """
+        if self.a is None or self.g is None:
+            raise FisherlabError(
+                f"layer '{self.spec.name}' is stored dense: KFAC-reduce needs its per-position factors ā and g "
+                f"(capture with storage='factored')"
+            )
+        a_mean = self.a.mean(1)  # [B, d_in']
+        g_sum = self.g.sum(2).reshape(-1, self.spec.d_out)  # [N, d_out]
+        return a_mean.T @ a_mean / self.B, g_sum.T @ g_sum / self.B
+
+    @cached_property
+    def reduce_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(s_A, Q_A, s_G, Q_G)`` of :attr:`reduce_factors` (computed once)."""
+        return factor_eigh(*self.reduce_factors)
+
     # ---- KFAC factors ----------------------------------------------------------------------
     @cached_property
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
@@ -252,13 +313,19 @@ class Jacobian:
         layout: the layers.
         layers: one :class:`LayerJacobian` per layer.
         B, K: batch size and vectors per example.
+        loss: the loss name of the capture (for dampings stated in mean-loss units), or ``None``.
+        output_terms: d_y, the loss terms per example that a mean reduction would average
+            (``None`` for class labels), for the same purpose.
     """
 
-    def __init__(self, layout: Layout, layers: list[LayerJacobian], B: int, K: int) -> None:
+    def __init__(self, layout: Layout, layers: list[LayerJacobian], B: int, K: int, *,
+                 loss: str | None = None, output_terms: int | None = None) -> None:
         self.layout = layout
         self.layers = layers
         self.B = B
         self.K = K
+        self.loss = loss
+        self.output_terms = output_terms
 
     @classmethod
     def coerce(cls, source: "Capture | Jacobian", dtype: torch.dtype = torch.float64) -> "Jacobian":
@@ -274,7 +341,8 @@ class Jacobian:
         if cap.N == 0 or not cap.layers:
             raise FisherlabError("empty capture: no examples or no layers")
         layers = [LayerJacobian.from_layer_capture(lc, cap.B, cap.K, dtype) for lc in cap.layers]
-        return cls(cap.layout, layers, cap.B, cap.K)
+        terms = int(cap.targets[0].numel()) if cap.targets.dim() > 1 else None
+        return cls(cap.layout, layers, cap.B, cap.K, loss=cap.loss, output_terms=terms)
 
     @property
     def N(self) -> int:
@@ -314,3 +382,9 @@ class Jacobian:
     def gram(self) -> Tensor:
         """``K = Σ_i K_i = UᵀU`` ``[N, N]``: the nonzero spectrum of F."""
         return torch.stack(self.grams).sum(0) if len(self.grams) > 1 else self.grams[0]
+
+    @cached_property
+    def gram_eigh(self) -> tuple[Tensor, Tensor]:
+        """``(μ [N], W [N, N])``: ascending eigenpairs of K = UᵀU (computed once; the nonzero μ are
+        F's eigenvalues, with eigenvectors ``U w/√μ``)."""
+        return torch.linalg.eigh(self.gram)

@@ -12,6 +12,7 @@ Adding a method: write its operator (one file in :mod:`fisherlab.operators`) and
 
 | key | legend | family | operator |
 |---|---|---|---|
+| ``zero`` | ZERO | baseline | none: the zero step, 𝔈 = ‖ζ‖²_F• (a row of compare) |
 | ``exact`` | EXACT | exact | :class:`~fisherlab.operators.ExactFisher` (ζ itself; not in compare's default) |
 | ``block-diagonal`` | BLOCK-DIAG | exact | :class:`~fisherlab.operators.BlockDiagonalFisher` (3.7) |
 | ``kfac`` | KFAC | one-level | :class:`~fisherlab.operators.KFAC`, π-damping (2.30) — the reference of every ratio |
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .capturing.record import Capture
+from .damping import Damping, resolve_damping
 from .errors import FisherlabError
 from .jacobian import Jacobian
 from .operators import (
@@ -41,7 +43,13 @@ from .operators import (
     TKO,
     BlockDiagonalFisher,
     DiagonalFisher,
+    EKFAC,
     ExactFisher,
+    FOOF,
+    KFACReduce,
+    KFOC,
+    KPSVD,
+    SubBlockFisher,
     FisherOperator,
     TwoLevelKFAC,
     cg_preconditioner_rule,
@@ -58,12 +66,14 @@ __all__ = [
     "build",
     "colour",
     "default_keys",
+    "composed_keys",
     "get",
     "keys",
     "legend",
     "marker",
     "method_of_optimizer",
     "optimizer_names",
+    "practical",
 ]
 
 
@@ -84,6 +94,9 @@ class Family(str, Enum):
     """Consistent two-level corrections (3.9): gap (4.6) = −(R_0r)ᵀF_coarse⁻¹(R_0r) ≤ 0."""
     ADDITIVE = "additive"
     """Additive corrections (TKO, (4.7)): gap (4.6), which may be positive."""
+    BASELINE = "baseline"
+    """Reference rows without an operator: the zero step (𝔈 = ‖ζ‖²_F•; a method whose error
+    exceeds it is worse than not moving at all)."""
 
     @property
     def coarse(self) -> bool:
@@ -123,11 +136,11 @@ class Pieces:
     _one_level: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, source: Capture | Jacobian, damping: float, *, rhs: Tensor | None = None, **kw) -> "Pieces":
+    def of(cls, source: Capture | Jacobian, damping: float | Damping, *, rhs: Tensor | None = None, **kw) -> "Pieces":
         jac = Jacobian.coerce(source)
         if rhs is None and isinstance(source, Capture):
             rhs = source.grad
-        return cls(jac, check_damping(damping), None if rhs is None else rhs.to(torch.float64).reshape(-1), **kw)
+        return cls(jac, resolve_damping(damping, jac), None if rhs is None else rhs.to(torch.float64).reshape(-1), **kw)
 
     def fisher(self) -> ExactFisher:
         """The shared exact F• (Woodbury or CG by :class:`ExactFisher`'s automatic rule)."""
@@ -142,9 +155,9 @@ class Pieces:
         cache_key = (key, tuple(sorted(options.items())))
         if cache_key not in self._one_level:
             method = get(key)
-            if method.family is not Family.ONE_LEVEL and key != "block-diagonal":
+            if method.builder is None or (method.family is not Family.ONE_LEVEL and key != "block-diagonal"):
                 raise UnknownMethodError(f"'{key}' is not a one-level method (a coarse correction needs one as its base)")
-            self._one_level[cache_key] = method.builder(self, **method.resolve_options(options))
+            self._one_level[cache_key] = method.builder(self, **method.resolve_options(options))  # type: ignore[misc]
         return self._one_level[cache_key]
 
     def right_hand_side(self, key: str) -> Tensor:
@@ -164,19 +177,20 @@ class Method:
         key: the name in tables, the CLI and the API (``"nicolaides"``).
         legend: the figure/table name (``"NICO"``).
         family: :class:`Family`.
-        builder: ``builder(pieces, **options) -> FisherOperator``.
+        builder: ``builder(pieces, **options) -> FisherOperator`` (``None`` for a baseline row).
         options: option name → default (``{"m": 2}``); :func:`build` refuses others.
         colour, marker: fixed across every figure.
         optimizer: the optimizer's name in :mod:`fisherlab.optim` (``None``: no optimizer).
         optimizer_legend: the optimizer's legend when it differs from ``legend``.
         default: whether :func:`fisherlab.compare` runs it by default.
         description: one line for help texts.
+        scale_covariant: whether its relative errors are the same in every loss scaling.
     """
 
     key: str
     legend: str
     family: Family
-    builder: Builder
+    builder: Builder | None
     colour: str
     marker: str
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -184,6 +198,9 @@ class Method:
     optimizer_legend: str | None = None
     default: bool = True
     description: str = ""
+    scale_covariant: bool = True
+    """Whether the operator scales with F when the loss is rescaled (then every relative error is
+    the same in summed and mean-loss units). FOOF's A ⊗ I does not: its errors depend on the units."""
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The defaults updated by ``given``; a one-line error for an option the method lacks."""
@@ -250,6 +267,7 @@ _P = _palette()
 _COARSE_OPTS = {"base": "kfac"}
 
 _ENTRIES = [
+    Method("zero", "ZERO", Family.BASELINE, None, _P[11], "", description="the zero step: 𝔈 = ‖ζ‖²_F•"),
     Method("exact", "EXACT", Family.EXACT, _exact, "#000000", "", {"solver": "auto", "preconditioner": "auto"},
            optimizer="ngd", optimizer_legend="NGD", default=False,
            description="F• = F + λI by Woodbury (or CG): ζ itself"),
@@ -261,6 +279,31 @@ _ENTRIES = [
            description="KFAC with exact Tikhonov damping A ⊗ G + λI"),
     Method("diagonal", "DIAGONAL", Family.ONE_LEVEL, lambda pc: DiagonalFisher.from_capture(pc.jac, pc.damping), _P[3], "d",
            optimizer="diagonal", description="the exact diagonal diag(F) + λI"),
+    Method("foof", "FOOF", Family.ONE_LEVEL,
+           lambda pc, damping_mode: FOOF.from_capture(pc.jac, pc.damping, damping_mode), _P[9], "h",
+           {"damping_mode": "tikhonov"}, optimizer="foof",
+           description="FOOF (Benzing 2022): KFAC with G = I, (A + λI) ⊗ I", scale_covariant=False),
+    Method("ekfac", "EKFAC", Family.ONE_LEVEL, lambda pc: EKFAC.from_capture(pc.jac, pc.damping), _P[10], "p",
+           optimizer="ekfac",
+           description="EKFAC (George et al. 2018): KFAC eigenbasis, diagonal re-fitted to the Jacobian rows, + λI"),
+    Method("kfac-reduce", "KFAC-REDUCE", Family.ONE_LEVEL,
+           lambda pc, damping_mode: KFACReduce.from_capture(pc.jac, pc.damping, damping_mode), _P[12], "X",
+           {"damping_mode": "pi"}, optimizer="kfac-reduce", default=False,
+           description="KFAC-reduce (Eschenhagen et al. 2023; kfac is the expand variant); factored storage only"),
+    Method("unit-wise", "UNIT-WISE", Family.ONE_LEVEL, lambda pc: SubBlockFisher.from_capture(pc.jac, pc.damping), _P[13], "1",
+           optimizer="unit-wise", default=False,
+           description="exact sub-block of each output unit's row [W | b][r, :], + λI"),
+    Method("mini-block", "MINI-BLOCK", Family.ONE_LEVEL,
+           lambda pc, size: SubBlockFisher.from_capture(pc.jac, pc.damping, size), _P[17], "2",
+           {"size": 16}, optimizer="mini-block", default=False,
+           description="exact sub-blocks of `size` columns of each output unit's row, + λI"),
+    Method("kfoc", "KFOC", Family.ONE_LEVEL,
+           lambda pc, damping_mode: KFOC.from_capture(pc.jac, pc.damping, damping_mode), _P[18], "H",
+           {"damping_mode": "pi"}, optimizer="kfoc",
+           description="KFOC: the Frobenius-optimal A ⊗ G of each exact block (top Kronecker SVD term), damped as KFAC"),
+    Method("kpsvd", "KPSVD", Family.ONE_LEVEL, lambda pc, r: KPSVD.from_capture(pc.jac, pc.damping, r), _P[19], "8",
+           {"r": 2}, optimizer="kpsvd", default=False,
+           description="KPSVD: the top r Kronecker SVD terms of each exact block + λI (CG for r ≥ 2)"),
     Method("nicolaides", "NICO", Family.MULTIPLICATIVE, _two_level("nicolaides"), _P[0], "o", dict(_COARSE_OPTS),
            optimizer="kfac-2l-nicolaides", description="two-level, V_i = 1 (3.24)"),
     Method("spectral", "SPECTRAL", Family.MULTIPLICATIVE, _two_level("spectral"), _P[2], "v", {**_COARSE_OPTS, "k": 1},
@@ -296,11 +339,86 @@ and the generic two-level optimizer): name → (legend, colour, marker)."""
 
 
 def get(key: str) -> Method:
-    """The :class:`Method` of ``key``; a one-line error listing the choices."""
+    """The :class:`Method` of ``key`` — a key of :data:`METHODS` or a composed key
+    ``<base>+<coarse>`` (:func:`composed_keys`); a one-line error listing the choices."""
     try:
         return METHODS[key]
     except KeyError:
-        raise UnknownMethodError(f"unknown method '{key}' (choose from {', '.join(METHODS)})") from None
+        pass
+    if "+" in key:
+        return _composed(key)
+    raise UnknownMethodError(
+        f"unknown method '{key}' (choose from {', '.join(METHODS)}, or <one-level>+<coarse correction>)"
+    ) from None
+
+
+def composed_keys() -> list[str]:
+    """The composed keys ``<base>+<coarse>``: a coarse correction (multiplicative or additive, e.g.
+    ``residuals``, ``tko``) over a one-level method other than ``kfac`` (e.g. ``ekfac+residuals``;
+    ``kfac+residuals`` is accepted too and is ``residuals`` itself). Not in :data:`METHODS` (that
+    holds the base entries); :func:`get` and :func:`build` resolve them, so :func:`fisherlab.compare`
+    takes them like any key. A composed method has the coarse method's family, options (less
+    ``base``) plus the base's options, colour and gap rule; its legend is ``<BASE>+<COARSE>``."""
+    bases = [k for k in keys(Family.ONE_LEVEL) if k != "kfac"]
+    coarse = [k for k, m in METHODS.items() if m.family.coarse]
+    return [f"{b}+{c}" for b in bases for c in coarse]
+
+
+_COMPOSED: dict[str, Method] = {}
+
+
+def _composed(key: str) -> Method:
+    """The :class:`Method` of a composed key (built once per key)."""
+    if key in _COMPOSED:
+        return _COMPOSED[key]
+    base_key, coarse_key = key.split("+", 1)
+    base, coarse = METHODS.get(base_key), METHODS.get(coarse_key)
+    if base is None or base.builder is None or (base.family is not Family.ONE_LEVEL and base_key != "block-diagonal"):
+        raise UnknownMethodError(
+            f"unknown method '{key}': '{base_key}' is not a one-level method "
+            f"(choose from {', '.join(keys(Family.ONE_LEVEL))})"
+        )
+    if coarse is None or coarse.builder is None or not coarse.family.coarse:
+        raise UnknownMethodError(
+            f"unknown method '{key}': '{coarse_key}' is not a coarse correction "
+            f"(choose from {', '.join(k for k, m in METHODS.items() if m.family.coarse)})"
+        )
+    base_opts = dict(base.options)
+    coarse_opts = {k: v for k, v in coarse.options.items() if k != "base"}
+    clash = sorted(set(base_opts) & set(coarse_opts))
+    if clash:  # pragma: no cover - no registered pair clashes
+        raise UnknownMethodError(f"method '{key}': options {', '.join(clash)} belong to both parts")
+    coarse_builder = coarse.builder
+
+    def build_composed(pieces: Pieces, **opts: Any) -> FisherOperator:
+        b_opts = {k: v for k, v in opts.items() if k in base_opts}
+        c_opts = {k: v for k, v in opts.items() if k not in base_opts}
+        return _with_base(pieces, base_key, b_opts, coarse_builder, c_opts)
+
+    method = Method(
+        key, f"{base.legend}+{coarse.legend}", coarse.family, build_composed, coarse.colour, base.marker or coarse.marker,
+        {**coarse_opts, **base_opts}, default=False,
+        description=f"{coarse.description or coarse_key}, over {base_key} instead of KFAC",
+    )
+    _COMPOSED[key] = method
+    return method
+
+
+def _with_base(pieces: Pieces, base_key: str, base_opts: dict, coarse_builder: Builder, coarse_opts: dict) -> FisherOperator:
+    """The coarse builder with ``base=base_key``; the base's options reach :meth:`Pieces.one_level`
+    through a view of ``pieces`` whose ``one_level(base_key)`` is the configured one."""
+    if not base_opts:
+        return coarse_builder(pieces, base=base_key, **coarse_opts)
+    op = pieces.one_level(base_key, **base_opts)
+    view = Pieces(pieces.jac, pieces.damping, pieces.rhs, exact=pieces.fisher(), kfac=pieces.kfac)
+    view._one_level = {**pieces._one_level, (base_key, ()): op}
+    return coarse_builder(view, base=base_key, **coarse_opts)
+
+
+def practical(key: str) -> bool:
+    """Whether ``key`` is a method one would train with (not an exact reference or a baseline row):
+    what headlines rank."""
+    return get(key).family in (Family.ONE_LEVEL, Family.MULTIPLICATIVE, Family.ADDITIVE)
 
 
 def keys(family: Family | str | Iterable[Family | str] | None = None) -> list[str]:
@@ -330,6 +448,13 @@ def _lookup(key: str) -> tuple[str, str, str] | None:
     if key in METHODS:
         m = METHODS[key]
         return m.legend, m.colour, m.marker
+    if "+" in key:
+        try:
+            m = get(key)
+        except UnknownMethodError:
+            pass
+        else:
+            return m.legend, m.colour, m.marker
     if key.startswith("error-") and key[len("error-") :] in METHODS:  # spectra: error operator of a method
         return _lookup(key[len("error-") :])
     method = method_of_optimizer(key)
@@ -368,7 +493,7 @@ def marker(key: str, default: str = "o") -> str:
 def build(
     key: str,
     capture: Capture | Jacobian | Pieces,
-    damping: float | None = None,
+    damping: float | Damping | None = None,
     *,
     rhs: Tensor | None = None,
     exact: ExactFisher | None = None,
@@ -387,6 +512,8 @@ def build(
             ``base="diagonal"`` for a coarse correction over another one-level operator).
     """
     method = get(key)
+    if method.builder is None:
+        raise UnknownMethodError(f"'{key}' ({method.description}) is a reference row of compare and has no operator")
     opts = method.resolve_options(options)
     if isinstance(capture, Pieces):
         pieces = capture

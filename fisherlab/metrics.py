@@ -3,19 +3,27 @@
 For each method with increment ζ_m ≈ ζ = F•⁻¹∇h:
 
 * 𝔈 = ‖ζ_m − ζ‖²_{F•} (4.1), with ‖x‖²_{F•} = ‖Uᵀx‖² + λ‖x‖²;
-* 𝔈/‖ζ‖²_{F•}, where ‖ζ‖²_{F•} = ∇hᵀζ;
-* the reduction ratio 𝔈/𝔈_KFAC (π-damped KFAC is the reference: 𝔈_KFAC = 𝔈(0) of (4.2));
-* the gap 𝔈 − 𝔈_KFAC computed **without** ζ: (4.6) βᵀF_coarseβ − 2⟨R_0ᵀβ, r⟩ for the coarse
-  corrections, and for any other method, since F•ζ = ∇h,
-  ``‖x − ζ‖² − ‖y − ζ‖² = xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩`` (y = ζ_KFAC);
+* 𝔈/‖ζ‖²_{F•}, where ‖ζ‖²_{F•} = ∇hᵀζ (= the error of the zero step: > 1 means worse than not
+  moving at all, flagged);
+* its anatomy (:mod:`fisherlab.anatomy`): 𝔈 = 𝔈_span + 𝔈_null over the span of the per-example
+  Jacobian rows and its null space (where F• = λI), per layer, and along the top modes of F;
+* the reduction ratio against π-damped KFAC (the reference: 𝔈_KFAC = 𝔈(0) of (4.2));
+* the gap 𝔈 − 𝔈_KFAC computed **without** ζ, by the method's family (:class:`~fisherlab.methods.Family`):
+  (4.6) βᵀF_coarseβ − 2⟨R_0ᵀβ, r⟩ for the coarse corrections, and for any other method, since
+  F•ζ = ∇h, ``‖x − ζ‖² − ‖y − ζ‖² = xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩`` (y = ζ_KFAC);
 * the Euclidean relative error ‖ζ_m − ζ‖/‖ζ‖ and the cosine of ζ_m with ζ (the guarantee (3.19)
   holds in the F•-norm only: both are shown);
 * the coarse dimension m and the wall time.
+
+A damping is absolute or stated in the Fisher's scale (:class:`fisherlab.Damping`); the table's
+meta reports the resolved λ and λ in every scale (λ/λ_max(F), λ/mean eig(F), mean-loss units),
+and the relative residual of the exact solve. Several captures of one checkpoint (independent
+batches, Monte-Carlo draws) give every column as a mean with a 95 % interval
+(:meth:`ComparisonTable.summary`); the CSV keeps every sample.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 import warnings
@@ -27,13 +35,27 @@ import torch
 from torch import Tensor
 
 from . import methods as registry
+from .anatomy import SpanBasis, anatomy
 from .capturing.record import Capture
+from .damping import Damping, fisher_scale, resolve_damping
 from .errors import FisherlabError
+from .intervals import LEVEL, mean_interval
+from .io.tables import fmt, text_table, write_csv
 from .jacobian import Jacobian
 from .methods import Family, Pieces
-from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator, check_damping
+from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator
 
-__all__ = ["METHODS", "LEGENDS", "ComparisonTable", "compare", "compare_file", "build_method", "COLUMNS"]
+__all__ = [
+    "METHODS",
+    "LEGENDS",
+    "ComparisonTable",
+    "compare",
+    "compare_file",
+    "build_method",
+    "COLUMNS",
+    "EXACT_RESIDUAL_TOL",
+    "SUMMARY_COLUMNS",
+]
 
 METHODS = registry.METHODS
 """Every method :func:`compare` knows (the registry :data:`fisherlab.methods.METHODS`; iterating
@@ -42,33 +64,63 @@ gives the keys in table order)."""
 LEGENDS = {k: m.legend for k, m in registry.METHODS.items()}
 """Method key → legend, derived from the registry (kept for callers of the first API)."""
 
+EXACT_RESIDUAL_TOL = 1e-6
+"""The exact solve's relative residual ‖F•ζ − ∇h‖/‖∇h‖ above which compare warns: every error in
+the table is measured against this ζ (Woodbury in float64 reaches ~1e-12 at cond(F•) ~ 1e4)."""
+
 COLUMNS = [
     "method",
     "legend",
     "family",
     "energy_error",
     "relative_error",
+    "error_span",
+    "error_null",
     "reduction_ratio",
     "gap",
     "euclidean_relative_error",
     "cosine",
+    "worse_than_zero",
     "coarse_dim",
     "seconds",
     "note",
 ]
 
+SUMMARY_COLUMNS = [
+    "energy_error",
+    "relative_error",
+    "error_span",
+    "error_null",
+    "reduction_ratio",
+    "gap",
+    "euclidean_relative_error",
+    "cosine",
+    "seconds",
+]
+"""The numeric columns :meth:`ComparisonTable.summary` reports as mean ± half-width."""
+
+_CONTEXT = ["checkpoint", "step", "sample", "batch", "draw", "damping"]
+
 
 @dataclass
 class ComparisonTable:
-    """Rows of per-method errors (dicts with :data:`COLUMNS` plus context keys) and metadata.
+    """Per-method errors: one row per (sample, method), plus per-layer and per-mode rows.
 
     Attributes:
-        rows: one dict per method (and per checkpoint when tables are concatenated).
-        meta: damping, N, p, the exact solver's report, ‖ζ‖²_{F•}, …
+        rows: dicts with :data:`COLUMNS` (plus ``checkpoint``, ``step``, ``sample``, ``batch``,
+            ``draw``, ``damping`` when known).
+        layers: per (sample, method, layer): ``error_norm`` ‖e_i‖, ``error_fisher`` ‖e_i‖²_[F•]ii,
+            ``zeta_norm`` ‖ζ_i‖ and ``zeta_fisher``.
+        modes: per (sample, method, mode j ≤ 5): ``eigenvalue`` μ_j + λ of F•, ``coefficient``
+            v_jᵀe, ``zeta_coefficient`` v_jᵀζ and ``relative`` |v_jᵀe|/|v_jᵀζ|.
+        meta: damping (absolute) and its scales, N, p, ‖ζ‖²_F• and its span/null split, the exact
+            solver's report and residual, ``notes`` (everything that was also warned), ``samples``.
     """
 
     rows: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    modes: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -77,10 +129,11 @@ class ComparisonTable:
         return iter(self.rows)
 
     def row(self, method: str) -> dict:
+        """The (first) row of ``method``."""
         for r in self.rows:
             if r["method"] == method:
                 return r
-        raise KeyError(f"no row for method '{method}' (methods: {', '.join(r['method'] for r in self.rows)})")
+        raise KeyError(f"no row for method '{method}' (methods: {', '.join(dict.fromkeys(r['method'] for r in self.rows))})")
 
     def column(self, name: str) -> list:
         return [r.get(name) for r in self.rows]
@@ -88,71 +141,114 @@ class ComparisonTable:
     @property
     def columns(self) -> list[str]:
         extra = [k for r in self.rows for k in r if k not in COLUMNS]
-        return [c for c in ["checkpoint", "step", "damping"] if c in extra] + COLUMNS + sorted(
-            {k for k in extra if k not in ("checkpoint", "step", "damping")}
-        )
+        return [c for c in _CONTEXT if c in extra] + COLUMNS + sorted({k for k in extra if k not in _CONTEXT})
 
-    def to_csv(self, path: str | Path) -> Path:
-        """Write all rows (full precision) to ``path``; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cols = self.columns
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-        return path
+    @property
+    def n_samples(self) -> int:
+        """Samples (batches × draws) per checkpoint and method (1 for a single capture)."""
+        counts: dict = {}
+        for r in self.rows:
+            key = (r.get("checkpoint"), r["method"])
+            counts[key] = counts.get(key, 0) + 1
+        return max(counts.values(), default=0)
+
+    def summary(self, level: float = LEVEL) -> list[dict]:
+        """One row per (checkpoint, method): each of :data:`SUMMARY_COLUMNS` as its mean, with
+        ``<column>_hw`` the half-width of its ``level`` Student-t interval over the samples (NaN
+        for one sample) and ``samples`` their count; ``worse_than_zero`` when the mean relative
+        error exceeds 1."""
+        groups: dict = {}
+        for r in self.rows:
+            groups.setdefault((r.get("checkpoint"), r["method"]), []).append(r)
+        out = []
+        for (_, method), rs in groups.items():
+            first = rs[0]
+            s = {c: first[c] for c in ("checkpoint", "step", "damping") if c in first}
+            s.update(method=method, legend=first["legend"], family=first["family"], samples=len(rs),
+                     coarse_dim=first.get("coarse_dim"))
+            for c in SUMMARY_COLUMNS:
+                iv = mean_interval([r.get(c) for r in rs], level)
+                s[c], s[f"{c}_hw"] = iv.mean, iv.half_width
+            s["worse_than_zero"] = bool(s["relative_error"] > 1.0) if math.isfinite(s["relative_error"]) else None
+            s["note"] = "; ".join(dict.fromkeys(r["note"] for r in rs if r.get("note")))
+            out.append(s)
+        return out
+
+    def to_csv(self, path: str | Path, *, summary: bool = False) -> Path:
+        """Write every sample row (full precision), or the :meth:`summary`, to ``path``."""
+        if summary:
+            rows = self.summary()
+            cols = [c for c in ("checkpoint", "step", "damping") if any(c in r for r in rows)]
+            cols += ["method", "legend", "family", "samples"] + [x for c in SUMMARY_COLUMNS for x in (c, f"{c}_hw")]
+            return write_csv(rows, path, cols + ["worse_than_zero", "coarse_dim", "note"])
+        return write_csv(self.rows, path, self.columns)
+
+    def layers_to_csv(self, path: str | Path) -> Path:
+        """The per-layer error rows."""
+        return write_csv(self.layers, path)
+
+    def modes_to_csv(self, path: str | Path) -> Path:
+        """The per-mode error rows."""
+        return write_csv(self.modes, path)
 
     @classmethod
     def concat(cls, tables: Iterable["ComparisonTable"]) -> "ComparisonTable":
         out = cls()
         for t in tables:
             out.rows.extend(t.rows)
+            out.layers.extend(t.layers)
+            out.modes.extend(t.modes)
+            out.meta.setdefault("notes", []).extend(t.meta.get("notes", []))
         return out
 
     def format(self) -> str:
-        """A readable fixed-width table (what ``str()`` prints)."""
-        head = ["method", "𝔈", "𝔈/‖ζ‖²", "𝔈/𝔈_KFAC", "gap (4.6)", "‖Δ‖/‖ζ‖", "cos", "m", "time s"]
-        ctx = [c for c in ("checkpoint", "step") if any(c in r for r in self.rows)]
-        head = ctx + head
-        body = []
-        for r in self.rows:
-            cells = [str(r.get(c, "")) for c in ctx] + [
-                r["legend"],
-                _fmt(r["energy_error"]),
-                _fmt(r["relative_error"]),
-                _fmt(r["reduction_ratio"], "{:.4f}"),
-                _fmt(r["gap"], "{:+.3e}"),
-                _fmt(r["euclidean_relative_error"]),
-                _fmt(r["cosine"], "{:.5f}"),
+        """A readable fixed-width table (what ``str()`` prints): mean ± 95 % half-width over the
+        samples when there are several; 𝔈_null/𝔈 is the share of the error in the null space."""
+        rows = self.summary()
+        several = self.n_samples > 1
+        ctx = [c for c in ("checkpoint", "step") if any(c in r for r in rows)]
+        head = ctx + ["method", "𝔈/‖ζ‖²", "null share", "𝔈/𝔈_KFAC", "gap (4.6)", "‖Δ‖/‖ζ‖", "cos", "m", "time s"]
+        body = [head]
+        for r in rows:
+            def cell(col: str, spec: str) -> str:
+                v, hw = r[col], r[f"{col}_hw"]
+                return fmt(v, spec) if not several or not math.isfinite(hw) else f"{fmt(v, spec)} ± {fmt(hw, spec.replace('+', ''))}"
+
+            null_share = r["error_null"] / r["energy_error"] if r["energy_error"] and math.isfinite(r["error_null"]) else math.nan
+            body.append([str(r.get(c, "")) for c in ctx] + [
+                r["legend"] + (" *" if r["family"] == Family.EXACT.value else ""),
+                cell("relative_error", ".3e"),
+                fmt(null_share, ".1%"),
+                cell("reduction_ratio", ".4f"),
+                cell("gap", "+.3e"),
+                cell("euclidean_relative_error", ".3e"),
+                cell("cosine", ".5f"),
                 "" if r["coarse_dim"] is None else str(r["coarse_dim"]),
-                _fmt(r["seconds"], "{:.3f}"),
-            ]
-            body.append(cells)
-        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.rjust(w) if i >= len(ctx) + 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        out = []
-        if self.meta:
-            m = self.meta
-            out.append(
-                f"λ = {m.get('damping', float('nan')):g}   N = {m.get('N')}   p = {m.get('p', 0):,}   "
-                f"‖ζ‖²_F• = {_fmt(m.get('zeta_norm2'))}   exact: {m.get('solver', '')}"
+                fmt(r["seconds"], ".3f"),
+            ])
+        lines = []
+        m = self.meta
+        if "N" in m:
+            scales = m.get("damping_scales", {})
+            rel = "   ".join(f"λ/{k} = {v:.3g}" for k, v in (("λ_max", scales.get("max")), ("mean eig", scales.get("mean"))) if v is not None)
+            lines.append(
+                f"{m.get('damping_input', '')}: λ = {m['damping']:g} ({rel})   N = {m.get('N')}   p = {m.get('p', 0):,}   "
+                f"‖ζ‖²_F• = {fmt(m.get('zeta_norm2'), '.3e')} ({fmt(m.get('zeta_null_share'), '.1%')} in the null space)   "
+                f"exact: {m.get('solver', '')}"
             )
-        out.append(line(head))
-        out.append("  ".join("-" * w for w in widths))
-        for r, b in zip(self.rows, body):
-            out.append(line(b) + (f"  ({r['note']})" if r.get("note") else ""))
-        return "\n".join(out)
+        if several:
+            lines.append(f"mean ± {LEVEL:.0%} half-width over {self.n_samples} samples (batches × draws)")
+        widths = [max(len(str(r[i])) for r in body) for i in range(len(head))]
+        body.insert(1, ["-" * w for w in widths])
+        lines += text_table(body, right=range(len(ctx) + 1, len(head)), indent="")
+        for r in rows:
+            if r.get("note"):
+                lines.append(f"  {r['legend']}: {r['note']}")
+        lines.append("  (* exact reference, not a practical method; ZERO: the zero step)")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
-
-
-def _fmt(x, spec: str = "{:.3e}") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return spec.format(x)
 
 
 def build_method(
@@ -172,8 +268,8 @@ def build_method(
 
 
 def compare(
-    capture: Capture | Jacobian,
-    damping: float,
+    capture: Capture | Jacobian | Sequence[Capture],
+    damping: float | Damping,
     methods: Sequence[str] | None = None,
     *,
     rhs: Tensor | None = None,
@@ -182,36 +278,51 @@ def compare(
     m: int = 2,
     q: int = 2,
     options: Mapping[str, Mapping] | None = None,
+    top_modes: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> ComparisonTable:
     """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
 
     Args:
-        capture: a :class:`Capture` (or a ready :class:`Jacobian` with ``rhs``).
-        damping: λ > 0.
+        capture: a :class:`Capture` (or a ready :class:`Jacobian` with ``rhs``), or several
+            captures of one checkpoint (independent batches / draws: rows per sample, and
+            :meth:`ComparisonTable.summary` gives mean ± 95 % intervals).
+        damping: λ > 0, or a :class:`fisherlab.Damping` in the Fisher's scale (resolved per capture).
         methods: keys of :data:`fisherlab.methods.METHODS` (default: every method marked
-            ``default``; ``tko-kronecker`` is reported as n/a for captures with conv layers).
+            ``default``, the ZERO row included; ``tko-kronecker`` is reported as n/a for
+            captures with conv layers).
         rhs: the right-hand side (default ``capture.grad``).
         exact: a ready :class:`ExactFisher` to reuse (default: built with the automatic solver).
         k, m, q: spectral, Krylov and Taylor sizes (given to the methods that take them).
         options: per-method options, ``{"taylor": {"q": 3}, "residuals": {"base": "diagonal"}}``.
+        top_modes: how many leading eigenvectors of F the per-mode errors cover.
         progress: called with each method key before it runs.
 
-    The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family (:class:`Family`): (4.6) for
-    coarse corrections, xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ otherwise (0 for the reference KFAC itself).
-    The reduction ratio of a coarse correction is 1 + gap/𝔈_KFAC, so it is ≤ 1 exactly when its
-    gap is ≤ 0; for the others it is 𝔈/𝔈_KFAC. A gap that breaks its family's bound is recorded
-    in the row's ``note`` and in ``meta["notes"]``, and warned once.
-
-    Returns:
-        A :class:`ComparisonTable`; ``meta`` holds λ, N, p, ‖ζ‖²_{F•}, 𝔈_KFAC, the solver report
-        and ``notes``.
+    The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family: (4.6) for coarse
+    corrections, xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ otherwise (0 for the reference KFAC itself). The
+    reduction ratio of a coarse correction is 1 + gap/𝔈_KFAC, so it is ≤ 1 exactly when its gap is
+    ≤ 0; for the others it is 𝔈/𝔈_KFAC. Everything unexpected — a gap that breaks its family's
+    bound, a method worse than the zero step, an inaccurate exact solve — is recorded in the row's
+    ``note`` and in ``meta["notes"]``, and warned once per table.
     """
-    lam = check_damping(damping)
+    if isinstance(capture, (list, tuple)):
+        tables = []
+        for i, cap in enumerate(capture):
+            t = compare(cap, damping, methods, rhs=rhs, exact=exact, k=k, m=m, q=q, options=options,
+                        top_modes=top_modes, progress=progress)
+            for rows in (t.rows, t.layers, t.modes):
+                for r in rows:
+                    r.setdefault("sample", i)
+            tables.append(t)
+        out = ComparisonTable.concat(tables)
+        out.meta = {**tables[0].meta, "samples": [t.meta for t in tables], "notes": out.meta.get("notes", [])}
+        return out
+
     names = registry.default_keys() if methods is None else list(methods)
     for name in names:
         registry.get(name)  # one-line error for an unknown key
     jac = Jacobian.coerce(capture)
+    lam = resolve_damping(damping, jac)
     if rhs is None:
         if not isinstance(capture, Capture):
             raise ValueError("compare: rhs is required when given a Jacobian")
@@ -221,6 +332,7 @@ def compare(
         raise FisherlabError("compare: the gradient ∇h contains NaN/Inf")
     if float(w.norm()) == 0.0:
         raise FisherlabError("compare: the gradient ∇h is zero; every increment is zero")
+    sample = dict(capture.meta.get("sample", {})) if isinstance(capture, Capture) else {}
 
     exact = exact if exact is not None else ExactFisher(jac, lam)
     t0 = time.perf_counter()
@@ -228,46 +340,64 @@ def compare(
     t_exact = time.perf_counter() - t0
     zeta_norm2 = float((w * zeta).sum())
     zeta_norm = float(zeta.norm())
+    residual = float((exact.apply(zeta) - w).norm()) / float(w.norm())
+    notes: list[str] = []
+    if residual > EXACT_RESIDUAL_TOL:
+        notes.append(f"the exact solve's relative residual ‖F•ζ − ∇h‖/‖∇h‖ is {residual:.2e} (> {EXACT_RESIDUAL_TOL:g})")
 
-    def fnorm2(x: Tensor) -> float:
-        return float(exact.fisher_norm2(x)[0])
+    # the span of U and the anatomy of ζ (needs the N × N Gram: not on the CG path)
+    basis = SpanBasis.from_jacobian(jac, lam) if exact.solver == "woodbury" else None
+    scale = fisher_scale(jac) if basis is not None else None
+    za = anatomy(jac, basis, zeta, top=top_modes) if basis is not None else None
 
     t0 = time.perf_counter()
     kfac = KFAC.from_capture(jac, lam, "pi")
     zK = kfac.apply_inverse(w)
     t_kfac = time.perf_counter() - t0
-    E_kfac = fnorm2(zK - zeta)
+    E_kfac = float(exact.fisher_norm2(zK - zeta)[0])
     zKFzK = float((zK * exact.apply(zK)).sum())
     pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
     sizes = {"k": k, "m": m, "q": q}
     per_method = dict(options or {})
 
-    rows: list[dict] = []
-    notes: list[str] = []
+    table = ComparisonTable()
+    worse: list[str] = []
     for name in names:
         if progress is not None:
             progress(name)
         method = registry.get(name)
-        opts = {key: val for key, val in sizes.items() if key in method.options}
-        opts.update(per_method.get(name, {}))
         note = ""
         t0 = time.perf_counter()
-        try:
-            op = registry.build(name, pieces, **opts)
-        except FisherlabError as err:
-            if method.family.coarse and "defined for Linear layers" in str(err):
-                rows.append(_na_row(name, str(err).split(";")[0]))
-                continue
-            raise
-        x = op.apply_inverse(w)
-        seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
-        E = fnorm2(x - zeta)
         coarse_dim = None
+        op = None
+        if method.builder is None:  # the zero step
+            x = torch.zeros_like(w)
+        else:
+            opts = {key: val for key, val in sizes.items() if key in method.options}
+            opts.update(per_method.get(name, {}))
+            try:
+                op = registry.build(name, pieces, **opts)
+            except FisherlabError as err:
+                if method.family.coarse and "defined for Linear layers" in str(err):
+                    table.rows.append({**sample, **_na_row(name, str(err).split(";")[0])})
+                    continue
+                raise
+            x = op.apply_inverse(w)
+        seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
+        e = x - zeta
+        if basis is not None:
+            an = anatomy(jac, basis, e, top=top_modes)
+            E, span, null = an.total, an.span, an.null
+        else:
+            an, E, span, null = None, float(exact.fisher_norm2(e)[0]), math.nan, math.nan
         if method.family.coarse and isinstance(op, CoarseCorrection):
             gap = op.gap()
             coarse_dim = op.coarse_dim
             if coarse_dim < sum(op.raw_dims):
                 note = f"{sum(op.raw_dims) - coarse_dim} dependent coarse column(s) dropped"
+            space_note = getattr(op.space, "note", "")
+            if space_note:
+                note = "; ".join(filter(None, [note, space_note]))
             ratio = 1.0 + gap / E_kfac if E_kfac > 0 else float("nan")
         else:
             gap = 0.0 if op is kfac else float((x * exact.apply(x)).sum()) - zKFzK - 2 * float(((x - zK) * w).sum())
@@ -276,52 +406,80 @@ def compare(
             msg = f"gap (4.6) of '{name}' is {gap:.3e} > 0; theory says ≤ 0 (𝔈_KFAC = {E_kfac:.3e})"
             note = "; ".join(filter(None, [note, msg]))
             notes.append(msg)
+        rel = E / zeta_norm2 if zeta_norm2 > 0 else float("nan")
+        is_worse = method.family is not Family.BASELINE and rel > 1.0
+        if is_worse:
+            note = "; ".join(filter(None, [note, "worse than the zero step (𝔈 > ‖ζ‖²_F•)"]))
+            worse.append(f"{method.legend} ({rel:.3g})")
         xn = float(x.norm())
-        rows.append(
-            {
-                "method": name,
-                "legend": method.legend,
-                "family": method.family.value,
-                "energy_error": E,
-                "relative_error": E / zeta_norm2 if zeta_norm2 > 0 else float("nan"),
-                "reduction_ratio": ratio,
-                "gap": gap,
-                "euclidean_relative_error": float((x - zeta).norm()) / zeta_norm if zeta_norm > 0 else float("nan"),
-                "cosine": float((x * zeta).sum()) / (xn * zeta_norm) if xn > 0 and zeta_norm > 0 else float("nan"),
-                "coarse_dim": coarse_dim,
-                "seconds": seconds,
-                "note": note,
-            }
-        )
+        table.rows.append({
+            **sample,
+            "method": name,
+            "legend": method.legend,
+            "family": method.family.value,
+            "energy_error": E,
+            "relative_error": rel,
+            "error_span": span,
+            "error_null": null,
+            "reduction_ratio": ratio,
+            "gap": gap,
+            "euclidean_relative_error": float(e.norm()) / zeta_norm if zeta_norm > 0 else float("nan"),
+            "cosine": float((x * zeta).sum()) / (xn * zeta_norm) if xn > 0 and zeta_norm > 0 else float("nan"),
+            "worse_than_zero": is_worse,
+            "coarse_dim": coarse_dim,
+            "seconds": seconds,
+            "note": note,
+        })
+        if an is not None and za is not None:
+            for i, (spec, (en, ef), (zn, zf)) in enumerate(zip(jac.layout.layers, an.layers, za.layers)):
+                table.layers.append({**sample, "method": name, "layer": i, "name": spec.name, "error_norm": en,
+                                     "error_fisher": ef, "zeta_norm": zn, "zeta_fisher": zf})
+            for j, (c, cz) in enumerate(zip(an.modes.tolist(), za.modes.tolist())):
+                table.modes.append({**sample, "method": name, "mode": j, "eigenvalue": float(basis.mu[j]) + lam,
+                                    "coefficient": c, "zeta_coefficient": cz,
+                                    "relative": abs(c) / abs(cz) if cz != 0 else float("nan")})
+    if worse:
+        notes.append("worse than the zero step: " + ", ".join(worse))
     if notes:
         warnings.warn("compare: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
-    meta = {
+    table.meta = {
         "damping": lam,
+        "damping_input": str(damping) if isinstance(damping, Damping) else f"λ = {lam:g}",
+        "damping_scales": scale.relative(lam) if scale is not None else {},
+        "lambda_max": scale.lambda_max if scale is not None else None,
+        "fisher_mean_eig": scale.mean if scale is not None else None,
+        "fisher_rank": scale.rank if scale is not None else None,
         "N": jac.N,
         "p": jac.p,
         "B": jac.B,
         "K": jac.K,
         "zeta_norm2": zeta_norm2,
+        "zeta_span": za.span if za is not None else None,
+        "zeta_null": za.null if za is not None else None,
+        "zeta_null_share": za.null / zeta_norm2 if za is not None and zeta_norm2 > 0 else None,
         "energy_error_kfac": E_kfac,
         "solver": exact.report(),
         "exact_seconds": t_exact,
+        "exact_residual": residual,
         "notes": notes,
+        **({"sample": sample} if sample else {}),
     }
-    return ComparisonTable(rows, meta)
+    return table
 
 
 def _na_row(name: str, note: str) -> dict:
     nan = float("nan")
     return {
-        "method": name, "legend": registry.legend(name), "family": registry.get(name).family.value, "energy_error": nan, "relative_error": nan,
-        "reduction_ratio": nan, "gap": nan, "euclidean_relative_error": nan, "cosine": nan,
-        "coarse_dim": None, "seconds": nan, "note": note,
+        "method": name, "legend": registry.legend(name), "family": registry.get(name).family.value, "energy_error": nan,
+        "relative_error": nan, "error_span": nan, "error_null": nan, "reduction_ratio": nan, "gap": nan,
+        "euclidean_relative_error": nan, "cosine": nan, "worse_than_zero": None, "coarse_dim": None,
+        "seconds": nan, "note": note,
     }
 
 
 def compare_file(
     path: str | Path,
-    damping: float,
+    damping: float | Damping,
     methods: Sequence[str] | None = None,
     *,
     checkpoints: Sequence[str] | None = None,
@@ -330,13 +488,16 @@ def compare_file(
 ) -> ComparisonTable:
     """:func:`compare` for every complete checkpoint of a capture file (or those named).
 
-    Rows gain ``checkpoint``, ``step`` and ``damping``; a tqdm bar runs over checkpoints × methods.
+    A checkpoint captured with several batches / draws (``fisherlab capture --batches B --draws D``)
+    is compared over all its samples. Rows gain ``checkpoint``, ``step`` and ``damping`` (the
+    resolved λ of each sample); a tqdm bar runs over samples × methods.
     """
     from tqdm.auto import tqdm
 
     from .store import load, select_checkpoints
 
-    lam = check_damping(damping)
+    if not isinstance(damping, Damping):
+        resolve_damping(damping)  # a bad number fails before any file is read
     infos = select_checkpoints(path, checkpoints)
     names = list(methods) if methods is not None else registry.default_keys()
     bar = tqdm(total=len(infos) * len(names), desc="compare", unit="method", disable=not progress, leave=False)
@@ -344,13 +505,17 @@ def compare_file(
     try:
         for info in infos:
             cap = load(path, info.name)
-            table = compare(cap, lam, names, progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **kw)
-            for r in table.rows:
-                r.update(checkpoint=info.name, step=info.step, damping=lam)
-            table.meta.update(checkpoint=info.name, step=info.step)
+            group = cap.meta.get("sample", {}).get("of", info.name)
+            table = compare(cap, damping, names, progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **kw)
+            for rows in (table.rows, table.layers, table.modes):
+                for r in rows:
+                    r.update(checkpoint=group, step=info.step, damping=table.meta["damping"])
+            table.meta.update(checkpoint=group, step=info.step)
             tables.append(table)
     finally:
         bar.close()
     out = ComparisonTable.concat(tables)
-    out.meta = {"damping": lam, "checkpoints": [t.meta for t in tables]}
+    out.meta = {"damping": tables[0].meta["damping"] if tables else None,
+                "damping_input": tables[0].meta["damping_input"] if tables else str(damping),
+                "checkpoints": [t.meta for t in tables], "notes": out.meta.get("notes", [])}
     return out

@@ -20,6 +20,8 @@ out of the plots.
 | :func:`plot_interactions` | heatmap of ρ_ij |
 | :func:`plot_kfac_block_errors` | bars of ‖F_ii − A⊗G‖/‖F_ii‖ per layer |
 | :func:`plot_damping_sweep` | errors against λ (log-log), one line per method |
+| :func:`plot_training_curves` | the paper's Figs. 2 and 4(a): training loss per optimizer |
+| :func:`plot_gap_trajectories` | the paper's Fig. 5 on the KFAC trajectory and on each optimizer's own |
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ __all__ = [
     "plot_interactions",
     "plot_kfac_block_errors",
     "plot_damping_sweep",
+    "plot_training_curves",
+    "plot_gap_trajectories",
 ]
 
 _OPERATORS = {  # operators of the spectra that are not methods: key → (legend, colour, marker)

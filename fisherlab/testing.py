@@ -22,6 +22,10 @@ __all__ = [
     "dense_fisher_from_capture",
     "dense_kfac_factors",
     "mean_loss_gradient",
+    "dense_layer_blocks",
+    "van_loan_rearrangement",
+    "dense_kronecker_terms",
+    "dense_reduce_factors",
 ]
 
 
@@ -124,3 +128,44 @@ def dense_kfac_factors(cap: Capture) -> list[tuple[Tensor, Tensor]]:
 
 def layout_of(model: nn.Module) -> Layout:
     return Layout.from_model(model, warn=False)
+
+
+# ---- references for the block approximations (EKFAC, KFOC/KPSVD, unit-wise, KFAC-reduce) ------
+
+
+def dense_layer_blocks(cap: Capture) -> list[Tensor]:
+    """The exact diagonal blocks ``F_ii [p_i, p_i]`` of ``F = (1/B) JᵀJ``, in float64."""
+    F = dense_fisher_from_capture(cap)
+    return [F[s.offset : s.stop, s.offset : s.stop] for s in cap.layout.layers]
+
+
+def van_loan_rearrangement(F_ii: Tensor, d_in: int, d_out: int) -> Tensor:
+    """``R(F_ii) [d_in'², d_out²]`` with ``R[(c,c'),(r,r')] = F_ii[(c,r),(c',r')]`` (vec index
+    ``c·d_out + r``), so that ``‖F_ii − A ⊗ G‖_F = ‖R − vec(A)vec(G)ᵀ‖_F`` (row-major vec of A, G)."""
+    return F_ii.reshape(d_in, d_out, d_in, d_out).permute(0, 2, 1, 3).reshape(d_in * d_in, d_out * d_out)
+
+
+def dense_kronecker_terms(F_ii: Tensor, d_in: int, d_out: int, r: int) -> Tensor:
+    """``Σ_{k≤r} σ_k U_k ⊗ V_k`` ``[p_i, p_i]`` from the full SVD of the dense rearrangement."""
+    U, S, Vh = torch.linalg.svd(van_loan_rearrangement(F_ii, d_in, d_out), full_matrices=False)
+    out = torch.zeros_like(F_ii)
+    for k in range(min(r, S.shape[0])):
+        out += S[k] * torch.kron(U[:, k].reshape(d_in, d_in), Vh[k].reshape(d_out, d_out))
+    return out
+
+
+def dense_reduce_factors(cap: Capture) -> list[tuple[Tensor, Tensor]]:
+    """KFAC-reduce factors by explicit loops: ``A = (1/B) Σ_b ā̄_bā̄_bᵀ`` (position mean),
+    ``G = (1/B) Σ_{b,k} ḡ_{bk}ḡ_{bk}ᵀ`` (position sum). Needs factored storage."""
+    out = []
+    for lc in cap.layers:
+        if lc.a is None or lc.g is None:
+            raise ValueError(f"layer '{lc.spec.name}' is stored dense")
+        a, g = lc.a.double(), lc.g.double()
+        B, K, T, _ = g.shape
+        abar = [sum(a[b, t] for t in range(T)) / T for b in range(B)]
+        gbar = [[sum(g[b, k, t] for t in range(T)) for k in range(K)] for b in range(B)]
+        A = sum(torch.outer(abar[b], abar[b]) for b in range(B)) / B
+        G = sum(torch.outer(gbar[b][k], gbar[b][k]) for b in range(B) for k in range(K)) / B
+        out.append((A, G))
+    return out

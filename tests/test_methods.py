@@ -25,6 +25,9 @@ PROTO_RTOL = 1e-10
 CASES = ["mlp", "cnn"]
 
 
+OPERATOR_KEYS = [k for k, m in METHODS.items() if m.builder is not None]
+
+
 def _build(key: str, case_id: str, mode: str = "mc"):
     cap = cached_capture(case_id, "cross_entropy", mode)
     try:
@@ -33,6 +36,8 @@ def _build(key: str, case_id: str, mode: str = "mc"):
         if case_id == "cnn" and key == "tko-kronecker":
             assert "defined for Linear layers" in str(err)
             pytest.skip("the Kronecker F_coarse (3.18) is defined for Linear layers only")
+        if key == "kfac-reduce" and "stored dense" in str(err):
+            pytest.skip("KFAC-reduce needs factored storage (the tiny CNN's conv layers are stored dense)")
         raise
 
 
@@ -41,7 +46,7 @@ def close(x, y, rtol=PROTO_RTOL):
 
 
 @pytest.mark.parametrize("case_id", CASES)
-@pytest.mark.parametrize("key", list(METHODS))
+@pytest.mark.parametrize("key", OPERATOR_KEYS)
 def test_protocol(key, case_id):
     cap, op = _build(key, case_id)
     p = cap.p
@@ -92,7 +97,7 @@ def test_every_default_method_appears_in_compare_with_its_family(case_id):
 
 def test_unknown_method_and_option_are_one_line():
     cap = cached_capture("mlp", "cross_entropy", "mc")
-    with pytest.raises(ValueError, match=r"unknown method 'kfca' \(choose from exact, block-diagonal"):
+    with pytest.raises(ValueError, match=r"unknown method 'kfca' \(choose from zero, exact, block-diagonal"):
         methods.build("kfca", cap, DAMPING)
     with pytest.raises(ValueError, match="method 'kfac' has no option m"):
         methods.build("kfac", cap, DAMPING, m=3)

@@ -8,7 +8,9 @@ and an algebra (``A @ B``, ``A + B``, ``c * A``, ``A.T``, ``A.inverse()``).
 * :class:`TwoLevelKFAC` — the multiplicative coarse correction (3.9)–(3.15);
 * :class:`TKO` — the additive correction (4.7), exact or Kronecker (3.18) F_coarse;
 * :mod:`~fisherlab.operators.algebra` — Identity, Composition, Sum, Scaled, Adjoint, Inverse,
-  BlockDiagonal, Matrix; :class:`CoarseBasis` — R_0 as an m × p operator.
+  BlockDiagonal, Matrix; :class:`CoarseBasis` — R_0 as an m × p operator;
+* :mod:`~fisherlab.operators.derived` — PreconditionedFisher, FisherSquareRoot / FisherPower,
+  TwoLevelErrorOperator and its symmetric forms, Symmetric.
 
 Which method is which operator, its legend and options: :mod:`fisherlab.methods`.
 """
@@ -24,10 +26,17 @@ from .coarse import (
     make_coarse_space,
     orthonormalize,
 )
+from .derived import FisherPower, FisherSquareRoot, PreconditionedFisher, Symmetric, TwoLevelErrorOperator
 from .diagonal import DiagonalFisher
 from .exact import BlockDiagonalFisher, ExactBlock, ExactFisher, cg_preconditioner_rule
 from .kfac import KFAC, DampingMode, KroneckerBlock, pi_damping
 from .twolevel import GAP_RTOL, TKO, CoarseCorrection, TwoLevelKFAC
+from .foof import FOOF
+from .ekfac import EKFAC, EKFACBlock
+from .kfac_reduce import KFACReduce
+from .unitwise import SubBlockFisher, SubBlockLayer
+from .kfoc import KFOC, KroneckerSVD, kronecker_svd
+from .kpsvd import KPSVD, KPSVDBlock
 
 as_jacobian = Jacobian.coerce
 """Kept for callers of the first API: use :meth:`fisherlab.jacobian.Jacobian.coerce`."""
@@ -36,6 +45,17 @@ BlockDiagonalOperator = BlockDiagonal
 InverseOperator = Inverse
 
 __all__ = [
+    "EKFAC",
+    "EKFACBlock",
+    "FOOF",
+    "KFACReduce",
+    "KFOC",
+    "KPSVD",
+    "KPSVDBlock",
+    "KroneckerSVD",
+    "SubBlockFisher",
+    "SubBlockLayer",
+    "kronecker_svd",
     "Adjoint",
     "BlockDiagonal",
     "BlockDiagonalFisher",
@@ -51,6 +71,8 @@ __all__ = [
     "ExactBlock",
     "ExactFisher",
     "FisherOperator",
+    "FisherPower",
+    "FisherSquareRoot",
     "GAP_RTOL",
     "Identity",
     "Inverse",
@@ -59,9 +81,12 @@ __all__ = [
     "KroneckerBlock",
     "Matrix",
     "NotInvertibleError",
+    "PreconditionedFisher",
     "Scaled",
     "Sum",
+    "Symmetric",
     "TKO",
+    "TwoLevelErrorOperator",
     "TwoLevelKFAC",
     "as_jacobian",
     "cg_preconditioner_rule",

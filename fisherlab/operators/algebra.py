@@ -339,3 +339,6 @@ class Matrix(FisherOperator):
 
     def has_adjoint(self) -> bool:
         return True
+
+
+FisherOperator.register_algebra(compose=Composition, sum=Sum, scale=Scaled, adjoint=Adjoint, inverse=Inverse)

@@ -23,16 +23,12 @@ Modules never call another object's underscore hook: compositions use ``apply``,
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DampingError, FisherlabError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .algebra import Adjoint, Inverse
+from ..damping import resolve_damping
+from ..errors import FisherlabError
 
 __all__ = ["FisherOperator", "check_damping", "MAX_DENSE_P", "NotInvertibleError"]
 
@@ -45,14 +41,10 @@ class NotInvertibleError(FisherlabError, ValueError):
 
 
 def check_damping(damping: float) -> float:
-    """λ as a float; a one-line :class:`DampingError` unless it is finite and > 0."""
-    try:
-        lam = float(damping)
-    except (TypeError, ValueError):
-        raise DampingError(f"damping must be a number > 0, got {damping!r}") from None
-    if not math.isfinite(lam) or lam <= 0:
-        raise DampingError(f"damping λ must be finite and > 0 (the regularized Fisher F + λI), got {damping!r}")
-    return lam
+    """λ as a float; a one-line :class:`DampingError` unless it is finite and > 0 (a
+    :class:`fisherlab.Damping` in the absolute scale is accepted; other scales need a capture:
+    :func:`fisherlab.damping.resolve_damping`)."""
+    return resolve_damping(damping)
 
 
 class FisherOperator:
@@ -71,6 +63,21 @@ class FisherOperator:
 
     symmetric: bool = True
     name: str = "operator"
+
+    _algebra: dict[str, type] = {}
+    """The expression classes (``compose``, ``sum``, ``scale``, ``adjoint``, ``inverse``), registered
+    by :mod:`fisherlab.operators.algebra` when it is imported (``fisherlab.operators`` always
+    imports it), so that this module needs nothing from the algebra built on it."""
+
+    @classmethod
+    def register_algebra(cls, **classes: type) -> None:
+        cls._algebra.update(classes)
+
+    def _expr(self, kind: str) -> type:
+        try:
+            return self._algebra[kind]
+        except KeyError:  # pragma: no cover - only when fisherlab.operators.algebra was never imported
+            raise RuntimeError("the operator algebra is not loaded: import fisherlab.operators") from None
 
     def __init__(self, p: int, dtype: torch.dtype = torch.float64, *, cols: int | None = None) -> None:
         self.p = int(p)
@@ -134,9 +141,7 @@ class FisherOperator:
     def __matmul__(self, other):
         """``op @ B`` composes when ``B`` is an operator, and multiplies a vector/block otherwise."""
         if isinstance(other, FisherOperator):
-            from .algebra import Composition
-
-            return Composition(self, other)
+            return self._expr("compose")(self, other)
         return self.matvec(other)
 
     def solve(self, w: Tensor) -> Tensor:
@@ -152,37 +157,27 @@ class FisherOperator:
         return out[:, 0] if vec else out
 
     # ---- algebra --------------------------------------------------------------------------
-    def inverse(self) -> "Inverse":
+    def inverse(self) -> "FisherOperator":
         """The operator ``op⁻¹`` (its ``@`` solves; it composes like any operator)."""
-        from .algebra import Inverse
-
-        return Inverse(self)
+        return self._expr("inverse")(self)
 
     @property
     def T(self) -> "FisherOperator":
         """The adjoint ``opᵀ`` (the operator itself when symmetric)."""
         if self.symmetric and self.p == self.cols:
             return self
-        from .algebra import Adjoint
-
-        return Adjoint(self)
+        return self._expr("adjoint")(self)
 
     def __add__(self, other: "FisherOperator") -> "FisherOperator":
-        from .algebra import Sum
-
-        return Sum([self, other], [1.0, 1.0])
+        return self._expr("sum")([self, other], [1.0, 1.0])
 
     def __sub__(self, other: "FisherOperator") -> "FisherOperator":
-        from .algebra import Sum
-
-        return Sum([self, other], [1.0, -1.0])
+        return self._expr("sum")([self, other], [1.0, -1.0])
 
     def __mul__(self, c: float) -> "FisherOperator":
-        from .algebra import Scaled
-
         if isinstance(c, FisherOperator):
             raise TypeError("use @ to compose operators; * scales by a number")
-        return Scaled(self, float(c))
+        return self._expr("scale")(self, float(c))
 
     __rmul__ = __mul__
 

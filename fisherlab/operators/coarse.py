@@ -131,18 +131,67 @@ class Nicolaides(CoarseSpace):
         return [torch.ones(b.p, 1, dtype=ctx.rhs.dtype) for b in ctx.base.blocks]
 
 
+SPECTRAL_DEGENERACY_RTOL = 1e-8
+"""Damped Kronecker eigenvalues within this relative distance of the k-th smallest form one
+cluster (the factor eigenvalues carry ~1e-16 relative round-off; genuinely distinct eigenvalues
+of these SPD blocks are far further apart)."""
+
+SPECTRAL_MAX_EIGENSPACE = 8
+"""A degenerate cluster up to this size is taken whole; a larger one contributes the component of
+the layer's residual in it (then of the constant vector, when more columns are asked for)."""
+
+
 @dataclass
 class Spectral(CoarseSpace):
-    """The k eigenvectors of the smallest eigenvalues of [F•KFAC]_ii, v_min(Ã) ⊗ v_min(G̃) for k = 1 (3.28)."""
+    """The k eigenvectors of the smallest eigenvalues of [F•KFAC]_ii, v_min(Ã) ⊗ v_min(G̃) for k = 1 (3.28).
+
+    When the k-th smallest eigenvalue is degenerate (multiplicity > the columns still needed, e.g.
+    G = I for a linear output layer with ``mse``, or a rank-deficient A when B < d_in'), "the k
+    smallest eigenvectors" is not a subspace but an arbitrary pick of the eigensolver. The choice
+    is then made deterministic and basis-free: the whole eigenspace when it has at most
+    :data:`SPECTRAL_MAX_EIGENSPACE` dimensions, otherwise the orthogonal projection of the layer's
+    residual r[i] (3.13) on it — the member of the eigenspace most aligned with r[i] — followed,
+    for further columns, by that of the constant vector. ``multiplicities`` (per layer) and
+    ``note`` record what happened.
+    """
 
     k: int = 1
     name = "spectral"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
         for b in ctx.base.blocks:
-            if not hasattr(b, "smallest"):
+            if not hasattr(b, "eig"):
                 raise ValueError(f"the spectral coarse space needs Kronecker blocks; the one-level block {b.name} has none")
-        return [b.smallest(self.k)[1] for b in ctx.base.blocks]
+        out, self.multiplicities, degenerate = [], [], []
+        residual = None
+        for i, b in enumerate(ctx.base.blocks):
+            eig = b.eig.reshape(-1)
+            k = min(self.k, eig.numel())
+            t = float(torch.sort(eig).values[k - 1])
+            tol = SPECTRAL_DEGENERACY_RTOL * abs(t)
+            below = (eig < t - tol).nonzero()[:, 0]
+            cluster = ((eig - t).abs() <= tol).nonzero()[:, 0]
+            needed = k - below.numel()
+            self.multiplicities.append(int(cluster.numel()))
+            if cluster.numel() <= max(needed, SPECTRAL_MAX_EIGENSPACE):
+                idx = torch.cat([below, cluster])
+                if cluster.numel() > needed:
+                    degenerate.append(f"layer {i} ×{cluster.numel()} (whole eigenspace)")
+                out.append(b.eigenvectors(idx // b.d_in, idx % b.d_in))
+                continue
+            if residual is None:
+                residual = ctx.split(ctx.residual)
+            mask = torch.zeros_like(eig, dtype=torch.bool)
+            mask[cluster] = True
+            mask = mask.reshape(b.eig.shape)
+            cols = [b.eigenvectors(below // b.d_in, below % b.d_in)]
+            for v in (residual[i], torch.ones_like(residual[i]))[:needed]:
+                Xh = b.to_eigenbasis(v) * mask  # the component in the eigenspace, in eigen-coordinates
+                cols.append(b.from_eigenbasis(Xh))
+            degenerate.append(f"layer {i} ×{cluster.numel()} (residual component)")
+            out.append(torch.cat(cols, dim=1))
+        self.note = ("degenerate smallest eigenvalue: " + ", ".join(degenerate)) if degenerate else ""
+        return out
 
 
 @dataclass

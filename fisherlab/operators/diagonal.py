@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
+from ..damping import Damping, resolve_damping
 from ..jacobian import Jacobian
 from .algebra import BlockDiagonal
 from .base import FisherOperator, check_damping
@@ -55,9 +56,9 @@ class DiagonalFisher(BlockDiagonal):
         self.damping = blocks[0].damping
 
     @classmethod
-    def from_capture(cls, source: Capture | Jacobian, damping: float, *, dtype: torch.dtype = torch.float64) -> "DiagonalFisher":
+    def from_capture(cls, source: Capture | Jacobian, damping: float | Damping, *, dtype: torch.dtype = torch.float64) -> "DiagonalFisher":
         jac = Jacobian.coerce(source, dtype)
-        lam = check_damping(damping)
+        lam = resolve_damping(damping, jac)
         return cls([DiagonalBlock(lj.diagonal(), lam, lj.spec.name) for lj in jac.layers])
 
     def diagonal(self) -> Tensor:

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from ..capturing.record import Capture
 from ..jacobian import Jacobian, LayerJacobian
+from ..damping import Damping, resolve_damping
 from .algebra import BlockDiagonal, spd_cholesky
 from .base import FisherOperator, check_damping
+from .kfac import KFAC
 
 __all__ = ["ExactFisher", "BlockDiagonalFisher", "ExactBlock", "spd_cholesky", "SolveInfo"]
 
@@ -68,7 +70,7 @@ class ExactFisher(FisherOperator):
     def __init__(
         self,
         source: Capture | Jacobian,
-        damping: float,
+        damping: float | Damping,
         *,
         solver: Literal["auto", "woodbury", "cg"] = "auto",
         preconditioner: FisherOperator | Literal["auto", "kfac"] | None = "auto",
@@ -77,8 +79,8 @@ class ExactFisher(FisherOperator):
         gram_budget_bytes: int = GRAM_BUDGET_BYTES,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        self.damping = check_damping(damping)
         self.jac = Jacobian.coerce(source, dtype)
+        self.damping = resolve_damping(damping, self.jac)
         super().__init__(self.jac.p, dtype)
         N, p = self.jac.N, self.jac.p
         gram_bytes = N * N * torch.finfo(dtype).bits // 8
@@ -155,8 +157,6 @@ class ExactFisher(FisherOperator):
         if self.preconditioner is None:
             return None
         if self._precond is None:
-            from .kfac import KFAC  # kfac.py does not import this module: no cycle
-
             self._precond = KFAC.from_capture(self.jac, self.damping, "pi")
         return self._precond
 
@@ -243,7 +243,7 @@ class BlockDiagonalFisher(BlockDiagonal):
         damping: λ > 0.
     """
 
-    def __init__(self, source: Capture | Jacobian, damping: float, *, dtype: torch.dtype = torch.float64) -> None:
-        self.damping = check_damping(damping)
+    def __init__(self, source: Capture | Jacobian, damping: float | Damping, *, dtype: torch.dtype = torch.float64) -> None:
         self.jac = Jacobian.coerce(source, dtype)
+        self.damping = resolve_damping(damping, self.jac)
         super().__init__([ExactBlock(lj, self.damping) for lj in self.jac.layers], name="block-diagonal")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
+from ..damping import resolve_damping
 from ..jacobian import Jacobian, factor_eigh
 from .algebra import BlockDiagonal
 from .base import FisherOperator, check_damping
@@ -166,7 +167,7 @@ class KroneckerBlock(FisherOperator):
 
     def eigenvectors(self, rows: Tensor, cols: Tensor) -> Tensor:
         """Kronecker eigenvectors ``QA[:, c] ⊗ QG[:, r]`` as ``[p_i, len(rows)]``."""
-        return (self.QA[:, cols].T[:, :, None] * self.QG[:, rows].T[:, None, :]).reshape(len(rows), -1).T
+        return (self.QA[:, cols].T[:, :, None] * self.QG[:, rows].T[:, None, :]).reshape(len(rows), self.p).T
 
     def smallest(self, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` smallest eigenpairs of the damped block: values ``[k]``, vectors ``[p_i, k]``."""
@@ -200,8 +201,8 @@ class KFAC(BlockDiagonal):
     def __init__(self, blocks, damping: float | None = None, damping_mode: str | DampingMode = "pi", *, factors=None, dtype: torch.dtype = torch.float64) -> None:
         if isinstance(blocks, (Capture, Jacobian)):  # the README's KFAC(capture, λ, mode)
             damping_mode = DampingMode.parse(damping_mode)
-            damping = check_damping(damping)
             jac = Jacobian.coerce(blocks, dtype)
+            damping = resolve_damping(damping, jac)
             if factors is None:
                 blocks = _blocks_of(jac, damping, damping_mode, dtype)
             else:
@@ -222,7 +223,7 @@ class KFAC(BlockDiagonal):
         """KFAC from a capture's factors (2.25)–(2.27); the eigendecompositions are the
         Jacobian's, computed once and shared by every KFAC built on it."""
         jac = Jacobian.coerce(source, dtype)
-        return cls(_blocks_of(jac, damping, damping_mode, dtype))
+        return cls(_blocks_of(jac, resolve_damping(damping, jac), damping_mode, dtype))
 
     @classmethod
     def from_factors(cls, factors: Sequence[tuple[Tensor, Tensor]], damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":

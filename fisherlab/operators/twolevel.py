@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
+from ..damping import resolve_damping
 from ..errors import FisherlabError
 from ..jacobian import Jacobian
 from ..layout import LayerKind
@@ -154,11 +155,11 @@ class CoarseCorrection(FisherOperator):
         dtype: torch.dtype = torch.float64,
         **options,
     ) -> dict:
-        lam = check_damping(damping)
         if kfac is not None and base is not None:
             raise TypeError("give the one-level operator as base= or kfac=, not both")
         base = base if base is not None else kfac
         jac = exact.jac if exact is not None else Jacobian.coerce(source, dtype)
+        lam = resolve_damping(damping, jac)
         base = base if base is not None else KFAC.from_capture(jac, lam, damping_mode, dtype=dtype)
         exact = exact if exact is not None else ExactFisher(jac, lam, dtype=dtype)
         for op, nm in ((base, "kfac"), (exact, "exact")):

@@ -1,0 +1,243 @@
+"""KFOC: per layer the Frobenius-optimal single Kronecker product of the exact block, and the
+Kronecker-product SVD (Van Loan–Pitsianis) it comes from (shared with :mod:`.kpsvd`).
+
+The exact block ``F_ii = (1/B) Σ_n j_n j_nᵀ`` ``[p_i, p_i]`` (p_i = d_out·d_in') has the
+*rearrangement* ``R(F_ii) [d_in'², d_out²]``,
+
+    R[(c, c'), (r, r')] = F_ii[(c, r), (c', r')] = (1/B) Σ_n M_n[r, c] M_n[r', c'],
+    M_n = MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ   [d_out, d_in'],
+
+with ``‖F_ii − A ⊗ G‖_F = ‖R − vec(A) vec(G)ᵀ‖_F`` (the vec convention makes ``torch.kron(A, G)``
+the matrix of ``X ↦ G X Aᵀ``). So the best sum of r Kronecker products is the truncated SVD of R:
+``F_ii ≈ Σ_{k≤r} σ_k U_k ⊗ V_k`` with unit singular vectors ``vec(U_k)``, ``vec(V_k)``
+(symmetric or antisymmetric matrices, since R commutes with transposing both sides; the top pair of
+a PSD F_ii can be taken PSD). fisherlab stores ``A_k = √σ_k U_k``, ``G_k = √σ_k V_k``.
+
+How, without forming F_ii (:func:`kronecker_svd`):
+
+* ``"factors"`` (Linear, T = 1, factored): ``R = PᵀQ/B`` with ``P[b] = vec(ā_bā_bᵀ)`` and
+  ``Q[b] = Σ_k vec(g_{b,k}g_{b,k}ᵀ)``, whose Grams are Hadamard squares of the small Grams
+  (``PPᵀ = (ĀĀᵀ)∘²``, ``QQᵀ[b,c] = Σ_{k,l} (g_{bk}·g_{cl})²``). Eigendecompose both ``[B, B]``
+  Grams, take the SVD of the ``[B, B]`` core, and read every singular pair off as
+  ``A = Āᵀ diag(α) Ā``, ``G = Σ_{b,k} β_b g_{bk}g_{bk}ᵀ`` — exact, no iteration, rank ≤ B;
+* ``"dense"`` (small layers with positions or dense rows): R formed from the per-example matrices
+  (``N·d_in'²·d_out²``), full SVD;
+* ``"lanczos"``: scipy's ``svds`` (ARPACK Lanczos bidiagonalisation) on the implicit maps
+  ``X ↦ (1/B) Σ_n M_nᵀ X M_n`` and ``Y ↦ (1/B) Σ_n M_n Y M_nᵀ`` (the issue's "power/Lanczos
+  iterations on the per-example factors").
+
+KFOC = the r = 1 term, ``[F•KFOC]_ii = A_1 ⊗ G_1`` damped like KFAC (π (2.30) by default, or exact
+Tikhonov), as a :class:`~fisherlab.operators.kfac.KroneckerBlock` — so it is KFAC with the
+Frobenius-optimal factors in place of the expectation-factorised ones (they coincide when
+F_ii is itself a Kronecker product).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..capturing.record import Capture
+from ..jacobian import Jacobian, LayerJacobian, factor_eigh
+from .algebra import BlockDiagonal
+from .base import check_damping
+from .kfac import DampingMode, KroneckerBlock
+
+__all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "DENSE_REARRANGEMENT_NUMEL"]
+
+DENSE_REARRANGEMENT_NUMEL = 2**22
+"""``"auto"`` forms R densely when ``d_in'²·d_out²`` is at most this (32 MiB in float64)."""
+
+_RANK_RTOL = 1e-13
+"""Gram eigenvalues under this fraction of the largest are dropped (round-off directions)."""
+
+
+@dataclass
+class KroneckerSVD:
+    """The top Kronecker terms of one layer's block: ``F_ii ≈ Σ_k A[k] ⊗ G[k]``.
+
+    Attributes:
+        sigma: singular values of R, descending ``[r]``.
+        A: ``[r, d_in', d_in']``; G: ``[r, d_out, d_out]`` (``A[k]``, ``G[k]`` each of norm √σ_k,
+            the first pair PSD with positive traces).
+        solver: ``"factors"``, ``"dense"`` or ``"lanczos"``.
+    """
+
+    sigma: Tensor
+    A: Tensor
+    G: Tensor
+    solver: str
+
+    @property
+    def r(self) -> int:
+        return int(self.sigma.shape[0])
+
+
+def _rearranged_maps(lj: LayerJacobian):
+    """``(R X, Rᵀ Y)`` for batches ``X [c, d_out, d_out]``, ``Y [c, d_in', d_in']``."""
+    if lj.a is not None and lj.g is not None and lj.T == 1:
+        a = lj.a[:, 0]  # [B, d_in']
+        g = lj.g[:, :, 0]  # [B, K, d_out]
+
+        def R(X: Tensor) -> Tensor:
+            q = torch.einsum("bkr,crs,bks->cb", g, X, g)
+            return torch.einsum("bi,cb,bj->cij", a, q, a) / lj.B
+
+        def RT(Y: Tensor) -> Tensor:
+            q = torch.einsum("bi,cij,bj->cb", a, Y, a)
+            return torch.einsum("bkr,cb,bks->crs", g, q, g) / lj.B
+
+        return R, RT
+    M = lj.per_example_matrices()  # [N, d_out, d_in']
+
+    def R(X: Tensor) -> Tensor:
+        return torch.einsum("nri,crs,nsj->cij", M, X, M) / lj.B
+
+    def RT(Y: Tensor) -> Tensor:
+        return torch.einsum("nri,cij,nsj->crs", M, Y, M) / lj.B
+
+    return R, RT
+
+
+def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> KroneckerSVD:
+    """The top ``r`` Kronecker terms of layer ``lj``'s exact block (see the module docstring).
+
+    ``r`` is clipped to the rank the solver can resolve (the ``"factors"`` path: the numerical rank
+    of the ``[B, B]`` Grams; ``"dense"``: min(d_in'², d_out²); ``"lanczos"``: min − 1).
+    """
+    d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
+    linear = lj.a is not None and lj.g is not None and lj.T == 1
+    if solver == "auto":
+        solver = "factors" if linear else ("dense" if d_in**2 * d_out**2 <= DENSE_REARRANGEMENT_NUMEL else "lanczos")
+    if solver == "factors":
+        if not linear:
+            raise ValueError(f"layer '{lj.spec.name}': the 'factors' Kronecker SVD needs a factored layer with one position")
+        sigma, A, G = _svd_from_factors(lj, r)
+    elif solver == "dense":
+        if lj.a is not None and lj.g is not None and lj.T == 1:
+            a, g = lj.a[:, 0], lj.g[:, :, 0]
+            P = (a[:, :, None] * a[:, None, :]).reshape(lj.B, -1)
+            Q = torch.einsum("bkr,bks->brs", g, g).reshape(lj.B, -1)
+            Rm = P.T @ Q / lj.B
+        else:
+            M = lj.per_example_matrices()
+            Rm = torch.einsum("nri,nsj->ijrs", M, M).reshape(d_in * d_in, d_out * d_out) / lj.B
+        U, S, Vh = torch.linalg.svd(Rm, full_matrices=False)
+        k = min(r, S.shape[0])
+        sigma, A, G = S[:k], U[:, :k].T.reshape(k, d_in, d_in), Vh[:k].reshape(k, d_out, d_out)
+    elif solver == "lanczos":
+        sigma, A, G = _svd_lanczos(lj, r)
+    else:
+        raise ValueError(f"solver must be 'auto', 'factors', 'dense' or 'lanczos', got {solver!r}")
+    # unit singular vectors -> balanced factors; the sign making tr A_k ≥ 0 (A_1, G_1 PSD then)
+    sign = torch.where(torch.diagonal(A, dim1=1, dim2=2).sum(1) < 0, -1.0, 1.0).to(A.dtype)
+    scale = sigma.clamp_min(0).sqrt() * sign
+    A = A * scale[:, None, None]
+    G = G * (sigma.clamp_min(0).sqrt() * sign)[:, None, None]
+    return KroneckerSVD(sigma, A, G, solver)
+
+
+def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact SVD of ``R = PᵀQ/B`` through the ``[B, B]`` Grams (Linear, T = 1)."""
+    a = lj.a[:, 0]  # type: ignore[index]  # [B, d_in']
+    g = lj.g[:, :, 0]  # type: ignore[index]  # [B, K, d_out]
+    B, K, d_out = g.shape
+    Gp = (a @ a.T).pow(2)
+    gf = g.reshape(B * K, d_out)
+    Gq = (gf @ gf.T).pow(2).reshape(B, K, B, K).sum((1, 3))
+
+    def half(Gm: Tensor) -> tuple[Tensor, Tensor]:
+        lam, V = torch.linalg.eigh(Gm)
+        keep = lam > _RANK_RTOL * lam[-1].clamp_min(torch.finfo(Gm.dtype).tiny)
+        return lam[keep], V[:, keep]
+
+    lp, Vp = half(Gp)
+    lq, Vq = half(Gq)
+    core = (lp.sqrt()[:, None] * (Vp.T @ Vq) * lq.sqrt()[None, :]) / B
+    Us, S, Vsh = torch.linalg.svd(core, full_matrices=False)
+    k = min(r, S.shape[0])
+    alpha = Vp @ (Us[:, :k] / lp.sqrt()[:, None])  # [B, k]: vec(U_k) = Pᵀ α_k
+    beta = Vq @ (Vsh[:k].T / lq.sqrt()[:, None])  # [B, k]: vec(V_k) = Qᵀ β_k
+    A = torch.einsum("bi,bk,bj->kij", a, alpha, a)
+    G = torch.einsum("bqr,bk,bqs->krs", g, beta, g)
+    return S[:k], A, G
+
+
+def _svd_lanczos(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """scipy ``svds`` on the implicit rearrangement (float64)."""
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
+    R, RT = _rearranged_maps(lj)
+    dt = (lj.a if lj.a is not None else lj.dense).dtype  # type: ignore[union-attr]
+    shape = (d_in * d_in, d_out * d_out)
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        X = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1).copy()).reshape(1, d_out, d_out)
+        return R(X.to(dt)).reshape(-1).double().numpy()
+
+    def rmv(y: np.ndarray) -> np.ndarray:
+        Y = torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(-1).copy()).reshape(1, d_in, d_in)
+        return RT(Y.to(dt)).reshape(-1).double().numpy()
+
+    k = min(r, min(shape) - 1)
+    if k < 1:
+        raise ValueError(f"layer '{lj.spec.name}': the Lanczos Kronecker SVD needs min(d_in'², d_out²) > 1")
+    op = LinearOperator(shape, matvec=mv, rmatvec=rmv, dtype=np.float64)
+    v0 = np.ones(min(shape), dtype=np.float64)
+    U, S, Vh = svds(op, k=k, tol=0, v0=v0, maxiter=10_000)
+    order = np.argsort(S)[::-1]
+    U, S, Vh = U[:, order], S[order], Vh[order]
+    A = torch.from_numpy(np.ascontiguousarray(U.T)).reshape(k, d_in, d_in)
+    G = torch.from_numpy(np.ascontiguousarray(Vh)).reshape(k, d_out, d_out)
+    return torch.from_numpy(S.copy()), A, G
+
+
+class KFOC(BlockDiagonal):
+    """F•KFOC = blockdiag of the damped Frobenius-optimal Kronecker products, ``[p, p]``.
+
+    ``KFOC(blocks)`` takes ready :class:`KroneckerBlock` s; :meth:`from_capture` computes the top
+    Kronecker term of every layer (:func:`kronecker_svd`, r = 1).
+
+    Attributes:
+        blocks, damping, damping_mode; svd: the per-layer :class:`KroneckerSVD` (from_capture).
+    """
+
+    def __init__(self, blocks: list[KroneckerBlock]) -> None:
+        super().__init__(blocks, name="kfoc")
+        self.damping = blocks[0].damping
+        self.damping_mode = blocks[0].mode
+        self.svd: list[KroneckerSVD] = []
+
+    @classmethod
+    def from_capture(
+        cls,
+        source: Capture | Jacobian,
+        damping: float,
+        damping_mode: str | DampingMode = "pi",
+        *,
+        solver: str = "auto",
+        dtype: torch.dtype = torch.float64,
+    ) -> "KFOC":
+        jac = Jacobian.coerce(source, dtype)
+        lam = check_damping(damping)
+        blocks, svds = [], []
+        for lj in jac.layers:
+            ks = kronecker_svd(lj, 1, solver)
+            A, G = _symmetric(ks.A[0]), _symmetric(ks.G[0])
+            blocks.append(KroneckerBlock(factor_eigh(A, G), lam, damping_mode, factors=(A, G)))
+            svds.append(ks)
+        op = cls(blocks)
+        op.svd = svds
+        return op
+
+    @property
+    def factors(self) -> list[tuple[Tensor, Tensor]]:
+        return [b.factors for b in self.blocks]
+
+
+def _symmetric(M: Tensor) -> Tensor:
+    return (M + M.mT) / 2
