@@ -13,6 +13,11 @@ TORCH_INDEX ?=
 PY          := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 STAMP       := $(VENV)/.fisherlab-installed
+# Test-only peers for tests/test_curvlinops.py (skipped when absent), installed with --no-deps:
+# curvlinops requires backpack-for-pytorch, which requires torchvision (and could pull a CUDA
+# torch); curvlinops imports backpack only in curvlinops.experimental, which the tests never load.
+# The rest are what curvlinops imports. Not in pyproject's dev extra: pip would resolve backpack.
+PEERS       ?= curvlinops-for-pytorch==3.0.1 einops einconv opt-einsum linear_operator
 DEMO_OUT    ?= out/demo
 
 .PHONY: setup demo test test-all bench clean
@@ -23,6 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	-$(PY) -m pip install -q --no-deps $(PEERS)
 	touch $@
 
 demo: setup

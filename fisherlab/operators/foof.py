@@ -10,7 +10,10 @@ Per layer, with ``A_i [d_in', d_in']`` the KFAC input factor (2.25)/(2.27) and `
 * ``"pi"``: the π-damping of (2.30) applied to the pair ``(A_i, I)``:
   ``(A_i + π√λ I) ⊗ (1 + √λ/π) I`` with π = √(tr A_i / d_in').
 
-FOOF is *not* scale-matched to F (``G = I`` instead of the gradients' second moment): its increment
+A_i is KFAC's input factor (2.27): for a layer with T positions a *sum* over positions (KFAC's
+split puts the 1/T in G), so on such layers this FOOF is T times curvlinops' forward-only KFAC,
+whose A is the mean over positions (tests/test_curvlinops.py converts); on Linear layers (T = 1)
+they coincide. FOOF is *not* scale-matched to F (``G = I`` instead of the gradients' second moment): its increment
 is a forward-only preconditioned gradient, and its error against ζ measures that too. The blocks are
 :class:`~fisherlab.operators.kfac.KroneckerBlock` s with ``G = I`` (eigenbasis ``Q_G = I``), so the
 spectral coarse space and every KFAC tool apply unchanged.
