@@ -273,13 +273,17 @@ class LayerJacobian:
                 f"layer '{self.spec.name}' is stored dense: KFAC-reduce needs its per-position factors ā and g "
                 f"(capture with storage='factored')"
             )
+        if self.T == 1:  # one position: reduce and expand are the same factors
+            return self.kfac_factors
         a_mean = self.a.mean(1)  # [B, d_in']
         g_sum = self.g.sum(2).reshape(-1, self.spec.d_out)  # [N, d_out]
         return a_mean.T @ a_mean / self.B, g_sum.T @ g_sum / self.B
 
     @cached_property
     def reduce_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(s_A, Q_A, s_G, Q_G)`` of :attr:`reduce_factors` (computed once)."""
+        """``(s_A, Q_A, s_G, Q_G)`` of :attr:`reduce_factors` (computed once; KFAC's when T = 1)."""
+        if self.a is not None and self.T == 1:
+            return self.kfac_eigh
         return factor_eigh(*self.reduce_factors)
 
     # ---- KFAC factors ----------------------------------------------------------------------
