@@ -15,7 +15,8 @@ out of the plots.
 | function | figure |
 |---|---|
 | :func:`plot_error_reduction` | the paper's Fig. 5: gap 𝔈(β*) − 𝔈(0) and ratio 𝔈/𝔈_KFAC vs training step |
-| :func:`plot_method_errors` | bars of relative F•-norm and Euclidean errors at one checkpoint |
+| :func:`plot_method_errors` | relative F•-norm and Euclidean errors per method at one checkpoint (dots ± 95 %) |
+| :func:`plot_error_anatomy` | each error split into the span of U and its null space |
 | :func:`plot_spectra` | overlaid densities and cumulative distributions of spectra |
 | :func:`plot_interactions` | heatmap of ρ_ij |
 | :func:`plot_kfac_block_errors` | bars of ‖F_ii − A⊗G‖/‖F_ii‖ per layer |
@@ -38,6 +39,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import methods as registry
+from .intervals import mean_interval
 
 __all__ = [
     "COLORS",
@@ -51,6 +53,7 @@ __all__ = [
     "read_rows",
     "plot_error_reduction",
     "plot_method_errors",
+    "plot_error_anatomy",
     "plot_spectra",
     "plot_interactions",
     "plot_kfac_block_errors",
@@ -200,9 +203,34 @@ def _label(rows: Sequence[dict], method: str) -> str:
 
 
 def _series(rows: Sequence[dict], method: str, x: str, y: str) -> tuple[list, list]:
-    pts = [(r[x], r[y]) for r in rows if r.get("method") == method and _ok(r.get(x)) and _ok(r.get(y))]
-    pts.sort(key=lambda t: t[0])
-    return [a for a, _ in pts], [b for _, b in pts]
+    """The mean of ``y`` at each ``x`` over the samples (batches, draws) of ``method``."""
+    xs, mean, _ = _series_ci(rows, method, x, y)
+    return xs, mean
+
+
+def _series_ci(rows: Sequence[dict], method: str, x: str, y: str) -> tuple[list, list, list]:
+    """``(x, mean, half-width)`` of ``y`` per ``x`` over the samples of ``method`` (95 % Student-t
+    half-widths; NaN where one sample)."""
+    groups: dict[Any, list[float]] = {}
+    for r in rows:
+        if r.get("method") == method and _ok(r.get(x)) and _ok(r.get(y)):
+            groups.setdefault(r[x], []).append(float(r[y]))
+    xs = sorted(groups)
+    ivs = [mean_interval(groups[v]) for v in xs]
+    return xs, [iv.mean for iv in ivs], [iv.half_width for iv in ivs]
+
+
+def _line_ci(ax, xs, mean, hw, **kw) -> None:
+    """A line with its 95 % band (where there are several samples)."""
+    (line,) = ax.plot(xs, mean, **kw)
+    lo = [m - h if math.isfinite(h) else m for m, h in zip(mean, hw)]
+    hi = [m + h if math.isfinite(h) else m for m, h in zip(mean, hw)]
+    if any(math.isfinite(h) and h > 0 for h in hw):
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def _practical(ms: Sequence[str]) -> list[str]:
+    return [m for m in ms if m in registry.METHODS and registry.practical(m)]
 
 
 def _x_key(rows: Sequence[dict]) -> tuple[str, str]:
@@ -219,9 +247,6 @@ def _x_key(rows: Sequence[dict]) -> tuple[str, str]:
 
 # ---- figures ----------------------------------------------------------------------------------
 
-_ONE_LEVEL = ("kfac",)
-
-
 def plot_error_reduction(
     rows: Any,
     path: str | Path | None = None,
@@ -231,27 +256,34 @@ def plot_error_reduction(
 ) -> Figure:
     """The paper's Fig. 5 over checkpoints: (a) the gap 𝔈 − 𝔈_KFAC (4.6) per method against the
     training step (0 dashed: below it a method improves on KFAC), (b) the reduction ratio
-    𝔈/𝔈_KFAC on a log scale (1 dashed).
+    𝔈/𝔈_KFAC (1 dashed; a log axis when the ratios span more than a factor 20); the legend
+    sits outside the axes.
 
     Args:
         rows: comparison rows over checkpoints (``method``, ``gap``, ``reduction_ratio`` and
             ``step`` or ``checkpoint``).
         path: write ``<path>.png`` and ``<path>.pdf``.
-        methods: method keys to show, in order (default: all but ``kfac``, the reference).
+        methods: method keys to show, in order (default: the coarse corrections, as in the
+            paper's Fig. 5; one-level methods, exact references and the zero step are kept out so
+            they do not set the scale).
         title: figure title.
+
+    With several samples per checkpoint (batches, draws) each line is the mean with its 95 % band.
 
     Returns:
         The figure: two axes, one line per method on each plus the dashed reference.
     """
     rows = read_rows(rows)
-    ms = _methods(rows, methods, exclude=() if methods is not None else _ONE_LEVEL)
+    ms = _methods(rows, methods) if methods is not None else [
+        m for m in _methods(rows, None) if registry.get(m).family.coarse  # the paper's Fig. 5: coarse corrections
+    ] if all(m in registry.METHODS or "+" in m for m in _methods(rows, None)) else _methods(rows, None)
     xk, xlabel = _x_key(rows)
     with style():
         fig, (ax_gap, ax_ratio) = plt.subplots(1, 2, figsize=(10, 3.8))
         for m in ms:
             lab, c, mk = _label(rows, m), color_for(m), MARKERS.get(legend_for(m), "o")
-            ax_gap.plot(*_series(rows, m, xk, "gap"), color=c, marker=mk, label=lab)
-            ax_ratio.plot(*_series(rows, m, xk, "reduction_ratio"), color=c, marker=mk, label=lab)
+            _line_ci(ax_gap, *_series_ci(rows, m, xk, "gap"), color=c, marker=mk, label=lab)
+            _line_ci(ax_ratio, *_series_ci(rows, m, xk, "reduction_ratio"), color=c, marker=mk, label=lab)
         ax_gap.axhline(0.0, color="k", ls="--", lw=0.8)
         ax_ratio.axhline(1.0, color="k", ls="--", lw=0.8)
         ax_gap.set_xlabel(xlabel)
@@ -259,12 +291,43 @@ def plot_error_reduction(
         ax_gap.set_title("(a) error gap to KFAC")
         ax_ratio.set_xlabel(xlabel)
         ax_ratio.set_ylabel(r"$\mathfrak{E} / \mathfrak{E}_{\mathrm{KFAC}}$")
-        ax_ratio.set_yscale("log")
+        ratios = [v for m in ms for v in _series(rows, m, xk, "reduction_ratio")[1] if v > 0]
+        if ratios and max(ratios) / min(ratios) > 20:  # a log axis only when the ratios span decades
+            ax_ratio.set_yscale("log")
         ax_ratio.set_title("(b) error reduction ratio")
-        ax_ratio.legend(loc="best", ncol=2)
+        if ms:
+            fig.legend(*ax_ratio.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5))
         if title:
             fig.suptitle(title)
         return _finish(fig, path)
+
+
+def _dots(ax, rows: Sequence[dict], ms: Sequence[str], key: str) -> list[str]:
+    """Mean ± 95 % interval per method as a dot with whiskers on a horizontal log axis, exact
+    references (and the zero step) below a separating line, in grey type."""
+    practical = _practical(ms)
+    refs = [m for m in ms if m not in practical]
+    order = practical + refs
+    shown = []
+    for m in order:
+        vals = [float(r[key]) for r in rows if r.get("method") == m and _ok(r.get(key)) and float(r[key]) > 0]
+        if vals:
+            shown.append((m, mean_interval(vals)))
+    for i, (m, iv) in enumerate(shown):
+        y = len(shown) - 1 - i
+        err = None if not math.isfinite(iv.half_width) else [[min(iv.half_width, iv.mean * 0.999)], [iv.half_width]]
+        ax.errorbar([iv.mean], [y], xerr=err, fmt=MARKERS.get(legend_for(m), "o") or "o", color=color_for(m), ms=6, capsize=3)
+    ax.set_yticks(range(len(shown)), [_label(rows, m) for m, _ in reversed(shown)])
+    for t, (m, _) in zip(ax.get_yticklabels(), list(reversed(shown))):
+        if m in refs:
+            t.set_color("#777777")
+            t.set_fontstyle("italic")
+    n_ref = sum(1 for m, _ in shown if m in refs)
+    if n_ref and n_ref < len(shown):
+        ax.axhline(n_ref - 0.5, color="#999999", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.7, len(shown) - 0.3)
+    return [m for m, _ in shown]
 
 
 def plot_method_errors(
@@ -274,32 +337,91 @@ def plot_method_errors(
     methods: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Per-method errors at one checkpoint: (a) relative F•-norm error 𝔈/‖ζ‖²_F•, (b) Euclidean
-    relative error ‖ζ_m − ζ‖/‖ζ‖; log-scaled bars, one per method (n/a methods left out).
+    """Per-method errors at one checkpoint: (a) relative F•-norm error 𝔈/‖ζ‖²_F• with the zero
+    step at 1 (right of it a method is worse than not moving), (b) Euclidean relative error
+    ‖ζ_m − ζ‖/‖ζ‖. One dot per method (mean ± 95 % interval over samples) on a log axis; exact
+    references (grey, italic) below the line, apart from the practical methods.
 
     Args:
         rows: the comparison rows of one checkpoint (``method``, ``relative_error``,
-            ``euclidean_relative_error``).
+            ``euclidean_relative_error``; several samples per method give intervals).
         path, methods, title: as in :func:`plot_error_reduction` (default: every method).
+
+    Returns:
+        The figure: two axes with one dot per method each.
+    """
+    rows = read_rows(rows)
+    ms = _methods(rows, methods)
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.3 * max(len(ms), 4)), sharey=True)
+        for ax, key, xlabel, t in (
+            (axes[0], "relative_error", r"$\mathfrak{E} / \|\zeta\|^2_{F_\bullet}$", r"(a) relative $F_\bullet$-norm error"),
+            (axes[1], "euclidean_relative_error", r"$\|\zeta_m - \zeta\| / \|\zeta\|$", "(b) Euclidean relative error"),
+        ):
+            _dots(ax, rows, ms, key)  # the same methods in both panels: they share the y axis
+            ax.axvline(1.0, color="k", ls="--", lw=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_title(t)
+        axes[0].text(1.0, 1.0, " zero step", transform=axes[0].get_xaxis_transform(), va="bottom", ha="left", fontsize=7)
+        if title:
+            fig.suptitle(title)
+        return _finish(fig, path)
+
+
+def plot_error_anatomy(
+    rows: Any,
+    path: str | Path | None = None,
+    *,
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Where each method's error lives (:mod:`fisherlab.anatomy`): (a) 𝔈/‖ζ‖²_F• split into the
+    span of the per-example Jacobian rows and its null space (where F• = λI), stacked, linear
+    axis, the zero step at 1; (b) the null-space share 𝔈_null/𝔈 on [0, 1].
+
+    Args:
+        rows: the comparison rows of one checkpoint (``error_span``, ``error_null``,
+            ``energy_error``, ``relative_error``; samples are averaged).
+        path, methods, title: as in :func:`plot_error_reduction` (default: every method but ZERO).
 
     Returns:
         The figure: two axes with one bar per method each.
     """
     rows = read_rows(rows)
-    ms = _methods(rows, methods)
+    ms = [m for m in _methods(rows, methods) if m != "zero"]
+    stats = []
+    for m in _practical(ms) + [m for m in ms if m not in _practical(ms)]:
+        rs = [r for r in rows if r.get("method") == m and _ok(r.get("error_span")) and _ok(r.get("energy_error"))]
+        if not rs:
+            continue
+        scale = [float(r["energy_error"]) / float(r["relative_error"]) for r in rs if _ok(r.get("relative_error")) and r["relative_error"]]
+        z2 = sum(scale) / len(scale) if scale else 1.0
+        span = sum(float(r["error_span"]) for r in rs) / len(rs) / z2
+        null = sum(float(r["error_null"]) for r in rs) / len(rs) / z2
+        stats.append((m, span, null))
     with style():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, key, ylabel, t in (
-            (axes[0], "relative_error", r"$\mathfrak{E} / \|\zeta\|^2_{F_\bullet}$", r"(a) relative $F_\bullet$-norm error"),
-            (axes[1], "euclidean_relative_error", r"$\|\zeta_m - \zeta\| / \|\zeta\|$", "(b) Euclidean relative error"),
-        ):
-            pts = [(m, r[key]) for m in ms for r in rows if r.get("method") == m and _ok(r.get(key))]
-            labels = [_label(rows, m) for m, _ in pts]
-            ax.bar(range(len(pts)), [v for _, v in pts], color=[color_for(m) for m, _ in pts])
-            ax.set_xticks(range(len(pts)), labels, rotation=45, ha="right")
-            ax.set_yscale("log")
-            ax.set_ylabel(ylabel)
-            ax.set_title(t)
+        fig, (ax, ax_share) = plt.subplots(1, 2, figsize=(10, 0.9 + 0.3 * max(len(stats), 4)), sharey=True,
+                                           gridspec_kw={"width_ratios": [2, 1]})
+        ys = list(range(len(stats)))[::-1]
+        totals = sorted(span + null for _, span, null in stats)
+        # a method far worse than the zero step must not squeeze the rest: the axis ends at
+        # max(1.5, the second-largest total · 1.1) and longer bars are cut and labelled
+        xmax = max(1.5, 1.1 * (totals[-2] if len(totals) > 1 else totals[-1]))
+        for y, (m, span, null) in zip(ys, stats):
+            ax.barh(y, span, color=color_for(m), edgecolor="none")
+            ax.barh(y, null, left=span, color=color_for(m), alpha=0.35, hatch="///", edgecolor="#555555", lw=0)
+            total = span + null
+            if total > xmax:
+                ax.text(xmax * 0.99, y, f"{total:.3g} →", va="center", ha="right", fontsize=7, color="#222222")
+            ax_share.barh(y, null / total if total > 0 else 0.0, color=color_for(m), alpha=0.6)
+        ax.set_xlim(0, xmax)
+        ax.set_yticks(range(len(stats)), [_label(rows, m) for m, *_ in reversed(stats)])
+        ax.axvline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_xlabel(r"$\mathfrak{E} / \|\zeta\|^2_{F_\bullet}$: solid = span of $U$, hatched = null space")
+        ax.set_title("(a) the error, split")
+        ax_share.set_xlim(0, 1)
+        ax_share.set_xlabel(r"$\mathfrak{E}_{\mathrm{null}} / \mathfrak{E}$")
+        ax_share.set_title("(b) null-space share")
         if title:
             fig.suptitle(title)
         return _finish(fig, path)
@@ -455,17 +577,25 @@ def plot_damping_sweep(
         "reduction_ratio": r"$\mathfrak{E} / \mathfrak{E}_{\mathrm{KFAC}}$",
         "energy_error": r"$\mathfrak{E}$",
     }
+    relative = all(_ok(r.get("damping_relative")) for r in rows)
+    xkey = "damping_relative" if relative else "damping"
     with style():
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
         for ax, key in zip(axes[0], metrics):
             for m in ms:
-                xs, ys = _series(rows, m, "damping", key)
-                ax.plot(xs, ys, color=color_for(m), marker=MARKERS.get(legend_for(m), "o"), label=_label(rows, m))
+                xs, mean, hw = _series_ci(rows, m, xkey, key)
+                _line_ci(ax, xs, mean, hw, color=color_for(m), marker=MARKERS.get(legend_for(m), "o"), label=_label(rows, m))
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel(r"damping $\lambda$")
+            ax.set_xlabel(r"$\lambda / \lambda_{\max}(F)$" if relative else r"damping $\lambda$")
             ax.set_ylabel(labels.get(key, key))
-        axes[0][-1].legend(loc="best", ncol=2)
+            if relative:  # the absolute λ on a second axis: λ = (λ/λ_max)·λ_max
+                lmax = [r["damping"] / r["damping_relative"] for r in rows if r["damping_relative"]]
+                if lmax:
+                    f = sum(lmax) / len(lmax)
+                    sec = ax.secondary_xaxis("top", functions=(lambda x, f=f: x * f, lambda x, f=f: x / f))
+                    sec.set_xlabel(r"absolute $\lambda$", fontsize=8)
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1)
         if title:
             fig.suptitle(title)
         return _finish(fig, path)

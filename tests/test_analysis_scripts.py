@@ -65,6 +65,10 @@ def test_error_reduction_script(capture_file, tmp_path):
             assert float(r["gap"]) <= 1e-12 and 0 <= float(r["reduction_ratio"]) <= 1 + 1e-12
     _figures(out, "error_reduction")
     _figures(out, "method_errors_step-10")
+    _figures(out, "error_anatomy_step-10")
+    summary = _csv(out / "errors_summary.csv")
+    assert len(summary) == len(CHECKPOINTS) * 4 and "relative_error_hw" in summary[0]
+    assert _csv(out / "errors_layers.csv") and _csv(out / "errors_modes.csv")
 
 
 def test_spectra_script(capture_file, tmp_path):
@@ -109,7 +113,15 @@ def test_damping_sweep_script(capture_file, tmp_path):
     assert _script("damping_sweep")(args) == 0
     rows = _csv(out / "damping_sweep.csv")
     assert len(rows) == 3 * 4 and {r["checkpoint"] for r in rows} == {"step-10"}
-    assert sorted({float(r["damping"]) for r in rows}) == [1e-3, 1e-2, 1e-1]
+    # --dampings are in --damping-scale (default: max): λ/λ_max(F) as given, λ resolved on the capture
+    assert sorted({float(r["damping_value"]) for r in rows}) == [1e-3, 1e-2, 1e-1]
+    for r in rows:
+        assert float(r["damping_relative"]) == pytest.approx(float(r["damping_value"]), rel=1e-12)
+    lmax = {float(r["damping"]) / float(r["damping_value"]) for r in rows}
+    assert max(lmax) == pytest.approx(min(lmax), rel=1e-12)  # one λ_max for the checkpoint
+    args_abs = args + ["--damping-scale", "absolute"]
+    assert _script("damping_sweep")(args_abs) == 0
+    assert sorted({float(r["damping"]) for r in _csv(out / "damping_sweep.csv")}) == [1e-3, 1e-2, 1e-1]
     _figures(out, "damping_sweep")
 
 

@@ -299,3 +299,30 @@ def test_analyze_without_target_works_after_traceback_flag(capsys, run_file, tmp
                            "--out", tmp_path, "--no-progress", "--no-figures", "--quiet")
     assert rc == 0, err
     assert (tmp_path / "errors.csv").is_file() and "rows" in out
+
+
+def test_capture_batches_and_draws_give_intervals(capsys, tmp_path, ckpts):
+    """--batches 2 --draws 2: four samples per checkpoint, grouped, compared with intervals."""
+    import warnings
+
+    from fisherlab.metrics import compare_file
+
+    desc, paths = ckpts
+    out = tmp_path / "run.h5"
+    rc, stdout, err = run_cli(capsys, *_capture_args(paths[:1], out, "--batches", "2", "--draws", "2"))
+    assert rc == 0, err
+    infos = store.list_checkpoints(out)
+    assert [i.name for i in infos] == ["step-0.b0d0", "step-0.b0d1", "step-0.b1d0", "step-0.b1d1"]
+    b0, b1 = infos[0].batch_indices, infos[2].batch_indices
+    assert len(b0) == len(b1) == 4 and not set(b0) & set(b1) and infos[1].batch_indices == b0
+    caps = [fisherlab.load(out, i.name) for i in infos]
+    assert caps[0].meta["sample"] == {"of": "step-0", "batch": 0, "draw": 0, "batches": 2, "draws": 2}
+    assert not torch.equal(caps[0].grad, caps[2].grad)  # other batch
+    assert torch.equal(caps[0].grad, caps[1].grad) and not caps[0].layers[-1].equals(caps[1].layers[-1])  # other draw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = compare_file(out, fisherlab.Damping(1e-3, "max"), ["zero", "kfac", "residuals"], progress=False)
+    assert table.n_samples == 4 and {r["checkpoint"] for r in table.rows} == {"step-0"}
+    assert all(s["samples"] == 4 and s["relative_error_hw"] >= 0 for s in table.summary() if s["method"] != "zero")
+    rc, _, err = run_cli(capsys, *_capture_args(paths[:1], tmp_path / "e.h5", "--fisher", "exact", "--draws", "2"))
+    assert rc == 2 and "only the mc Fisher draws samples" in err

@@ -17,12 +17,14 @@ def test_tiny_demo_writes_a_complete_report(tmp_path):
     cfg = DemoConfig.tiny()
     # the capture file holds every checkpoint and loads back
     infos = fisherlab.store.list_checkpoints(res.capture_file)
-    assert [i.step for i in infos if i.complete] == cfg.checkpoint_steps
+    # cfg.batches independent batches per checkpoint, each a checkpoint of its own
+    assert [i.step for i in infos if i.complete] == [s for s in cfg.checkpoint_steps for _ in range(cfg.batches)]
     cap = fisherlab.load(res.capture_file, infos[-1].name)
     assert cap.B == cfg.capture_batch and cap.fisher.value == cfg.fisher
+    assert cap.meta["sample"]["batches"] == cfg.batches
     # every method at every checkpoint, with the theory's signs
     rows = list(csv.DictReader((tmp_path / "errors.csv").open()))
-    assert len(rows) == len(default_keys()) * len(cfg.checkpoint_steps)
+    assert len(rows) == len(default_keys()) * len(cfg.checkpoint_steps) * cfg.batches
     for r in rows:
         if r["method"] in TWO_LEVEL:
             # ratio = 1 + gap/𝔈_KFAC: ≤ 1 exactly when the gap is ≤ 0, which holds up to the family's
@@ -40,7 +42,9 @@ def test_tiny_demo_writes_a_complete_report(tmp_path):
     report = res.report.read_text()
     for section in ["## Headline", "## Errors at the last checkpoint", "## Figures", "## Structure", "## Time"]:
         assert section in report
-    assert "Two-level gaps (4.6) ≤ 0 at every checkpoint and for every coarse space: yes" in report
+    assert "Two-level gaps (4.6) ≤ 0 at every checkpoint, batch and coarse space: yes" in report
+    assert "of ‖ζ‖²_F• lies in the null space" in report and "The closest practical method is" in report
+    assert "± " in report  # intervals over the batches
 
 
 def test_demo_cli_tiny(tmp_path, capsys):

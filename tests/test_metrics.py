@@ -131,4 +131,4 @@ def test_analyze_subcommands_through_the_cli(tmp_path, capsys):
     for name in ["spectra_summary.csv", "interactions.csv", "kfac_block_errors.csv", "damping_sweep.csv"]:
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "damping_sweep.csv").open()))
-    assert sorted({float(r["damping"]) for r in rows}) == [0.01, 0.1]
+    assert sorted({float(r["damping_value"]) for r in rows}) == [0.01, 0.1]  # λ/λ_max (the default scale)

@@ -66,17 +66,18 @@ def test_error_reduction_figure(rows_over_checkpoints, tmp_path):
     fig = plots.plot_error_reduction(rows_over_checkpoints, tmp_path / "fig5")
     _written(tmp_path, "fig5")
     ax_gap, ax_ratio = fig.axes
-    shown = [m for m in METHODS if m != "kfac"]
+    shown = [m for m in METHODS if fisherlab.methods.get(m).family.coarse]  # the paper's Fig. 5: coarse corrections
     for ax in (ax_gap, ax_ratio):
         assert len(ax.lines) == len(shown) + 1  # one per method + the dashed reference
         assert ax.get_xlabel() == "training step"
         for line, m in zip(ax.lines, shown):
             assert list(line.get_xdata()) == STEPS
             assert _same_colour(line.get_color(), plots.color_for(m))
-    assert ax_ratio.get_yscale() == "log"
+    ratios = [r["reduction_ratio"] for r in rows_over_checkpoints if r["method"] in shown]
+    assert ax_ratio.get_yscale() == ("log" if max(ratios) / min(ratios) > 20 else "linear")
     assert "KFAC" in ax_ratio.get_ylabel() and "gap" in ax_gap.get_ylabel()
-    legend = [t.get_text() for t in ax_ratio.get_legend().get_texts()]
-    assert legend == [plots.legend_for(m) for m in shown] == ["BLOCK-DIAG", "NICO", "RESIDU", "PREVIOUS"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [plots.legend_for(m) for m in shown] == ["NICO", "RESIDU", "PREVIOUS"]
 
 
 def test_error_reduction_from_csv(rows_over_checkpoints, tmp_path):
@@ -88,23 +89,42 @@ def test_error_reduction_from_csv(rows_over_checkpoints, tmp_path):
     assert isinstance(rows[0]["gap"], float) and rows[0]["step"] == 0
 
 
-def test_method_errors_bars(rows_over_checkpoints, tmp_path):
+def _dot_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_yticklabels()][::-1]  # top to bottom
+
+
+def test_method_errors_dots(rows_over_checkpoints, tmp_path):
     one = [r for r in rows_over_checkpoints if r["checkpoint"] == "c0"]
-    fig = plots.plot_method_errors(one, tmp_path / "bars")
-    _written(tmp_path, "bars")
+    fig = plots.plot_method_errors(one, tmp_path / "dots")
+    _written(tmp_path, "dots")
     assert len(fig.axes) == 2
+    practical = [m for m in METHODS if fisherlab.methods.practical(m)]
+    order = practical + [m for m in METHODS if m not in practical]  # exact references last, apart
+    assert _dot_labels(fig.axes[0]) == [plots.legend_for(m) for m in order]  # shared by both panels
     for ax in fig.axes:
-        assert len(ax.patches) == len(METHODS)
-        assert ax.get_yscale() == "log"
-        assert [t.get_text() for t in ax.get_xticklabels()] == [plots.legend_for(m) for m in METHODS]
-        assert [mcolors.to_hex(p.get_facecolor()) for p in ax.patches] == [mcolors.to_hex(plots.color_for(m)) for m in METHODS]
+        assert ax.get_xscale() == "log"  # dots, not bars, on the log axis
+        assert not ax.patches
+        colours = [mcolors.to_hex(c.lines[0].get_color()) for c in ax.containers]
+        assert colours == [mcolors.to_hex(plots.color_for(m)) for m in order]
 
 
 def test_method_errors_skip_missing_values(rows_over_checkpoints):
     one = [dict(r) for r in rows_over_checkpoints if r["checkpoint"] == "c0"]
     one[0]["relative_error"] = None  # a method reported n/a
     fig = plots.plot_method_errors(one)
-    assert [len(ax.patches) for ax in fig.axes] == [len(METHODS) - 1, len(METHODS)]
+    assert [len(ax.containers) for ax in fig.axes] == [len(METHODS) - 1, len(METHODS)]
+
+
+def test_error_anatomy_figure(rows_over_checkpoints, tmp_path):
+    one = [r for r in rows_over_checkpoints if r["checkpoint"] == "c0"]
+    fig = plots.plot_error_anatomy(one, tmp_path / "anatomy")
+    _written(tmp_path, "anatomy")
+    ax, ax_share = fig.axes
+    assert len(ax.patches) == 2 * len(METHODS) and len(ax_share.patches) == len(METHODS)
+    for r in one:  # solid + hatched = the relative error
+        y = _dot_labels(ax).index(r["legend"])
+        span, null = ax.patches[2 * y].get_width(), ax.patches[2 * y + 1].get_width()
+        assert span + null == pytest.approx(r["relative_error"], rel=1e-9)
 
 
 def test_spectra_overlay(capture, tmp_path):
@@ -155,7 +175,8 @@ def test_damping_sweep_loglog(rows_over_dampings, tmp_path):
     for ax in fig.axes:
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
         assert len(ax.lines) == len(METHODS)
-        assert list(ax.lines[0].get_xdata()) == [1e-3, 1e-2, 1e-1]
+        xs = list(ax.lines[0].get_xdata())
+        assert xs == [1e-3, 1e-2, 1e-1] or all(x < 1 for x in xs)  # λ, or λ/λ_max when the rows carry it
     fig3 = plots.plot_damping_sweep(rows_over_dampings, metrics=("reduction_ratio",), methods=["nicolaides"])
     assert len(fig3.axes) == 1 and len(fig3.axes[0].lines) == 1
 

@@ -61,6 +61,23 @@ def _count(what: str):
     return parse
 
 
+def _damping_of(args: argparse.Namespace):
+    """``--damping`` in ``--damping-scale`` as a :class:`fisherlab.Damping` (one-line error if bad)."""
+    from ..damping import Damping
+
+    return Damping(args.damping, args.damping_scale)
+
+
+def _add_damping(parser: argparse.ArgumentParser, default: float | None) -> None:
+    from ..damping import DampingScale
+
+    parser.add_argument("--damping", type=float, default=default, required=default is None,
+                        help="the damping value, in --damping-scale" + (f" (default {default:g})" if default is not None else ""))
+    parser.add_argument("--damping-scale", default="max", choices=[s.value for s in DampingScale],
+                        help="max: λ = value·λ_max(F); mean: value·tr F/rank F; mean-loss: value for the loss averaged "
+                             "over its outputs (the paper's units); absolute: λ = value (default: max)")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="HDF5 capture file")
     parser.add_argument("--out", type=Path, required=True, help="output folder for CSV files and figures")
@@ -74,7 +91,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``errors``: FILE --damping λ [--methods a,b] [--checkpoints c1,c2] --out DIR."""
     _add_common(parser)
-    parser.add_argument("--damping", type=float, default=1e-3, help="λ > 0 (default 1e-3)")
+    _add_damping(parser, 1e-3)
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
     parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space (default 1)")
@@ -87,7 +104,7 @@ def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.A
 def add_spectra_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``spectra``: FILE --damping λ [--operators …] [--coarse …] [--method …] --out DIR."""
     _add_common(parser)
-    parser.add_argument("--damping", type=float, required=True, help="λ > 0")
+    _add_damping(parser, 1e-3)
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
     parser.add_argument("--operators", type=_csv_list, default=["fisher", "kfac", "preconditioned"], help=f"comma-separated: {', '.join(SPECTRUM_OPERATORS)}")
     parser.add_argument("--coarse", type=_csv_list, default=[], help="coarse spaces whose two-level error operators to add")
@@ -109,7 +126,10 @@ def add_interactions_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 def add_damping_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``damping-sweep``: FILE --dampings 1e-4,1e-3,… [--checkpoint c] [--methods …] --out DIR."""
     _add_common(parser)
-    parser.add_argument("--dampings", type=_dampings, default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="comma-separated λ values")
+    parser.add_argument("--dampings", type=_dampings, default=None,
+                        help="comma-separated damping values in --damping-scale (default: λ/λ_max = 1e-8, 1e-7, …, 1)")
+    parser.add_argument("--damping-scale", default="max", choices=["absolute", "max", "mean", "mean-loss"],
+                        help="the scale of --dampings (default: max)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint name (default: the last one)")
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     return parser
@@ -122,14 +142,15 @@ def error_reduction_main(args: argparse.Namespace) -> int:
     from ..metrics import ComparisonTable
     from ..workflows.analysis import run_error_reduction
 
+    damping = _damping_of(args)
     rows = run_error_reduction(
-        args.file, args.damping, args.out, methods=args.methods, checkpoints=args.checkpoints,
+        args.file, damping, args.out, methods=args.methods, checkpoints=args.checkpoints,
         progress=args.progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
     )
     if not args.quiet:
         for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
             sub = [r for r in rows if r["checkpoint"] == ckpt]
-            print(f"\n== checkpoint {ckpt} (step {sub[0]['step']}), λ = {args.damping:g} ==")
+            print(f"\n== checkpoint {ckpt} (step {sub[0]['step']}), {damping}: λ = {sub[0]['damping']:g} ==")
             print(ComparisonTable(sub).format())
     print(f"{len(rows)} rows → {args.out / 'errors.csv'}")
     return 0
@@ -142,7 +163,7 @@ def spectra_main(args: argparse.Namespace) -> int:
     operators = [parse_enum(o, SPECTRUM_OPERATORS, "--operators") for o in args.operators]
     coarse = [parse_enum(c, COARSE_SPACES, "--coarse") for c in args.coarse]
     res = run_spectra(
-        args.file, args.damping, args.out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
+        args.file, _damping_of(args), args.out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
         method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
         n_steps=args.n_steps, seed=args.seed, progress=args.progress, figures=args.figures,
     )
@@ -165,7 +186,7 @@ def interactions_main(args: argparse.Namespace) -> int:
 def damping_sweep_main(args: argparse.Namespace) -> int:
     from ..workflows.analysis import run_damping_sweep
 
-    rows = run_damping_sweep(args.file, args.dampings, args.out, checkpoint=args.checkpoint, methods=args.methods,
+    rows = run_damping_sweep(args.file, args.dampings, args.out, scale=args.damping_scale, checkpoint=args.checkpoint, methods=args.methods,
                              progress=args.progress, figures=args.figures)
     print(f"{len(rows)} rows → {args.out / 'damping_sweep.csv'}")
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._validate import positive_int
 from ..capturing import FisherMode, Loss
 from ..errors import ConfigError, MissingFileError
 from ..runs import checkpoint_name, describe_run, load_state_dict, run_data
@@ -53,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=[x.value for x in Loss], default=None, help="default: the model's loss")
     p.add_argument("--fisher", choices=[m.value for m in FisherMode], default="mc")
     p.add_argument("--n-samples", "-K", type=int, default=1, metavar="K", help="Monte-Carlo samples per example (mc)")
+    p.add_argument("--batches", type=int, default=1, metavar="N",
+                   help="independent batches of --batch-size each, for intervals over batches (default 1)")
+    p.add_argument("--draws", type=int, default=1, metavar="D",
+                   help="independent Monte-Carlo draws per batch (mc only), for intervals over draws (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (the same at every checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"model '{desc['name']}' has no embedded default data set; pass --data")
     task = args.task or _TASK_OF_LOSS.get(loss) or (side_data.get("task") if not args.data else None)
     data = datasets.load(data_name, n=args.n_data, seed=args.data_seed, **({"task": task} if task else {}))
-    idx = batch_indices(len(data), args.batch_size, args.indices, args.batch_seed)
+    positive_int(args.batches, "--batches")
+    idx = batch_indices(len(data), args.batch_size * args.batches, args.indices, args.batch_seed)
     x, y = data.batch(idx)
 
     dtype = _DTYPES[args.dtype]
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     written = capture_checkpoints(
         desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
         indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
-        meta=meta, progress=not args.quiet,
+        meta=meta, batches=args.batches, draws=args.draws, progress=not args.quiet,
     )
     print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0

@@ -7,7 +7,7 @@ it computed. The ``analysis/*.py`` scripts and the ``fisherlab analyze …`` sub
 
 | driver | script / subcommand | writes |
 |---|---|---|
-| :func:`run_error_reduction` | ``error_reduction.py`` / ``errors`` | ``errors.csv``, ``error_reduction.*``, ``method_errors_<ckpt>.*`` |
+| :func:`run_error_reduction` | ``error_reduction.py`` / ``errors`` | ``errors.csv`` (every sample), ``errors_summary.csv`` (mean ± 95 % half-width), ``errors_layers.csv``, ``errors_modes.csv``, ``error_reduction.*``, ``method_errors_<ckpt>.*``, ``error_anatomy_<ckpt>.*`` |
 | :func:`run_spectra` | ``spectra.py`` / ``spectra`` | ``spectra_summary.csv``, ``spectrum_<ckpt>_<op>.csv``, ``spectra_<ckpt>.*`` |
 | :func:`run_interactions` | ``layer_interactions.py`` / ``interactions`` | ``interactions.csv``, ``kfac_block_errors.csv``, ``structure_summary.csv``, ``interactions_<ckpt>.*``, ``kfac_block_errors_<ckpt>.*`` |
 | :func:`run_damping_sweep` | ``damping_sweep.py`` / ``damping-sweep`` | ``damping_sweep.csv``, ``damping_sweep.*`` |
@@ -26,8 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import plots
-from .._validate import damping as check_damping
 from .._validate import parse_enum, positive_int
+from ..damping import Damping, DampingScale, resolve_damping
 from ..errors import ConfigError
 from ..io.tables import write_csv
 from ..jacobian import Jacobian
@@ -43,7 +43,12 @@ __all__ = [
     "run_spectra",
     "run_interactions",
     "run_damping_sweep",
+    "SWEEP_DEFAULT",
 ]
+
+SWEEP_DEFAULT = Damping(1.0, "max"), [10.0**e for e in range(-8, 1)]
+"""The damping sweep's default: λ/λ_max(F) from 1e-8 to 1 (every regime from "only the null space
+matters" to "F• ≈ λI")."""
 
 SPECTRUM_METHODS = ("auto", "dense", "lanczos", "slq")
 """The ``method`` values of :func:`run_spectra` (see :func:`fisherlab.spectra.spectra`)."""
@@ -74,7 +79,7 @@ def _close(fig) -> None:
 
 def run_error_reduction(
     path: str | Path,
-    damping: float,
+    damping: float | Damping,
     out: str | Path,
     *,
     methods: Sequence[str] | None = None,
@@ -87,7 +92,7 @@ def run_error_reduction(
 
     Args:
         path: the HDF5 capture file.
-        damping: λ > 0.
+        damping: λ > 0, or a :class:`fisherlab.Damping` in the Fisher's scale (resolved per checkpoint).
         out: output folder (created).
         methods: method names of :data:`fisherlab.METHODS` (default: all).
         checkpoints: checkpoint names (default: every complete one).
@@ -98,23 +103,30 @@ def run_error_reduction(
     Returns:
         The comparison rows (with ``checkpoint``, ``step``, ``damping``); also in ``errors.csv``.
     """
-    lam = check_damping(damping)
+    if not isinstance(damping, Damping):
+        resolve_damping(damping)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in _checkpoints(path, checkpoints)]
-    table = compare_file(path, lam, methods, checkpoints=names, progress=progress, **compare_kw)
+    table = compare_file(path, damping, methods, checkpoints=names, progress=progress, **compare_kw)
     table.to_csv(out / "errors.csv")
+    table.to_csv(out / "errors_summary.csv", summary=True)
+    table.layers_to_csv(out / "errors_layers.csv")
+    table.modes_to_csv(out / "errors_modes.csv")
     rows = table.rows
     if figures:
-        _close(plots.plot_error_reduction(rows, out / "error_reduction", title=f"two-level errors over checkpoints, λ = {lam:g}"))
-        last = names[-1]
-        _close(plots.plot_method_errors([r for r in rows if r.get("checkpoint") == last], out / f"method_errors_{_safe(last)}", title=f"{last}, λ = {lam:g}"))
+        label = str(damping) if isinstance(damping, Damping) else f"λ = {damping:g}"
+        _close(plots.plot_error_reduction(rows, out / "error_reduction", title=f"two-level errors over checkpoints, {label}"))
+        last = table.rows[-1]["checkpoint"]
+        last_rows = [r for r in rows if r.get("checkpoint") == last]
+        _close(plots.plot_method_errors(last_rows, out / f"method_errors_{_safe(last)}", title=f"{last}, {label}"))
+        _close(plots.plot_error_anatomy(last_rows, out / f"error_anatomy_{_safe(last)}", title=f"where the error lives: {last}, {label}"))
     return rows
 
 
 def run_spectra(
     path: str | Path,
-    damping: float,
+    damping: float | Damping,
     out: str | Path,
     *,
     checkpoints: Sequence[str] | None = None,
@@ -147,7 +159,8 @@ def run_spectra(
         checkpoint and operator, ``spectrum_<checkpoint>_<operator>.csv`` the values (binned
         beyond :data:`MAX_VALUES_PER_CSV`).
     """
-    lam = check_damping(damping)
+    if not isinstance(damping, Damping):
+        resolve_damping(damping)
     method = parse_enum(method, SPECTRUM_METHODS, "spectrum method")
     k, n_probes, n_steps = (positive_int(v, w) for v, w in ((k, "k"), (n_probes, "n_probes"), (n_steps, "n_steps")))
     out = Path(out)
@@ -160,6 +173,7 @@ def run_spectra(
         for info in infos:
             bar.set_postfix_str(info.name)
             cap = load(path, info.name)
+            lam = resolve_damping(damping, cap)
             sp = spectra(cap, lam, operators=operators, coarse=coarse, method=method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed)
             results[info.name] = sp
             for key, s in sp.items():
@@ -234,9 +248,10 @@ def run_interactions(
 
 def run_damping_sweep(
     path: str | Path,
-    dampings: Sequence[float],
+    dampings: Sequence[float] | None,
     out: str | Path,
     *,
+    scale: str | DampingScale = "absolute",
     checkpoint: str | None = None,
     methods: Sequence[str] | None = None,
     progress: bool = True,
@@ -246,8 +261,12 @@ def run_damping_sweep(
 
     Args:
         path: the HDF5 capture file.
-        dampings: the λ values (each > 0).
+        dampings: the damping values (each > 0), in ``scale``; ``None``: :data:`SWEEP_DEFAULT`
+            (λ/λ_max from 1e-8 to 1).
         out: output folder.
+        scale: the :class:`fisherlab.DampingScale` of ``dampings``; every row records the
+            absolute λ (``damping``), the value as given (``damping_value``) and λ/λ_max(F)
+            (``damping_relative``).
         checkpoint: the checkpoint (default: the last complete one).
         methods: method names (default: all).
         progress: tqdm bar over dampings.
@@ -256,8 +275,10 @@ def run_damping_sweep(
     Returns:
         The rows (with ``damping``, ``checkpoint``, ``step``); also in ``damping_sweep.csv``.
     """
-    lams = sorted(check_damping(d) for d in dampings)
-    if not lams:
+    if dampings is None:
+        scale, dampings = SWEEP_DEFAULT[0].scale, SWEEP_DEFAULT[1]
+    values = sorted(Damping(d, scale).value for d in dampings)
+    if not values:
         raise ConfigError("damping sweep: give at least one damping")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,13 +286,16 @@ def run_damping_sweep(
     cap = load(path, info.name)
     jac = Jacobian.from_capture(cap)  # Grams shared across dampings
     tables = []
-    bar = _bar(len(lams), "damping sweep", progress)
+    bar = _bar(len(values), "damping sweep", progress)
     try:
-        for lam in lams:
-            bar.set_postfix_str(f"λ = {lam:g}")
-            t = compare(jac, lam, methods, rhs=cap.grad)
+        for v in values:
+            d = Damping(v, scale)
+            bar.set_postfix_str(str(d))
+            t = compare(jac, d, methods, rhs=cap.grad)
+            lam = t.meta["damping"]
+            rel = t.meta["damping_scales"].get("max", float("nan"))
             for r in t.rows:
-                r.update(checkpoint=info.name, step=info.step, damping=lam)
+                r.update(checkpoint=info.name, step=info.step, damping=lam, damping_value=v, damping_relative=rel)
             tables.append(t)
             bar.update(1)
     finally:

@@ -2,7 +2,14 @@
 
 The same batch is captured at every checkpoint and appended, one atomic checkpoint at a time
 (:func:`fisherlab.save`); checkpoints already complete in the file are skipped, so rerunning
-resumes a killed capture. State dicts are loaded with
+resumes a killed capture.
+
+One batch is one sample: with ``batches=n`` (``fisherlab capture --batches n``) the inputs hold
+n disjoint batches of equal size, and with ``draws=d`` (``mc`` only) each batch is captured with
+d independent Monte-Carlo draws. Each (batch, draw) is stored as its own checkpoint,
+``<name>.b<i>d<j>``, whose metadata ``sample = {"of": <name>, "batch": i, "draw": j, ...}``
+groups it with its siblings; :func:`fisherlab.metrics.compare_file` reports every column of a
+checkpoint as a mean with a 95 % interval over its samples. State dicts are loaded with
 ``torch.load(path, weights_only=True, map_location="cpu")`` (:mod:`fisherlab.runs`): nothing is
 unpickled.
 
@@ -26,7 +33,12 @@ from ..errors import ConfigError, MissingFileError, StoreError
 from ..runs import checkpoint_name, load_into, sidecar_step
 from ..store import list_checkpoints, save
 
-__all__ = ["capture_checkpoints", "batch_indices"]
+__all__ = ["capture_checkpoints", "batch_indices", "sample_name"]
+
+
+def sample_name(checkpoint: str, batch: int, draw: int, batches: int, draws: int) -> str:
+    """The stored name of one sample of ``checkpoint`` (the name itself for a single sample)."""
+    return checkpoint if batches == draws == 1 else f"{checkpoint}.b{batch}d{draw}"
 
 
 def batch_indices(n: int, B: int, indices: Sequence[int] | None, seed: int) -> list[int]:
@@ -67,6 +79,8 @@ def capture_checkpoints(
     storage: str = "auto",
     compression: str | None = None,
     meta: dict | None = None,
+    batches: int = 1,
+    draws: int = 1,
     progress: bool = True,
 ) -> list[str]:
     """Capture ``(inputs, targets)`` at each checkpoint of ``description``'s model into ``out``.
@@ -84,6 +98,8 @@ def capture_checkpoints(
             trailing integer).
         device, dtype, storage, compression: capture and store options.
         meta: metadata stored with every checkpoint.
+        batches: independent batches in ``inputs`` (split evenly, in order; ``indices`` likewise).
+        draws: Monte-Carlo draws per batch (``fisher="mc"`` only; draw j uses seed ``seed + j``).
         progress: show a progress bar.
 
     Returns:
@@ -106,36 +122,61 @@ def capture_checkpoints(
     if dup:
         raise ConfigError(f"checkpoints: several files give the checkpoint name {sorted(dup)[0]!r} (names are file stems)")
     idx = None if indices is None else [int(i) for i in indices]
+    positive_int(batches, "batches")
+    positive_int(draws, "draws")
+    if draws > 1 and fisher != "mc":
+        raise ConfigError(f"draws = {draws}: only the mc Fisher draws samples (fisher = '{fisher}' is deterministic)")
+    if inputs.shape[0] % batches:
+        raise ConfigError(f"{inputs.shape[0]} examples do not split into {batches} batches of equal size")
+    size = inputs.shape[0] // batches
+    samples = [  # (stored name, checkpoint, batch, draw)
+        (sample_name(n, b, d, batches, draws), n, b, d) for n, _ in names for b in range(batches) for d in range(draws)
+    ]
+
+    def rows(b: int) -> slice:
+        return slice(b * size, (b + 1) * size)
 
     out = Path(out)
     done: set[str] = set()
+    expected = {s: None if idx is None else idx[rows(b)] for s, _, b, _ in samples}
+    allowed = {tuple(v) for v in expected.values() if v is not None}  # a run file holds one set of batches
     if out.exists():
         for info in list_checkpoints(out):
             if info.complete:
                 done.add(info.name)
-                if idx is not None and info.batch_indices is not None and info.batch_indices != idx:
+                want = expected.get(info.name)
+                other = info.batch_indices is not None and (
+                    info.batch_indices != want if want is not None else bool(allowed) and tuple(info.batch_indices) not in allowed
+                )
+                if other:
                     raise StoreError(
                         f"{out}: checkpoint '{info.name}' was captured on another batch; use the same "
                         "data and batch or another output file"
                     )
-    todo = [(c, n, s) for c, (n, s) in zip(ckpts, names) if n not in done]
-    for n, _ in names:
-        if n in done:
-            print(f"fisherlab capture: '{n}' is complete in {out}, skipped", file=sys.stderr)
+    for s, *_ in samples:
+        if s in done:
+            print(f"fisherlab capture: '{s}' is complete in {out}, skipped", file=sys.stderr)
+    by_name = {n: (c, st) for c, (n, st) in zip(ckpts, names)}
+    todo = [x for x in samples if x[0] not in done]
 
     written = []
-    bar = tqdm(todo, desc="capture", unit="ckpt", disable=not progress or not todo, file=sys.stderr)
-    for path, name, step in bar:
-        bar.set_postfix_str(name)
-        model = load_into(models.build(description), path, description)
+    bar = tqdm(total=len(todo), desc="capture", unit="sample", disable=not progress or not todo, file=sys.stderr)
+    model, loaded = None, None
+    for stored, name, b, d in todo:
+        path, step = by_name[name]
+        bar.set_postfix_str(stored)
+        if loaded != name:
+            model, loaded = load_into(models.build(description), path, description), name
+        sample = {"of": name, "batch": b, "draw": d, "batches": batches, "draws": draws}
         cap = capture(
-            model, inputs, targets, loss=loss, fisher=fisher, n_samples=n_samples,
-            generator=torch.Generator().manual_seed(seed), device=device, dtype=dtype,
+            model, inputs[rows(b)], targets[rows(b)], loss=loss, fisher=fisher, n_samples=n_samples,
+            generator=torch.Generator().manual_seed(seed + d), device=device, dtype=dtype,
             storage=storage, model_description=description,
-            meta={**(meta or {}), "checkpoint_file": str(path)},
+            meta={**(meta or {}), "checkpoint_file": str(path), **({"sample": sample} if len(samples) > len(names) else {})},
         )
-        save(cap, out, checkpoint=name, step=step, compression=compression, batch_indices=idx)
-        written.append(name)
-        del cap, model
+        save(cap, out, checkpoint=stored, step=step, compression=compression, batch_indices=expected[stored])
+        written.append(stored)
+        del cap
+        bar.update(1)
     bar.close()
     return written
