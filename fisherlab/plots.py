@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -108,10 +109,25 @@ def set_style() -> None:
 
 @contextlib.contextmanager
 def style() -> Iterator[None]:
-    """fisherlab's style for the figures made inside the block; the global state is restored."""
-    with plt.rc_context():
-        set_style()
-        yield
+    """fisherlab's style for the figures made inside the block; the global style is restored.
+
+    The interactive switch is *not* rolled back: resolving matplotlib's automatic backend (the
+    first figure of a fresh Jupyter kernel selects the inline backend) turns interactive mode on,
+    and ``rc_context`` would turn it off again on exit, so that every later figure of the kernel
+    stays undisplayed. The backend is resolved before the block, and the interactive state at the
+    end of the block is kept.
+    """
+    matplotlib.get_backend()  # resolve the auto backend (and its interactive switch) outside the block
+    interactive = matplotlib.is_interactive()
+    try:
+        with plt.rc_context():
+            set_style()
+            try:
+                yield
+            finally:
+                interactive = matplotlib.is_interactive()
+    finally:
+        matplotlib.interactive(interactive)
 
 
 def legend_for(key: str) -> str:
