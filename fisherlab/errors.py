@@ -46,3 +46,11 @@ class MemoryBudgetError(FisherlabError, ValueError):
 
 
 __all__ += ["MemoryBudgetError"]
+
+
+class MeasurementWarning(RuntimeWarning):
+    """A measurement to read with care: a method worse than the zero step, a gap that breaks its
+    family's bound, an inaccurate exact solve. Every such warning is also in the table's notes."""
+
+
+__all__ += ["MeasurementWarning"]

@@ -40,7 +40,7 @@ from . import methods as registry
 from .anatomy import SpanBasis, anatomy
 from .capturing.record import Capture
 from .damping import Damping, fisher_scale, resolve_damping
-from .errors import FisherlabError
+from .errors import FisherlabError, MeasurementWarning
 from .intervals import LEVEL, mean_interval
 from .io.tables import fmt, text_table, write_csv
 from .jacobian import Jacobian
@@ -86,6 +86,8 @@ COLUMNS = [
     "coarse_dim",
     "seconds",
     "note",
+    "zeta_null_share",
+    "rhs_outside_span",
 ]
 
 SUMMARY_COLUMNS = [
@@ -98,6 +100,8 @@ SUMMARY_COLUMNS = [
     "euclidean_relative_error",
     "cosine",
     "seconds",
+    "zeta_null_share",
+    "rhs_outside_span",
 ]
 """The numeric columns :meth:`ComparisonTable.summary` reports as mean ± half-width."""
 
@@ -351,6 +355,11 @@ def compare(
     basis = SpanBasis.from_jacobian(jac, lam) if exact.solver == "woodbury" else None
     scale = fisher_scale(jac) if basis is not None else None
     za = anatomy(jac, basis, zeta, top=top_modes) if basis is not None else None
+    # how much of ∇h (true labels) lies outside the span of the Jacobian rows (e.g. mc-sampled ones)
+    rhs_outside = None
+    if basis is not None:
+        c = basis.W.T @ jac.rmatmat(w)[:, 0]
+        rhs_outside = max(0.0, 1.0 - float((c.pow(2) / basis.mu).sum()) / float(w.pow(2).sum()))
 
     t0 = time.perf_counter()
     kfac = KFAC.from_capture(jac, lam, "pi")
@@ -437,6 +446,8 @@ def compare(
             "coarse_dim": coarse_dim,
             "seconds": seconds,
             "note": note,
+            "zeta_null_share": za.null / zeta_norm2 if za is not None and zeta_norm2 > 0 else None,
+            "rhs_outside_span": rhs_outside,
         })
         if an is not None and za is not None:
             for i, (spec, (en, ef), (zn, zf)) in enumerate(zip(jac.layout.layers, an.layers, za.layers)):
@@ -449,7 +460,7 @@ def compare(
     if worse:
         notes.append("worse than the zero step: " + ", ".join(worse))
     if notes:
-        warnings.warn("compare: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
+        warnings.warn("compare: " + "; ".join(notes), MeasurementWarning, stacklevel=2)
     table.meta = {
         "damping": lam,
         "damping_input": str(damping) if isinstance(damping, Damping) else f"λ = {lam:g}",
@@ -465,6 +476,7 @@ def compare(
         "zeta_span": za.span if za is not None else None,
         "zeta_null": za.null if za is not None else None,
         "zeta_null_share": za.null / zeta_norm2 if za is not None and zeta_norm2 > 0 else None,
+        "rhs_outside_span": rhs_outside,
         "energy_error_kfac": E_kfac,
         "solver": exact.report(),
         "exact_seconds": t_exact,
@@ -481,7 +493,7 @@ def _na_row(name: str, note: str) -> dict:
         "method": name, "legend": registry.legend(name), "family": registry.get(name).family.value, "energy_error": nan,
         "relative_error": nan, "error_span": nan, "error_null": nan, "reduction_ratio": nan, "gap": nan,
         "euclidean_relative_error": nan, "cosine": nan, "worse_than_zero": None, "coarse_dim": None,
-        "seconds": nan, "note": note,
+        "seconds": nan, "note": note, "zeta_null_share": None, "rhs_outside_span": None,
     }
 
 

@@ -1,13 +1,15 @@
-"""HDF5 store for captures, schema v1 (the only module that imports h5py).
+"""HDF5 store for captures, schema v2 (reads v1; the only module that imports h5py).
 
 One file per run, one group per checkpoint, one subgroup per layer::
 
-    /                              attrs: format="fisherlab", schema_version=1, fisherlab_version,
+    /                              attrs: format="fisherlab", schema_version=2, fisherlab_version,
                                           created, layout (JSON), model (JSON), loss, fisher,
                                           n_vectors (K), batch_size (B)
     /checkpoints/<name>            attrs: name, step, batch_indices, seed, loss_value, loss, fisher,
                                           batch_size, n_vectors, dtype, meta, layers (the layer
-                                          table), created, nbytes, complete=True (written last)
+                                          table), created, nbytes, complete=True (written last);
+                                          v2: sample (JSON {of, batch, draw, batches, draws}) for
+                                          one of several batches / draws of a checkpoint
         grad        [p]            ∇h (2.10), fisherlab order
         targets     [B] | [B, d_y] the true targets
         sampled     [K, B, ...]    the drawn targets (mc only)
@@ -86,7 +88,10 @@ __all__ = [
 ]
 
 FORMAT = "fisherlab"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""v2 (this version) adds the checkpoint attribute ``sample``: several independent batches and
+Monte-Carlo draws of one training checkpoint, each stored as a checkpoint of its own. v1 files
+are read as before, and appending to one keeps it v1 (the sample is then only in ``meta``)."""
 COMPRESSIONS = (None, "lzf", "gzip")
 _LIBVER = ("earliest", "v108")
 _CHUNK_BYTES = 1 << 20
@@ -152,6 +157,9 @@ class CheckpointInfo:
     stored_bytes: int = 0
     status: str = ""
     damaged: bool = False
+    sample: dict | None = None
+    """v2: ``{"of": checkpoint, "batch": i, "draw": j, "batches": n, "draws": d}`` when this is one
+    sample of several (``fisherlab capture --batches/--draws``), else ``None``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -811,6 +819,9 @@ class CaptureFile:
             if bi is not None and not (isinstance(bi, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in bi)):
                 raise StoreError(f"{where}: attribute 'batch_indices' is not a list of integers")
             opt = lambda k, kinds: _typed(g, k, kinds, where, optional=True)  # noqa: E731
+            sample = _jattr(g, "sample", None, where)
+            if sample is not None and not (isinstance(sample, dict) and isinstance(sample.get("of"), str)):
+                raise StoreError(f"{where}: attribute 'sample' is not a sample description")
             return CheckpointInfo(
                 name=name,
                 complete=complete,
@@ -829,6 +840,7 @@ class CaptureFile:
                 nbytes=sum(d.nbytes for d in all_ds if d.nbytes >= 0),
                 stored_bytes=sum(d.stored_bytes for d in all_ds if d.stored_bytes >= 0),
                 status=status,
+                sample=sample,
             )
         except _Refused:
             raise  # links out of the file, foreign storage: never just "incomplete" or "damaged"
@@ -1582,6 +1594,8 @@ def _write_checkpoint(
         "created": _now(),
         "fisherlab_version": _version(),
     }
+    if isinstance(capture.meta.get("sample"), dict) and int(f.attrs.get("schema_version", 1)) >= 2:
+        attrs["sample"] = _jdump(capture.meta["sample"])
     for k, v in attrs.items():
         g.attrs[k] = v
     try:

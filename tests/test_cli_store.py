@@ -67,7 +67,7 @@ def run_file(tmp_path):
 def test_inspect_output(capsys, run_file):
     rc, out, err = run_cli(capsys, "inspect", run_file)
     assert rc == 0 and err == ""
-    assert "fisherlab file, schema 1" in out
+    assert "fisherlab file, schema 2" in out
     assert "loss=cross_entropy  fisher=mc  K=2  B=3  N=6  p=119 in 3 layers" in out
     assert "checkpoints: 2 complete, 1 incomplete" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  step-")}

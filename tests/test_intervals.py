@@ -82,10 +82,25 @@ def test_compare_over_samples_reports_mean_and_interval(tmp_path):
 
 def test_worse_than_zero_is_flagged_once_per_table():
     caps = _captures(1, 1)
-    with pytest.warns(RuntimeWarning, match="worse than the zero step") as rec:
+    with pytest.warns(fisherlab.errors.MeasurementWarning, match="worse than the zero step") as rec:
         t = fisherlab.compare(caps[0], 1e-6, ["zero", "kfac", "kfac-tikhonov", "diagonal"])
     assert sum("worse than the zero step" in str(w.message) for w in rec) == 1
     flagged = [r["method"] for r in t.rows if r["worse_than_zero"]]
     assert flagged and all("worse than the zero step" in t.row(m)["note"] for m in flagged)
     assert t.row("zero")["relative_error"] == pytest.approx(1.0) and not t.row("zero")["worse_than_zero"]
     assert t.meta["exact_residual"] < fisherlab.metrics.EXACT_RESIDUAL_TOL
+    assert 0.0 <= t.meta["rhs_outside_span"] <= 1.0
+
+
+def test_rhs_outside_the_span_is_zero_for_the_empirical_fisher():
+    """The empirical Fisher's rows are the true-label gradients: ∇h, their mean, lies in their span."""
+    case = MODELS["mlp"]
+    model = build_model(case)
+    x, y = make_batch(case, "cross_entropy", B=4)
+    emp = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
+    mc = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="mc", generator=torch.Generator().manual_seed(0),
+                           device="cpu", dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert fisherlab.compare(emp, 0.1, ["kfac"]).meta["rhs_outside_span"] == pytest.approx(0.0, abs=1e-10)
+        assert fisherlab.compare(mc, 0.1, ["kfac"]).meta["rhs_outside_span"] > 1e-3

@@ -1,4 +1,4 @@
-"""HDF5 store (schema v1): exact round trips, one-line errors, crash safety under SIGKILL."""
+"""HDF5 store (schema v2; v1 files in tests/test_store_v2.py): exact round trips, one-line errors, crash safety under SIGKILL."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_overwrite(saved):
 def test_file_info(saved):
     path, cap = saved
     info = store.file_info(path)
-    assert info["schema_version"] == 1 and info["format"] == "fisherlab"
+    assert info["schema_version"] == store.SCHEMA_VERSION == 2 and info["format"] == "fisherlab"
     assert info["loss"] == "cross_entropy" and info["fisher"] == "mc" and info["n_vectors"] == 2
     (c,) = info["checkpoints"]
     assert c.complete and c.status == "complete"
@@ -180,7 +180,7 @@ def test_hdf5_but_not_fisherlab(tmp_path):
 
 @pytest.mark.parametrize(
     "version,message",
-    [(2, r"schema version 2 is newer than this fisherlab .*upgrade fisherlab"),
+    [(3, r"schema version 3 is newer than this fisherlab .*upgrade fisherlab"),
      (0, r"unknown schema version 0"),
      ("one", r"unknown schema version 'one'")],
 )

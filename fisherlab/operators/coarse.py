@@ -190,7 +190,13 @@ class Spectral(CoarseSpace):
                 cols.append(b.from_eigenbasis(Xh))
             degenerate.append(f"layer {i} ×{cluster.numel()} (residual component)")
             out.append(torch.cat(cols, dim=1))
-        self.note = ("degenerate smallest eigenvalue: " + ", ".join(degenerate)) if degenerate else ""
+        self.degenerate = degenerate
+        if degenerate:
+            top = max(self.multiplicities)
+            self.note = (f"degenerate smallest eigenvalue in {len(degenerate)} of {len(out)} layers "
+                         f"(multiplicity up to {top}): see space.degenerate")
+        else:
+            self.note = ""
         return out
 
 

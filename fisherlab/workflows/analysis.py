@@ -18,6 +18,7 @@ it computed. The ``analysis/*.py`` scripts and the ``fisherlab analyze …`` sub
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from .. import plots
 from .._validate import parse_enum, positive_int
 from ..damping import Damping, DampingScale, resolve_damping
-from ..errors import ConfigError
+from ..errors import ConfigError, MeasurementWarning
 from ..io.tables import write_csv
 from ..jacobian import Jacobian
 from ..metrics import ComparisonTable, compare, compare_file
@@ -108,7 +109,9 @@ def run_error_reduction(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in _checkpoints(path, checkpoints)]
-    table = compare_file(path, damping, methods, checkpoints=names, progress=progress, **compare_kw)
+    with warnings.catch_warnings():  # recorded in the table's notes; the CLI prints them once
+        warnings.simplefilter("ignore", MeasurementWarning)
+        table = compare_file(path, damping, methods, checkpoints=names, progress=progress, **compare_kw)
     table.to_csv(out / "errors.csv")
     table.to_csv(out / "errors_summary.csv", summary=True)
     table.layers_to_csv(out / "errors_layers.csv")
@@ -291,7 +294,9 @@ def run_damping_sweep(
         for v in values:
             d = Damping(v, scale)
             bar.set_postfix_str(str(d))
-            t = compare(jac, d, methods, rhs=cap.grad)
+            with warnings.catch_warnings():  # in the rows' notes
+                warnings.simplefilter("ignore", MeasurementWarning)
+                t = compare(jac, d, methods, rhs=cap.grad)
             lam = t.meta["damping"]
             rel = t.meta["damping_scales"].get("max", float("nan"))
             for r in t.rows:
