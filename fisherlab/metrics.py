@@ -285,6 +285,7 @@ def compare(
     q: int = 2,
     options: Mapping[str, Mapping] | None = None,
     top_modes: int = 5,
+    anatomy_of_errors: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ComparisonTable:
     """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
@@ -302,6 +303,9 @@ def compare(
         k, m, q: spectral, Krylov and Taylor sizes (given to the methods that take them).
         options: per-method options, ``{"taylor": {"q": 3}, "residuals": {"base": "diagonal"}}``.
         top_modes: how many leading eigenvectors of F the per-mode errors cover.
+        anatomy_of_errors: compute the span/null split, per-layer and per-mode errors (one
+            eigendecomposition of the N × N Gram and, per method, the per-layer products Uᵀe that
+            𝔈 needs anyway); ``False`` leaves those columns NaN.
         progress: called with each method key before it runs.
 
     The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family: (4.6) for coarse
@@ -315,7 +319,7 @@ def compare(
         tables = []
         for i, cap in enumerate(capture):
             t = compare(cap, damping, methods, rhs=rhs, exact=exact, k=k, m=m, q=q, options=options,
-                        top_modes=top_modes, progress=progress)
+                        top_modes=top_modes, anatomy_of_errors=anatomy_of_errors, progress=progress)
             for rows in (t.rows, t.layers, t.modes):
                 for r in rows:
                     r.setdefault("sample", i)
@@ -352,8 +356,8 @@ def compare(
         notes.append(f"the exact solve's relative residual ‖F•ζ − ∇h‖/‖∇h‖ is {residual:.2e} (> {EXACT_RESIDUAL_TOL:g})")
 
     # the span of U and the anatomy of ζ (needs the N × N Gram: not on the CG path)
-    basis = SpanBasis.from_jacobian(jac, lam) if exact.solver == "woodbury" else None
-    scale = fisher_scale(jac) if basis is not None else None
+    basis = SpanBasis.from_jacobian(jac, lam) if exact.solver == "woodbury" and anatomy_of_errors else None
+    scale = fisher_scale(jac) if exact.solver == "woodbury" and (basis is not None or isinstance(damping, Damping)) else None
     za = anatomy(jac, basis, zeta, top=top_modes) if basis is not None else None
     # how much of ∇h (true labels) lies outside the span of the Jacobian rows (e.g. mc-sampled ones)
     rhs_outside = None
@@ -512,7 +516,7 @@ def compare_file(
     is compared over all its samples. Rows gain ``checkpoint``, ``step`` and ``damping`` (the
     resolved λ of each sample); a tqdm bar runs over samples × methods.
     """
-    from tqdm.auto import tqdm
+    from .io.progress import tqdm
 
     from .store import load, select_checkpoints
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from tqdm.auto import tqdm
+from ..io.progress import tqdm
 
 from .. import plots
 from .._validate import parse_enum, positive_int

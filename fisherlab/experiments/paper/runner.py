@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ...io.progress import tqdm
 
 from ... import capture, compare
 from ...errors import FisherlabError
