@@ -8,6 +8,14 @@
 | ``random-vectors``| ``[n, 10]`` N(0, I)    | regression       | ``[n, 10]`` = x W*ᵀ (or argmax class) | generated: Tselepidis et al.'s planted linear teacher, seeded |
 | ``cifar-standin``| ``[n, 3, 32, 32]``      | classification   | int64 class in 0..9                 | generated: CIFAR-shaped synthetic stand-in (**not CIFAR**), seeded |
 
+**Your own data** (:func:`load` with a name that is not in the table, also ``fisherlab train
+--data`` / ``fisherlab capture --data``): ``"mymodule:function"`` or ``"path/to/file.py:function"``
+(a callable, called without arguments, returning ``(inputs, targets)`` tensors or a
+:class:`Dataset`), or a ``file.npz`` / ``file.pt`` holding arrays ``x`` and ``y`` (``.pt`` read
+with ``torch.load(..., weights_only=True)``: nothing is unpickled). :func:`from_tensors` wraps
+tensors already in memory. The task is inferred from the targets (int64 ``[n]``: classification;
+the flattened inputs: autoencoder; else regression).
+
 Images are flattened row-major (``x.reshape(n, 28, 28)`` gives the picture); the autoencoder
 target is the flattened input. ``data/README.md`` states sources and licences.
 
@@ -57,6 +65,8 @@ __all__ = [
     "FASHION_MNIST_DIRS",
     "FASHION_MNIST_ENV",
     "available",
+    "from_tensors",
+    "is_user_data",
     "load",
 ]
 
@@ -100,6 +110,14 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def __repr__(self) -> str:
+        """One line: name, task, size and shapes (never the tensors)."""
+        y = "×".join(map(str, self.y.shape[1:])) or "scalar"
+        return (
+            f"Dataset('{self.name}', task={self.task}, n={len(self)}, x: {list(self.input_shape)} {str(self.x.dtype).replace('torch.', '')}, "
+            f"y: {y} {str(self.y.dtype).replace('torch.', '')}" + (f", {self.n_classes} classes" if self.labels is not None else "") + ")"
+        )
 
     def batch(self, indices: Tensor | Sequence[int] | slice) -> tuple[Tensor, Tensor]:
         """``(x[indices], y[indices])``."""
@@ -435,6 +453,98 @@ def default_task(name: str) -> str:
     return _DATASETS[name][1][0]
 
 
+def is_user_data(name: str) -> bool:
+    """Whether ``name`` names your own data (``module:function``, ``file.py:function``, ``.npz``, ``.pt``)."""
+    return isinstance(name, str) and name not in _DATASETS and (":" in name or name.endswith((".npz", ".pt")))
+
+
+def _infer_task(x: Tensor, y: Tensor) -> str:
+    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and y.ndim == 1:
+        return "classification"
+    if y.shape == x.reshape(x.shape[0], -1).shape and torch.equal(y, x.reshape(x.shape[0], -1)):
+        return "autoencoder"
+    return "regression"
+
+
+def from_tensors(x, y=None, *, name: str = "tensors", task: str | None = None, source: str = "user tensors",
+                 licence: str = "the user's", info: dict | None = None) -> Dataset:
+    """A :class:`Dataset` of your own inputs ``x`` ``[n, …]`` and targets ``y`` (``None``: the
+    flattened inputs, an autoencoder). Numpy arrays are accepted; float inputs become float32,
+    integer class targets int64.
+
+    Raises:
+        ConfigError: ``x`` and ``y`` of different lengths, an empty set, a bad task.
+    """
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().cpu()
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ConfigError(f"data '{name}': the inputs must be a non-empty [n, ...] array, got shape {list(x.shape)}")
+    if x.is_floating_point():
+        x = x.float()
+    y = x.reshape(x.shape[0], -1) if y is None else torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y).detach().cpu()
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise ConfigError(f"data '{name}': {x.shape[0]} inputs but targets of shape {list(y.shape)}")
+    y = y.float() if y.is_floating_point() else y.long()
+    task = task or _infer_task(x, y)
+    if task not in TASKS:
+        raise ConfigError(f"data '{name}': unknown task {task!r} (valid: {', '.join(TASKS)})")
+    if task == "autoencoder":
+        y = x.reshape(x.shape[0], -1).float()
+    labels = y if task == "classification" else None
+    return Dataset(x.contiguous(), y.contiguous(), name, task, source, licence, labels, dict(info or {}))
+
+
+def _user_arrays(name: str) -> tuple[object, object, dict] | Dataset:
+    if name.endswith(".npz"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data {name!r}: no such file")
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise ConfigError(f"data {name!r}: the .npz file has no array 'x' (arrays: {', '.join(z.files)})")
+            return z["x"], (z["y"] if "y" in z else None), {"file": str(path.resolve())}
+    if name.endswith(".pt"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data {name!r}: no such file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # an unpickling refusal or a corrupt file
+            raise ConfigError(f"data {name!r}: not a tensor file torch.load(weights_only=True) can read ({str(err).splitlines()[0]})") from None
+        if isinstance(obj, dict) and "x" in obj:
+            return obj["x"], obj.get("y"), {"file": str(path.resolve())}
+        if isinstance(obj, (tuple, list)) and len(obj) == 2:
+            return obj[0], obj[1], {"file": str(path.resolve())}
+        raise ConfigError(f"data {name!r}: expected a dict with tensors 'x' and 'y' or a pair (x, y)")
+    from .models import _import_source, _source_of  # the one import-path resolver
+
+    source = _source_of(name)
+    fn = _import_source(source, name)
+    out = fn()
+    if isinstance(out, Dataset):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1], {"factory": source}
+    raise ConfigError(f"data {name!r}: the function must return (inputs, targets) or a fisherlab Dataset, got {type(out).__name__}")
+
+
+def _load_user(name: str, n: int | None, seed: int, task: str | None) -> Dataset:
+    got = _user_arrays(name)
+    if isinstance(got, Dataset):
+        ds = got if task is None or task == got.task else from_tensors(got.x, got.y, name=got.name, task=task, info=got.info)
+    else:
+        x, y, info = got
+        ds = from_tensors(x, y, name=name, task=task, source=f"user data {name}", info=info)
+    ds.name = name
+    _check_n(n, name)
+    idx = _subset(len(ds), n, seed, name)
+    if idx is not None:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        ds = Dataset(ds.x[t], ds.y[t], ds.name, ds.task, ds.source, ds.licence,
+                     None if ds.labels is None else ds.labels[t], dict(ds.info))
+    ds.info = {**ds.info, "n": len(ds), "seed": seed}
+    return ds
+
+
 def load(
     name: str,
     *,
@@ -443,10 +553,11 @@ def load(
     task: str | None = None,
     split: str = "train",
 ) -> Dataset:
-    """Load an embedded data set.
+    """Load an embedded data set, or your own (see the module docstring).
 
     Args:
-        name: one of :func:`available`.
+        name: one of :func:`available`, or ``module:function``, ``file.py:function``,
+            ``file.npz``, ``file.pt`` (your own data; ``n`` takes a seeded subset).
         n: number of examples. Real data: a seeded random subset (``None``: all, in file
             order). Generated data: the number generated (``None``: 5,000).
         seed: seeds the subset (real data) or the generator (generated data).
@@ -462,8 +573,13 @@ def load(
         DatasetUnavailableError: the files of a real data set are not installed (one line naming
             the package and how to install it).
     """
+    if is_user_data(name):
+        return _load_user(name, n, seed, task)
     if name not in _DATASETS:
-        raise ConfigError(f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)})")
+        raise ConfigError(
+            f"unknown dataset {name!r} (valid names: {', '.join(_DATASETS)}; or your own as 'module:function', "
+            "'path/to/file.py:function', file.npz or file.pt)"
+        )
     loader, tasks = _DATASETS[name]
     task = tasks[0] if task is None else task
     if task not in tasks:

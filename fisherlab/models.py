@@ -35,7 +35,17 @@ Choices (documented, following the authors' public code, ``Abdoulaye-Koroko/natu
   Linear but the last, as in the authors' code and Tselepidis et al.
 * BatchNorm parameters are not part of the Fisher: :meth:`fisherlab.Layout.from_model` lists them
   in a warning, which is expected for the ResNets, cuda-convnet and the deep linear networks.
-* Every activation is out of place (fisherlab refuses in-place ones on captured layers).
+* Every activation is out of place (in-place ones after a captured layer are handled too).
+
+**Your own models.** :func:`register` adds a factory under a name (``available()`` lists it);
+any callable returning an ``nn.Module`` can also be named by import path, without registering:
+``"mymodels:factory"``, ``"mymodels.SmallCNN"`` or ``"path/to/mymodels.py:Factory"``
+(:func:`resolve`). Its keyword options (defaults from its signature, values JSON-able) become
+the description's options, and the description records how to rebuild it:
+``"factory": {"module": "mymodels", "attr": "factory"}`` or ``{"file": "/abs/path/mymodels.py",
+"attr": "Factory"}`` (an import path, never a pickle). For such a model ``input_shape``,
+``n_outputs`` and ``loss`` are ``None`` unless :func:`register` was told them (pass the loss
+and the data to the CLI).
 
 ``width`` multiplies every hidden width (``max(1, round(h·width))``); input and output sizes
 are fixed. :func:`describe` lists the parameter count, useful to choose a CPU-sized width.
@@ -43,10 +53,16 @@ are fixed. :func:`describe` lists the parameter count, useful to choose a CPU-si
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import inspect
 import json
+import os
+import sys
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +73,9 @@ from .errors import ConfigError
 
 __all__ = [
     "available",
+    "register",
+    "resolve",
+    "unregister",
     "build",
     "default_data",
     "default_loss",
@@ -66,7 +85,7 @@ __all__ = [
 ]
 
 # description keys computed by describe(); build() ignores them
-_DERIVED = ("input_shape", "n_outputs", "loss", "n_params")
+_DERIVED = ("input_shape", "n_outputs", "loss", "n_params", "factory")
 
 
 def _scale(h: int, width: float) -> int:
@@ -302,21 +321,187 @@ _MODELS: dict[str, _Entry] = {
 }
 
 
+_BUILTIN = frozenset(_MODELS)
+
+
 def available() -> list[str]:
-    """The model names, in the order of the table above."""
+    """The model names: the table above, then every one added by :func:`register`."""
     return list(_MODELS)
 
 
-def _entry(name: Any) -> _Entry:
-    if not isinstance(name, str) or name not in _MODELS:
-        raise ConfigError(f"unknown model {name!r} (valid names: {', '.join(_MODELS)})")
-    return _MODELS[name]
+def _fixed(v: Any) -> Callable[[dict], Any]:
+    return v if callable(v) and not isinstance(v, (tuple, list)) else _const(None if v is None else (tuple(v) if isinstance(v, (tuple, list)) else v))
 
 
-def _options(name: str) -> dict[str, Any]:
-    """The keyword options of model ``name`` with their defaults (``width`` included)."""
-    sig = inspect.signature(_entry(name).make)
-    return {k: p.default for k, p in sig.parameters.items()}
+def register(
+    name: str,
+    factory: Callable[..., nn.Module],
+    *,
+    input_shape: Sequence[int] | Callable[[dict], tuple[int, ...]] | None = None,
+    n_outputs: int | Callable[[dict], int] | None = None,
+    loss: str | Callable[[dict], str] | None = None,
+    data: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Make ``factory`` available by ``name`` to :func:`describe`, :func:`build`, training and the CLI.
+
+    Args:
+        name: the model's name (must not contain ``:``; a built-in name cannot be replaced).
+        factory: a callable (function or ``nn.Module`` class) returning the model; its keyword
+            parameters with defaults are the model's options.
+        input_shape: shape of one input example, e.g. ``(3, 32, 32)`` (or a function of the
+            description); ``None``: unknown.
+        n_outputs: outputs per example (or a function of the description).
+        loss: ``cross_entropy``, ``mse`` or ``bce_logits`` (or a function of the description).
+        data: the :mod:`fisherlab.datasets` name it trains on by default.
+        overwrite: replace an earlier registration of ``name``.
+
+    Raises:
+        ConfigError: a bad name, a built-in or already registered name, a factory that is not callable.
+
+    When ``factory`` is importable (a module-level function or class) the description records
+    ``"factory": {"module", "attr"}``, so a later process can rebuild the model without
+    registering it again.
+    """
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ConfigError(f"models.register: a model name is a non-empty string without ':', got {name!r}")
+    if not callable(factory):
+        raise ConfigError(f"models.register('{name}'): the factory must be callable, got {type(factory).__name__}")
+    if name in _BUILTIN:
+        raise ConfigError(f"models.register: '{name}' is a built-in model and cannot be replaced")
+    if name in _MODELS and not overwrite:
+        raise ConfigError(f"models.register: '{name}' is registered already (pass overwrite=True to replace it)")
+    _MODELS[name] = _Entry(factory, _fixed(input_shape), _fixed(n_outputs), _fixed(loss), data)
+
+
+def unregister(name: str) -> None:
+    """Remove a model added by :func:`register` (built-in models stay)."""
+    if name in _BUILTIN:
+        raise ConfigError(f"models.unregister: '{name}' is a built-in model")
+    _MODELS.pop(name, None)
+
+
+# ---- models named by import path ----------------------------------------------------------------
+
+
+def _is_path_spec(name: str) -> bool:
+    return isinstance(name, str) and name not in _MODELS and (":" in name or "." in name)
+
+
+def _source_of(spec: str) -> dict:
+    """``"pkg.mod:attr"`` / ``"pkg.mod.Attr"`` / ``"dir/file.py:attr"`` → ``{"module"|"file", "attr"}``."""
+    if ":" in spec:
+        where, attr = spec.rsplit(":", 1)
+    elif spec.endswith(".py"):
+        raise ConfigError(f"model {spec!r}: name the factory inside the file, e.g. {spec}:MyNet")
+    else:
+        where, _, attr = spec.rpartition(".")
+    if not where or not attr or not attr.replace(".", "_").isidentifier():
+        raise ConfigError(f"model {spec!r}: expected 'module:factory', 'module.Factory' or 'path/to/file.py:factory'")
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model {spec!r}: no such file {where}")
+        return {"file": str(path.resolve()), "attr": attr}
+    return {"module": where, "attr": attr}
+
+
+def _import_source(source: dict, spec: str) -> Callable[..., nn.Module]:
+    try:
+        if "file" in source:
+            path = Path(source["file"])
+            if not path.is_file():
+                raise ConfigError(f"model {spec!r}: its file {path} does not exist (the description records it)")
+            key = "fisherlab_user_" + path.stem + "_" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
+            module = sys.modules.get(key)
+            if module is None:
+                spec_ = importlib.util.spec_from_file_location(key, path)
+                if spec_ is None or spec_.loader is None:
+                    raise ConfigError(f"model {spec!r}: cannot import {path}")
+                module = importlib.util.module_from_spec(spec_)
+                sys.modules[key] = module
+                try:
+                    spec_.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
+        else:
+            cwd = os.getcwd()
+            added = cwd not in sys.path and "" not in sys.path
+            if added:  # `fisherlab --model mymodels:f` finds mymodels.py in the current folder, like python -m
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(source["module"])
+            finally:
+                if added:
+                    sys.path.remove(cwd)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"model {spec!r}: cannot import {source.get('module', source.get('file'))!r} ({err})") from None
+    obj: Any = module
+    for part in str(source["attr"]).split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model {spec!r}: {source.get('module', source.get('file'))} has no attribute {source['attr']!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"model {spec!r}: {source['attr']} is not callable")
+    return obj
+
+
+def resolve(spec: str, source: dict | None = None) -> Callable[..., nn.Module]:
+    """The factory named by an import path (``"mymodels:factory"``, ``"mymodels.SmallCNN"``,
+    ``"path/to/file.py:Factory"``), or by a recorded ``source`` (a description's ``"factory"``).
+
+    Raises:
+        ConfigError: the module or file cannot be imported, or has no such callable (one line).
+    """
+    return _import_source(source or _source_of(spec), spec)
+
+
+def _importable(factory: Any) -> dict | None:
+    mod, qual = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    if not mod or mod == "__main__" or "<" in qual or mod.startswith("fisherlab_user_"):
+        return None
+    return {"module": mod, "attr": qual}
+
+
+def _entry(name: Any, source: dict | None = None) -> _Entry:
+    if isinstance(name, str) and name in _MODELS:
+        return _MODELS[name]
+    if isinstance(name, str) and (source is not None or _is_path_spec(name)):
+        return _Entry(resolve(name, source), _const(None), _const(None), _const(None), None)
+    raise ConfigError(
+        f"unknown model {name!r} (valid names: {', '.join(_MODELS)}; or your own as 'module:factory', "
+        "'module.Class' or 'path/to/file.py:factory', or models.register(name, factory))"
+    )
+
+
+def _options(name: str, source: dict | None = None) -> dict[str, Any]:
+    """The keyword options of model ``name`` with their defaults (``width`` included for built-ins)."""
+    try:
+        sig = inspect.signature(_entry(name, source).make)
+    except (TypeError, ValueError):
+        return {}
+    return {
+        k: (None if p.default is inspect.Parameter.empty else p.default)
+        for k, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _takes_kwargs(name: str, source: dict | None) -> bool:
+    try:
+        sig = inspect.signature(_entry(name, source).make)
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_option(name: str, key: str, value: Any, default: Any) -> Any:
@@ -338,33 +523,59 @@ def describe(name: str, **kwargs: Any) -> dict:
     """The complete JSON-able description of model ``name`` with options ``kwargs``.
 
     Args:
-        name: one of :func:`available`.
+        name: one of :func:`available`, or an import path of your own factory
+            (``"mymodels:factory"``, ``"mymodels.SmallCNN"``, ``"path/to/file.py:Factory"``).
         **kwargs: ``width`` (hidden-width multiplier, default 1) and the model's options:
             autoencoders ``activation`` (``relu``/``sigmoid``/``tanh``); ``cuda-convnet``
             ``n_classes``, ``batchnorm``; ResNets ``n_classes``; deep linear networks
-            ``input_dim``, ``n_outputs``.
+            ``input_dim``, ``n_outputs``; your own factory: its keyword parameters (JSON-able
+            values). ``factory={"module"|"file": …, "attr": …}`` (as recorded) imports from there.
 
     Returns:
         ``{"name", "width", <every option with its value>, "input_shape", "n_outputs", "loss",
-        "n_params"}``; the last four are derived (informative, ignored by :func:`build`).
+        "n_params"}``; the last four are derived (informative, ignored by :func:`build`). Your
+        own models add ``"factory"``, how to import them again; their options are those given
+        and the JSON-able defaults, and ``input_shape``, ``n_outputs``, ``loss`` may be ``None``.
 
     Raises:
         ConfigError: unknown name or option, or a bad option value (one line; a ValueError).
     """
-    entry = _entry(name)
-    opts = _options(name)
-    unknown = sorted(set(kwargs) - set(opts) - set(_DERIVED) - {"name"})
-    if unknown:
+    source = kwargs.get("factory") if isinstance(kwargs.get("factory"), dict) else None
+    if source is None and isinstance(name, str) and name not in _MODELS and _is_path_spec(name):
+        source = _source_of(name)
+    if source is None and isinstance(name, str) and name in _MODELS and name not in _BUILTIN:
+        source = _importable(_MODELS[name].make)
+        user = True
+    else:
+        user = source is not None
+    entry = _entry(name, source if name not in _MODELS else None)
+    opts = _options(name, source if name not in _MODELS else None)
+    given = {k: v for k, v in kwargs.items() if k not in _DERIVED and k != "name"}
+    unknown = sorted(set(given) - set(opts))
+    if unknown and not (user and _takes_kwargs(name, source if name not in _MODELS else None)):
         raise ConfigError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))} "
-            f"(valid options: {', '.join(opts)})"
+            f"(valid options: {', '.join(opts) or 'none'})"
         )
     d: dict[str, Any] = {"name": name}
-    for key, default in opts.items():
-        d[key] = _check_option(name, key, kwargs.get(key, default), default)
-    d["input_shape"] = list(entry.input_shape(d))
-    d["n_outputs"] = int(entry.n_outputs(d))
+    if user:
+        for key, value in {**opts, **given}.items():
+            if key in given:
+                if not _jsonable(value):
+                    raise ConfigError(f"model '{name}' option '{key}': the value must be JSON-able, got {type(value).__name__}")
+                d[key] = value
+            elif value is not None and _jsonable(value):
+                d[key] = value  # a default, recorded; non-JSON-able defaults stay the factory's
+    else:
+        for key, default in opts.items():
+            d[key] = _check_option(name, key, kwargs.get(key, default), default)
+    shape = entry.input_shape(d)
+    d["input_shape"] = None if shape is None else list(shape)
+    outputs = entry.n_outputs(d)
+    d["n_outputs"] = None if outputs is None else int(outputs)
     d["loss"] = entry.loss(d)
+    if user:
+        d["factory"] = source
     d["n_params"] = n_params(d)
     return d
 
@@ -375,21 +586,28 @@ def _normalise(description: dict | str) -> dict:
     if not isinstance(description, dict) or "name" not in description:
         raise ConfigError(f"a model description must be a name or a dict with a 'name', got {description!r}")
     name = description["name"]
-    _entry(name)
-    kwargs = {k: v for k, v in description.items() if k != "name" and k not in _DERIVED}
+    kwargs = {k: v for k, v in description.items() if k != "name" and (k not in _DERIVED or k == "factory")}
     return describe(name, **kwargs)
 
 
 def _make(d: dict) -> nn.Module:
-    opts = {k: d[k] for k in _options(d["name"])}
-    return _entry(d["name"]).make(**opts)
+    source = d.get("factory") if d["name"] not in _MODELS else None
+    names = _options(d["name"], source)
+    if source is None and d["name"] in _BUILTIN:
+        opts = {k: d[k] for k in names}
+    else:  # your own factory: the recorded options (the others keep the factory's defaults)
+        opts = {k: v for k, v in d.items() if k != "name" and k not in _DERIVED}
+    model = _entry(d["name"], source).make(**opts)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model '{d['name']}': the factory returned a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def build(description: dict | str, *, seed: int | None = None) -> nn.Module:
     """Build the model of ``description`` (a dict from :func:`describe`, or a bare name).
 
     Args:
-        description: the description; derived keys are ignored.
+        description: the description (or a name / import path); derived keys are ignored.
         seed: seeds torch's default initialization; the global RNG state is left untouched.
             ``None`` draws from the global RNG.
 
@@ -407,17 +625,27 @@ def build(description: dict | str, *, seed: int | None = None) -> nn.Module:
         return _make(d)
 
 
-def n_params(description: dict | str) -> int:
-    """Number of parameters of the model (all of them, BatchNorm included), counted on the meta device."""
-    d = description if isinstance(description, dict) and "width" in description else _normalise(description)
-    with torch.device("meta"):
-        model = _make(d)
+def n_params(description: dict | str) -> int | None:
+    """Number of parameters of the model (all of them, BatchNorm included), counted on the meta
+    device; ``None`` for a model of your own that cannot be built there."""
+    d = description if isinstance(description, dict) and "input_shape" in description else _normalise(description)
+    try:
+        with torch.device("meta"):
+            model = _make(d)
+    except ConfigError:
+        raise
+    except Exception:  # a user factory that does real tensor work while building
+        if d["name"] in _BUILTIN:
+            raise
+        return None
     return sum(p.numel() for p in model.parameters())
 
 
 def input_shape(description: dict | str) -> tuple[int, ...]:
     """Shape of one input example (without the batch dimension), e.g. ``(784,)`` or ``(3, 32, 32)``."""
     d = _normalise(description)
+    if d["input_shape"] is None:
+        raise ConfigError(f"model '{d['name']}' does not say its input shape (models.register(..., input_shape=...))")
     return tuple(d["input_shape"])
 
 
@@ -437,7 +665,7 @@ def default_data(name: str | dict) -> str | None:
     d = _normalise(name)
     if d["name"] == "deep-linear-64" and d["input_dim"] == 10:
         return "random-vectors"
-    return _entry(d["name"]).data
+    return _MODELS[d["name"]].data if d["name"] in _MODELS else None
 
 
 def to_json(description: dict) -> str:

@@ -185,11 +185,13 @@ class TrainConfig:
             ConfigError: a bad field (one line naming it; a ValueError).
         """
         desc = self.description
+        if not (self.loss or desc["loss"]):
+            raise ConfigError(f"training config: model '{desc['name']}' does not say its loss; set 'loss' (--loss)")
         loss = parse_enum(self.loss or desc["loss"], list(_TASK_OF_LOSS), "training config: 'loss'")
         data = self.data or M.default_data(desc)
         if data is None:
-            raise ConfigError(f"training config: model '{desc['name']}' has no embedded data; set 'data'")
-        if data not in D.available():
+            raise ConfigError(f"training config: model '{desc['name']}' has no embedded data; set 'data' (--data)")
+        if data not in D.available() and not D.is_user_data(data):
             raise ConfigError(f"training config: unknown data {data!r} (valid names: {', '.join(D.available())})")
         for key in ("batch_size", "epochs"):
             positive_int(getattr(self, key), f"training config: '{key}'")
@@ -381,7 +383,7 @@ def train(
         ConfigError: a bad config (one line; a ValueError).
         NonFiniteError: a non-finite loss (naming the step; a ValueError).
     """
-    from tqdm.auto import tqdm
+    from .io.progress import tqdm
 
     cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = cfg.resolved(check_optimizer=optimizer_factory is None)
@@ -390,7 +392,7 @@ def train(
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     data = D.load(cfg.data, n=cfg.n, seed=cfg.data_seed, task=_TASK_OF_LOSS[cfg.loss])
-    if tuple(data.input_shape) != tuple(desc["input_shape"]) and math.prod(data.input_shape) != math.prod(desc["input_shape"]):
+    if desc["input_shape"] is not None and tuple(data.input_shape) != tuple(desc["input_shape"]) and math.prod(data.input_shape) != math.prod(desc["input_shape"]):
         raise ConfigError(
             f"data '{cfg.data}' has inputs of shape {list(data.input_shape)} but model '{desc['name']}' "
             f"expects {desc['input_shape']}"

@@ -1,8 +1,13 @@
 """``fisherlab analyze [errors|spectra|interactions|damping-sweep] FILE …``: offline analysis of a
 capture file, one subcommand per driver of :mod:`fisherlab.workflows.analysis`.
 
-``fisherlab analyze FILE --damping λ [--methods a,b] --out DIR`` (no target) is ``errors``: the
+``fisherlab analyze FILE [--damping λ] [--methods a,b] [--out DIR]`` (no target) is ``errors``: the
 comparison table of §4.4 for every checkpoint, printed, written as ``errors.csv`` and plotted.
+
+Every subcommand takes the same common options: ``--out`` (default: a folder named after the
+file, ``runs/ae.h5`` → ``runs/ae.analysis/``), ``--quiet`` (no progress bar and no tables),
+``--progress/--no-progress`` (default: a bar only when stderr is a terminal), ``--no-figures``;
+``errors`` and ``spectra`` share ``--damping 1e-3 --damping-scale max``.
 
 The options of each driver (``add_*_arguments``) and its command (``*_main``) are here; the
 ``analysis/*.py`` scripts build their parsers from them.
@@ -16,6 +21,7 @@ from pathlib import Path
 from .._validate import parse_enum, positive_int
 from ..errors import ConfigError
 from ..io.tables import fmt
+from ._common import FORMATTER, progress_of
 
 __all__ = [
     "SUBCOMMANDS",
@@ -72,17 +78,33 @@ def _add_damping(parser: argparse.ArgumentParser, default: float | None) -> None
     from ..damping import DampingScale
 
     parser.add_argument("--damping", type=float, default=default, required=default is None,
-                        help="the damping value, in --damping-scale" + (f" (default {default:g})" if default is not None else ""))
+                        help="the damping value, in --damping-scale")
     parser.add_argument("--damping-scale", default="max", choices=[s.value for s in DampingScale],
                         help="max: λ = value·λ_max(F); mean: value·tr F/rank F; mean-loss: value for the loss averaged "
-                             "over its outputs (the paper's units); absolute: λ = value (default: max)")
+                             "over its outputs (the paper's units); absolute: λ = value")
+
+
+def default_out(file: Path) -> Path:
+    """``--out`` when not given: a folder named after the capture file (``runs/ae.h5`` → ``runs/ae.analysis/``)."""
+    return Path(file).with_suffix(".analysis")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="HDF5 capture file")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for CSV files and figures")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--out", "-o", type=Path, default=None,
+                        help="output folder for CSV files and figures (default: FILE without its suffix + .analysis, "
+                        "e.g. runs/ae.h5 → runs/ae.analysis/)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no tables")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="force the progress bar on or off (default: on when stderr is a terminal, unless --quiet)")
     parser.add_argument("--no-figures", dest="figures", action="store_false", help="write CSV files only")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Path, bool]:
+    """``(out, progress)`` of the common options."""
+    out = args.out if args.out is not None else default_out(args.file)
+    args.out = out
+    return out, progress_of(args)
 
 
 # ---- options -------------------------------------------------------------------------------
@@ -94,10 +116,9 @@ def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.A
     _add_damping(parser, 1e-3)
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
-    parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space (default 1)")
-    parser.add_argument("--krylov-m", type=_count("--krylov-m"), default=2, help="Krylov block size m (default 2)")
-    parser.add_argument("--taylor-q", type=_count("--taylor-q"), default=2, help="Taylor order q (default 2)")
-    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
+    parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space")
+    parser.add_argument("--krylov-m", type=_count("--krylov-m"), default=2, help="Krylov block size m")
+    parser.add_argument("--taylor-q", type=_count("--taylor-q"), default=2, help="Taylor order q")
     return parser
 
 
@@ -112,7 +133,7 @@ def add_spectra_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--k", type=_count("--k"), default=6, help="Lanczos: eigenvalues per end")
     parser.add_argument("--probes", dest="n_probes", type=_count("--probes"), default=16, help="SLQ probes")
     parser.add_argument("--steps", dest="n_steps", type=_count("--steps"), default=64, help="SLQ Lanczos steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Lanczos/SLQ probes")
     return parser
 
 
@@ -129,7 +150,7 @@ def add_damping_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     parser.add_argument("--dampings", type=_dampings, default=None,
                         help="comma-separated damping values in --damping-scale (default: λ/λ_max = 1e-8, 1e-7, …, 1)")
     parser.add_argument("--damping-scale", default="max", choices=["absolute", "max", "mean", "mean-loss"],
-                        help="the scale of --dampings (default: max)")
+                        help="the scale of --dampings")
     parser.add_argument("--checkpoint", default=None, help="checkpoint name (default: the last one)")
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     return parser
@@ -142,10 +163,11 @@ def error_reduction_main(args: argparse.Namespace) -> int:
     from ..metrics import ComparisonTable
     from ..workflows.analysis import run_error_reduction
 
+    out, progress = _resolve(args)
     damping = _damping_of(args)
     rows = run_error_reduction(
-        args.file, damping, args.out, methods=args.methods, checkpoints=args.checkpoints,
-        progress=args.progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
+        args.file, damping, out, methods=args.methods, checkpoints=args.checkpoints,
+        progress=progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
     )
     if not args.quiet:
         for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
@@ -162,32 +184,40 @@ def spectra_main(args: argparse.Namespace) -> int:
 
     operators = [parse_enum(o, SPECTRUM_OPERATORS, "--operators") for o in args.operators]
     coarse = [parse_enum(c, COARSE_SPACES, "--coarse") for c in args.coarse]
+    out, progress = _resolve(args)
     res = run_spectra(
-        args.file, _damping_of(args), args.out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
+        args.file, _damping_of(args), out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
         method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
-        n_steps=args.n_steps, seed=args.seed, progress=args.progress, figures=args.figures,
+        n_steps=args.n_steps, seed=args.seed, progress=progress, figures=args.figures,
     )
-    for ck, sp in res.items():
-        for s in sp.values():
-            print(f"{ck}: {s}")
+    if not args.quiet:
+        for ck, sp in res.items():
+            for s in sp.values():
+                print(f"{ck}: {s}")
+    print(f"{sum(map(len, res.values()))} spectra → {out}")
     return 0
 
 
 def interactions_main(args: argparse.Namespace) -> int:
     from ..workflows.analysis import run_interactions
 
-    res = run_interactions(args.file, args.out, checkpoints=args.checkpoints, progress=args.progress, figures=args.figures)
+    out, progress = _resolve(args)
+    res = run_interactions(args.file, out, checkpoints=args.checkpoints, progress=progress, figures=args.figures)
     for ck, (li, ke) in res.items():
+        if args.quiet:
+            continue
         print(f"{ck}: off-diagonal share of ‖F‖²_F {fmt(li.off_diagonal_share, '.3f')}; KFAC block errors "
               + ", ".join(fmt(e, ".3f") for e in ke.relative_error))
+    print(f"{len(res)} checkpoint(s) → {out}")
     return 0
 
 
 def damping_sweep_main(args: argparse.Namespace) -> int:
     from ..workflows.analysis import run_damping_sweep
 
-    rows = run_damping_sweep(args.file, args.dampings, args.out, scale=args.damping_scale, checkpoint=args.checkpoint, methods=args.methods,
-                             progress=args.progress, figures=args.figures)
+    out, progress = _resolve(args)
+    rows = run_damping_sweep(args.file, args.dampings, out, scale=args.damping_scale, checkpoint=args.checkpoint, methods=args.methods,
+                             progress=progress, figures=args.figures)
     print(f"{len(rows)} rows → {args.out / 'damping_sweep.csv'}")
     return 0
 
@@ -205,7 +235,7 @@ def register_subcommands(subparsers) -> None:
     """Add ``errors``, ``spectra``, ``interactions`` and ``damping-sweep`` to an argparse
     subparsers object; each sets ``func`` to its ``*_main``."""
     for name, (add, main, help_) in SUBCOMMANDS.items():
-        p = subparsers.add_parser(name, help=help_, description=help_)
+        p = subparsers.add_parser(name, help=help_, description=help_, formatter_class=FORMATTER)
         add(p)
         p.set_defaults(func=main)
 
@@ -222,5 +252,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analyze",
         help="offline analysis of a capture file: errors (default), spectra, interactions, damping-sweep",
         description="Offline analysis of an HDF5 capture file. 'fisherlab analyze FILE ...' runs the errors table.",
+        formatter_class=FORMATTER,
     )
     register_subcommands(p.add_subparsers(dest="target", required=True, metavar="TARGET"))

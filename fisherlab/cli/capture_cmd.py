@@ -15,7 +15,6 @@ name and task too. State dicts are loaded with
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from ..capturing import FisherMode, Loss
 from ..errors import ConfigError, MissingFileError
 from ..runs import checkpoint_name, describe_run, load_state_dict, run_data
 from ..workflows.checkpoints import batch_indices, capture_checkpoints
+from ._common import FORMATTER, add_quiet_progress, model_arg, model_description, progress_of
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TASK_OF_LOSS = {"cross_entropy": "classification"}
@@ -36,60 +36,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="capture per-example Jacobians of one batch at training checkpoints into an HDF5 file",
         description="Capture per-example layer Jacobians of the same batch at each state_dict checkpoint "
         "and append them to one HDF5 run file (resumable: complete checkpoints are skipped).",
+        formatter_class=FORMATTER,
     )
-    p.add_argument("--model", default=None, metavar="DESC",
-                   help="a model name (see fisherlab.models, e.g. mnist-ae) or a JSON file with a model description "
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="a model name (fisherlab.models.available(), e.g. mnist-ae), your own factory as "
+                   "module:factory, module.Class or path/to/file.py:factory, or a JSON file with a model description "
                    "(default: the checkpoints' sidecar JSON written by fisherlab train)")
-    p.add_argument("--width", type=float, default=None, help="hidden-width multiplier for a model given by name")
+    p.add_argument("--width", type=float, default=None, help="hidden-width multiplier of a built-in model")
+    p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="model option (JSON value), e.g. n_classes=100 (repeatable)")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    help="state_dict files (torch.save(model.state_dict(), ...)), captured in this order")
-    p.add_argument("--data", default=None, metavar="NAME", help="data set name (default: the model's default data)")
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help="data set name, or your own: module:function (returning (inputs, targets) or a Dataset), "
+                   "path/to/file.py:function, file.npz or file.pt with arrays x, y (default: the training run's, else the model's)")
     p.add_argument("--task", default=None, help="data task (default: classification for cross_entropy, else the set's default)")
-    p.add_argument("--n-data", type=int, default=None, metavar="N", help="examples to load from the data set (default: all)")
+    p.add_argument("--n", dest="n_data", type=int, default=None, metavar="N",
+                   help="number of data examples to load (the batch is drawn from them; default: all)")
+    p.add_argument("--n-data", dest="n_data", type=int, default=None, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--data-seed", type=int, default=0, metavar="S", help="seed of the data set (subset/generator)")
-    p.add_argument("--batch-size", "-B", type=int, required=True, metavar="B")
+    p.add_argument("--batch-size", "-B", type=int, required=True, metavar="B", help="examples per batch")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch-seed", type=int, default=0, metavar="S", help="seed of the random batch (default 0)")
+    batch.add_argument("--batch-seed", type=int, default=0, metavar="S", help="seed of the random batch")
     batch.add_argument("--indices", type=int, nargs="+", metavar="I", help="explicit example indices (B of them)")
     p.add_argument("--loss", choices=[x.value for x in Loss], default=None, help="default: the model's loss")
-    p.add_argument("--fisher", choices=[m.value for m in FisherMode], default="mc")
+    p.add_argument("--fisher", choices=[m.value for m in FisherMode], default="mc", help="Fisher mode")
     p.add_argument("--n-samples", "-K", type=int, default=1, metavar="K", help="Monte-Carlo samples per example (mc)")
     p.add_argument("--batches", type=int, default=1, metavar="N",
-                   help="independent batches of --batch-size each, for intervals over batches (default 1)")
+                   help="independent batches of --batch-size each, for intervals over batches")
     p.add_argument("--draws", type=int, default=1, metavar="D",
-                   help="independent Monte-Carlo draws per batch (mc only), for intervals over draws (default 1)")
+                   help="independent Monte-Carlo draws per batch (mc only), for intervals over draws")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (the same at every checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
-    p.add_argument("--storage", choices=["auto", "factored", "dense"], default="auto")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="stored dtype")
+    p.add_argument("--storage", choices=["auto", "factored", "dense"], default="auto", help="per-layer storage")
     p.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none",
-                   help="HDF5 filter (default none: fastest; lzf/gzip are several times slower to write)")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="the run's HDF5 file (appended to)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+                   help="HDF5 filter (none is fastest; lzf/gzip are several times slower to write)")
+    p.add_argument("--out", "-o", default=None, metavar="FILE",
+                   help="the run's HDF5 file, appended to (default: capture.h5 in the training run's folder, "
+                   "i.e. next to checkpoints/, else next to the first checkpoint)")
+    add_quiet_progress(p)
     p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def model_description(spec: str, width: float | None) -> dict:
-    """``--model``: a JSON file holding a description, or a model name (+ ``--width``)."""
-    from .. import models
-
-    path = Path(spec)
-    if path.suffix != ".json" and not path.is_file():
-        return models.describe(spec, **({} if width is None else {"width": width}))
-    if not path.is_file():
-        raise MissingFileError(f"--model {spec}: no such file")
-    try:
-        desc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--model {spec}: not valid JSON ({err})") from None
-    if not isinstance(desc, dict) or "name" not in desc:
-        raise ConfigError(f"--model {spec}: a model description is a JSON object with a 'name'")
-    if width is not None:
-        desc = {**desc, "width": width}
-    return models.describe(desc["name"], **{k: v for k, v in desc.items() if k != "name"})
+def default_out(checkpoints: list[Path]) -> Path:
+    """``RUN/capture.h5`` for checkpoints in ``RUN/checkpoints/``, else ``capture.h5`` beside the first."""
+    parent = checkpoints[0].resolve().parent
+    return (parent.parent if parent.name == "checkpoints" else parent) / "capture.h5"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,8 +95,16 @@ def run(args: argparse.Namespace) -> int:
     for c in ckpts:  # fail before any work
         if not c.is_file():
             raise MissingFileError(f"checkpoint {c}: no such file")
-    desc = model_description(args.model, args.width) if args.model is not None else describe_run(ckpts, width=args.width)
+    opts = dict(args.model_arg)
+    if args.model is not None:
+        desc = model_description(args.model, args.width, opts)
+    else:
+        desc = describe_run(ckpts, width=args.width)
+        if opts:
+            desc = models.describe(desc["name"], **{**{k: v for k, v in desc.items() if k != "name"}, **opts})
     loss = args.loss or models.default_loss(desc)
+    if loss is None:
+        raise ConfigError(f"model '{desc['name']}' does not say its loss; pass --loss")
     side_data = run_data(ckpts)
     data_name = args.data or side_data.get("name") or models.default_data(desc)
     if data_name is None:
@@ -114,14 +118,14 @@ def run(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype]
     compression = None if args.compression == "none" else args.compression
     meta = {"data": data.describe(), "batch_seed": None if args.indices is not None else args.batch_seed}
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out(ckpts)
     written = capture_checkpoints(
         desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
         indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
-        meta=meta, batches=args.batches, draws=args.draws, progress=not args.quiet,
+        meta=meta, batches=args.batches, draws=args.draws, progress=progress_of(args),
     )
     print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0
 
 
-__all__ = ["register", "run", "model_description", "checkpoint_name", "load_state_dict", "batch_indices"]
+__all__ = ["register", "run", "model_description", "default_out", "checkpoint_name", "load_state_dict", "batch_indices"]

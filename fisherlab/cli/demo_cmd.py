@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .._validate import damping
+from ._common import FORMATTER, add_quiet_progress, progress_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train mnist-ae with KFAC, capture checkpoints, compare every method, spectra, plots, report",
         description="The main job: train → capture (HDF5) → compare with the exact natural gradient → spectra → plots → report.md.",
+        formatter_class=FORMATTER,
     )
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder (default out/demo)")
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run (what the tests run)")
     p.add_argument("--damping", type=float, default=None, help="λ of the analysis (default 1e-3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_progress(p)
     p.set_defaults(func=main)
 
 
@@ -27,5 +29,5 @@ def main(args: argparse.Namespace) -> int:
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
     if args.damping is not None:
         cfg.damping = damping(args.damping)
-    run_demo(args.out, cfg, progress=not args.quiet)
+    run_demo(args.out, cfg, progress=progress_of(args))
     return 0

@@ -8,6 +8,7 @@ import json
 from .. import store
 from ..errors import StoreError
 from ..io.tables import text_table
+from ._common import FORMATTER
 
 MiB = 2**20
 
@@ -18,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the checkpoints, layers, shapes, modes and sizes of a capture file",
         description="Print what a fisherlab HDF5 capture file holds: run metadata, every checkpoint "
         "(complete or not), and the layer table of one checkpoint with shapes, storage and sizes.",
+        formatter_class=FORMATTER,
     )
     p.add_argument("file", metavar="FILE", help="a fisherlab HDF5 file")
     p.add_argument("--checkpoint", "-c", help="show the layers of this checkpoint (default: the last complete one)")

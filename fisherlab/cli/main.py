@@ -37,7 +37,7 @@ def _command(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fisherlab",
+        prog="fisherlab", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Capture per-example Jacobians to HDF5 and compare curvature approximations offline.",
     )
     parser.add_argument("--version", action="version", version=f"fisherlab {__version__}")

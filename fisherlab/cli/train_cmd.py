@@ -8,19 +8,9 @@ Flags override the JSON config file; with neither, the defaults of
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def _model_arg(text: str) -> tuple[str, object]:
-    """``key=value`` with ``value`` parsed as JSON when possible (``n_classes=100``, ``batchnorm=false``)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+from ._common import FORMATTER, add_quiet_progress, model_arg, model_description, progress_of
 
 
 def _steps_list(text: str) -> list[int]:
@@ -31,39 +21,44 @@ def _steps_list(text: str) -> list[int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train import OPTIMIZERS
+    from ..train import OPTIMIZERS  # sgd, adam and every fisherlab.optim optimizer
 
     p = sub.add_parser(
         "train",
-        help="train a model by name; write checkpoints, metrics CSV and loss plot",
+        help="train a model; write checkpoints, metrics CSV and loss plot",
         description=__doc__.split("\n\n")[0].replace("``", ""),
+        formatter_class=FORMATTER,
     )
     p.add_argument("config", nargs="?", type=Path, help="JSON config file (keys of TrainConfig); flags override it")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
-    p.add_argument("--model", help="model name (fisherlab.models.available())")
-    p.add_argument("--width", type=float, help="hidden-width multiplier (e.g. 0.1 for CPU-sized runs)")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="further model option, e.g. activation=sigmoid, input_dim=10 (repeatable)")
-    p.add_argument("--data", help="data set name (default: the model's)")
-    p.add_argument("--n", type=int, help="number of training examples")
+    p.add_argument("--model", help="model name (fisherlab.models.available()), your own factory as module:factory, "
+                   "module.Class or path/to/file.py:factory, or a JSON file with a model description (default: mnist-ae)")
+    p.add_argument("--width", type=float, help="hidden-width multiplier of a built-in model (e.g. 0.1 for CPU-sized runs)")
+    p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="further model option, e.g. activation=sigmoid, input_dim=10 (repeatable; JSON values)")
+    p.add_argument("--data", help="data set name, or your own: module:function, path/to/file.py:function, file.npz, "
+                   "file.pt (default: the model's)")
+    p.add_argument("--n", type=int, help="number of data examples to train on (default 1000)")
+    p.add_argument("--n-data", dest="n", type=int, help=argparse.SUPPRESS)  # the capture's old spelling
     p.add_argument("--all-data", action="store_true", help="use the whole data set (n = None)")
-    p.add_argument("--data-seed", type=int)
-    p.add_argument("--loss", choices=["bce_logits", "cross_entropy", "mse"])
-    p.add_argument("--batch-size", "-b", type=int)
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--data-seed", type=int, help="seed of the data subset (default 0)")
+    p.add_argument("--loss", choices=["bce_logits", "cross_entropy", "mse"], help="default: the model's")
+    p.add_argument("--batch-size", "-b", type=int, help="examples per step (default 100)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
     p.add_argument("--steps", type=int, help="number of updates (overrides --epochs)")
-    p.add_argument("--optimizer", help=f"sgd, adam, or a fisherlab.optim name (kfac, two-level-kfac, …); registered now: {', '.join(OPTIMIZERS)}")
-    p.add_argument("--optimizer-option", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), metavar="NAME",
+                   help=f"one of: {', '.join(OPTIMIZERS)} (default sgd)")
+    p.add_argument("--optimizer-option", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer option, e.g. damping=1e-3, nesterov=true (repeatable; JSON values)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
+    p.add_argument("--seed", type=int, help="initialization and batch-order seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="checkpoint every K steps (step 0 included)")
     p.add_argument("--checkpoint-steps", type=_steps_list, metavar="S1,S2,…", help="explicit checkpoint steps")
     p.add_argument("--device", help="cuda, cpu, … (default: CUDA when available)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png / loss.pdf")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_progress(p)
     p.set_defaults(func=main)
 
 
@@ -73,7 +68,9 @@ def config_from_args(args: argparse.Namespace):
     from ..train import TrainConfig
 
     base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
-    if args.model or args.width is not None or args.model_arg:
+    if args.model and args.model.endswith(".json"):
+        base["model"] = model_description(args.model, args.width, dict(args.model_arg))
+    elif args.model or args.width is not None or args.model_arg:
         model = base.get("model", TrainConfig().model)
         model = {"name": model} if isinstance(model, str) else dict(model)
         name = args.model or model["name"]
@@ -98,8 +95,7 @@ def config_from_args(args: argparse.Namespace):
         base["n"] = None
     if args.no_plot:
         base["plot"] = False
-    if args.quiet:
-        base["progress"] = False
+    base["progress"] = progress_of(args)
     return TrainConfig.from_dict(base)
 
 
@@ -110,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
     result = train(cfg, args.out)
     d = result.description
     print(
-        f"trained {d['name']} (width {d['width']:g}, {d['n_params']:,} parameters) on {result.config.data} "
+        f"trained {d['name']} ({'width ' + format(d['width'], 'g') + ', ' if 'width' in d else ''}"
+        f"{'?' if d['n_params'] is None else format(d['n_params'], ',')} parameters) on {result.config.data} "
         f"for {result.steps} steps on {result.device} in {result.wall_time:.1f} s: "
         f"loss {result.losses[0] if result.metrics else float('nan'):.4g} -> {result.final_loss:.4g}"
     )

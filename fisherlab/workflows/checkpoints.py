@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from ..io.progress import tqdm
 
 from .. import models
 from .._validate import positive_int
@@ -62,7 +62,7 @@ def batch_indices(n: int, B: int, indices: Sequence[int] | None, seed: int) -> l
 
 
 def capture_checkpoints(
-    description: dict,
+    description: dict | str,
     checkpoints: Sequence[str | Path],
     inputs: Tensor,
     targets: Tensor,
@@ -86,7 +86,10 @@ def capture_checkpoints(
     """Capture ``(inputs, targets)`` at each checkpoint of ``description``'s model into ``out``.
 
     Args:
-        description: a model description (:func:`fisherlab.models.describe`).
+        description: a model description (:func:`fisherlab.models.describe`), also of your own
+            model (``models.describe("mymodels:factory", ...)``, or a name registered with
+            :func:`fisherlab.models.register`), or a bare name / import path; it is recorded in
+            the file, so the file says how to rebuild the model.
         checkpoints: ``state_dict`` files; the checkpoint names are their stems, which must differ.
         inputs, targets: the batch (the same at every checkpoint).
         out: the HDF5 run file, appended to; complete checkpoints are skipped (resume).
@@ -110,6 +113,8 @@ def capture_checkpoints(
         ConfigError: two checkpoints with the same name, a checkpoint that does not load or fit.
         StoreError: ``out`` holds checkpoints captured on another batch.
     """
+    if not isinstance(description, dict):
+        description = models.describe(description)
     ckpts = [Path(c) for c in checkpoints]
     for c in ckpts:  # fail before any work
         if not c.is_file():
