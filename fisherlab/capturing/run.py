@@ -243,13 +243,18 @@ def capture(
     model_description: dict | None = None,
     meta: dict | None = None,
     memory: int | None = None,
+    batch_statistics: bool = False,
 ) -> Capture:
     """Record per-example layer Jacobians of one mini-batch (MATH.md §2).
 
     Args:
         model: a network whose ``nn.Linear``/``nn.Conv2d`` layers enter the Fisher; other modules
-            with parameters are listed in a warning and left out. It is put in eval mode for the
-            capture and restored after; it is copied only when ``device``/``dtype`` differ.
+            with parameters are listed in a warning and left out. **The capture switches the
+            model to eval mode** (BatchNorm uses its running statistics, dropout is off) and
+            restores every submodule's own train/eval flag afterwards; the model is copied only
+            when ``device``/``dtype`` differ. In-place operations after a captured layer
+            (``ReLU(inplace=True)``, ``out += identity``) are handled: a second forward pass
+            copies the tensors they would overwrite.
         inputs: ``[B, ...]`` network inputs.
         targets: true targets: class indices ``[B]`` (``cross_entropy``) or ``[B, d_y]``.
         loss: ``"cross_entropy"``, ``"mse"`` (½‖y−z‖²) or ``"bce_logits"``; the model output is
@@ -278,6 +283,11 @@ def capture(
         module's call (tied weights), batch statistics (BatchNorm with
         ``track_running_stats=False``), outputs that depend on the rest of the batch or change
         between two forward passes; :class:`MemoryBudgetError` when the estimate exceeds ``memory``.
+
+    ``batch_statistics=True`` lets BatchNorm normalise with the batch's statistics (the training
+    forward): the examples are then coupled and the per-example vectors are the backpropagated
+    ones, as in every KFAC implementation. The optimizers use it while the model trains (its ∇h
+    is then the training gradient); an analysis of the Fisher should not.
     """
     mode = _fisher(fisher)
     loss_enum = L._loss(loss)
@@ -307,7 +317,8 @@ def capture(
             _storage_value(v)
     else:
         _storage_value(storage)
-    _refuse_batch_statistics(model)
+    if not batch_statistics:
+        _refuse_batch_statistics(model)
     ref = next(model.parameters())
     work = model if (ref.device == device and ref.dtype == dtype) else copy.deepcopy(model).to(device, dtype)
     modules = layer_modules(work, layout)
@@ -317,25 +328,47 @@ def capture(
     B = x.shape[0]
 
     recorded: list[dict] = [dict() for _ in modules]
+    # In-place operations after a captured layer (ReLU(inplace=True) on its output, `out += identity`
+    # of a residual block, an in-place op on its input) would change the tensors the hooks read:
+    # the first forward pass detects them by tensor versions, and a second pass copies exactly
+    # those layers' inputs (a clone of ā) and outputs (the hook returns a clone, so the in-place
+    # op modifies the copy and the recorded output stays the layer's own).
+    copy_in: set[int] = set()
+    copy_out: set[int] = set()
 
     def make_hook(i: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if "out" in recorded[i]:
                 raise ValueError(
                     f"layer '{layout.layers[i].name}' is called more than once in forward "
                     "(weight sharing is not supported)"
                 )
             inp = args[0]
-            recorded[i].update(inp=inp.detach(), out=output, v_in=inp._version, v_out=output._version)
+            kept = inp.detach().clone() if i in copy_in else inp.detach()
+            recorded[i].update(inp=kept, out=output, v_in=kept._version, v_out=output._version)
+            return output.clone() if i in copy_out else None
 
         return hook
 
+    def modified() -> tuple[set[int], set[int]]:
+        return (
+            {i for i, r in enumerate(recorded) if "out" in r and r["inp"]._version != r["v_in"]},
+            {i for i, r in enumerate(recorded) if "out" in r and r["out"]._version != r["v_out"]},
+        )
+
     n_probe = min(2, max(1, B - 1))
     with _prepared(work, layout), ExitStack() as stack:
-        probe = _probe(work, x, n_probe)
+        probe = None if batch_statistics else _probe(work, x, n_probe)
         for i, m in enumerate(modules):
             stack.callback(m.register_forward_hook(make_hook(i)).remove)
         z = work(x)
+        mod_in, mod_out = modified()
+        if mod_in or mod_out:  # once more, copying what in-place operations touch
+            copy_in, copy_out = mod_in, mod_out
+            z = None
+            for r in recorded:
+                r.clear()
+            z = work(x)
         if not isinstance(z, Tensor):
             raise ValueError(
                 f"the model returned a {type(z).__name__}; capture needs one output tensor [B, ...] "
@@ -350,7 +383,7 @@ def capture(
             if r["inp"]._version != r["v_in"] or r["out"]._version != r["v_out"]:
                 raise ValueError(
                     f"layer '{name}': its input or output was modified in place during forward "
-                    "(e.g. ReLU(inplace=True)); use out-of-place activations"
+                    "even with copies (a forward pass that is not repeatable?); use out-of-place activations"
                 )
         z = z.reshape(B, -1)
         _refuse_coupling(probe, z, n_probe, B)
