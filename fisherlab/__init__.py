@@ -18,7 +18,7 @@ from .capturing import (
 from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
 from . import methods
 from .damping import Damping, DampingScale
-from .metrics import METHODS, ComparisonTable, compare
+from .metrics import METHODS, ComparisonTable, compare, compare_file
 from .operators import KFAC, TKO, BlockDiagonalFisher, DiagonalFisher, ExactFisher, TwoLevelKFAC
 from .store import load, save
 
@@ -34,6 +34,7 @@ __all__ = [
     "TKO",
     "TwoLevelKFAC",
     "compare",
+    "compare_file",
     "Capture",
     "FisherMode",
     "LayerCapture",

@@ -256,6 +256,60 @@ class ComparisonTable:
     def __str__(self) -> str:
         return self.format()
 
+    def __repr__(self) -> str:
+        """One line (the table itself is ``str(table)`` / ``print(table)``; Jupyter shows HTML)."""
+        methods = list(dict.fromkeys(r.get("method") for r in self.rows))
+        lam = self.meta.get("damping")
+        return (
+            f"<ComparisonTable: {len(methods)} methods, {self.n_samples} sample(s), {len(self.rows)} rows"
+            + (f", λ = {lam:g}" if isinstance(lam, (int, float)) else "") + "; print() it for the table>"
+        )
+
+    def to_pandas(self, *, summary: bool = False):
+        """The rows as a ``pandas.DataFrame`` (``summary=True``: one row per method, mean and 95 %
+        half-width columns ``*_hw`` over the samples). pandas is optional: a one-line ImportError
+        says so when it is missing."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("ComparisonTable.to_pandas() needs pandas, which is not installed (pip install pandas)") from None
+        return pd.DataFrame(self.summary() if summary else [dict(r) for r in self.rows])
+
+    def _repr_html_(self) -> str:
+        """The table of :meth:`format` as HTML, for Jupyter."""
+        import html
+
+        rows = self.summary()
+        several = self.n_samples > 1
+        ctx = [c for c in ("checkpoint", "step") if any(c in r for r in rows)]
+        cols = [("relative_error", "𝔈/‖ζ‖²", ".3e"), ("reduction_ratio", "𝔈/𝔈_KFAC", ".4f"), ("gap", "gap (4.6)", "+.3e"),
+                ("euclidean_relative_error", "‖Δ‖/‖ζ‖", ".3e"), ("cosine", "cos", ".5f")]
+
+        def cell(r: dict, col: str, spec: str) -> str:
+            v, hw = r.get(col), r.get(f"{col}_hw", math.nan)
+            s = fmt(v, spec)
+            return s if not several or hw is None or not math.isfinite(hw) else f"{s} ± {fmt(hw, spec.replace('+', ''))}"
+
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ctx + ["method"] + [c[1] for c in cols] + ["m", "time s"])
+        body = []
+        for r in rows:
+            exact = r.get("family") == Family.EXACT.value
+            tds = [f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in ctx]
+            tds.append(f"<td style='text-align:left'>{html.escape(str(r.get('legend', r.get('method'))))}{' *' if exact else ''}</td>")
+            tds += [f"<td>{html.escape(cell(r, c, spec))}</td>" for c, _, spec in cols]
+            tds.append(f"<td>{'' if r.get('coarse_dim') is None else r['coarse_dim']}</td><td>{fmt(r.get('seconds'), '.3f')}</td>")
+            body.append("<tr>" + "".join(tds) + "</tr>")
+        m = self.meta
+        cap = (f"λ = {m['damping']:g}, N = {m.get('N')}, p = {m.get('p', 0):,}, ‖ζ‖²_F• = {fmt(m.get('zeta_norm2'), '.3e')}"
+               if "damping" in m and "N" in m else "")
+        if several:
+            cap += f"; mean ± {LEVEL:.0%} half-width over {self.n_samples} samples"
+        return (
+            "<table style='text-align:right'>" + (f"<caption>{html.escape(cap)}</caption>" if cap else "")
+            + f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + "<p style='font-size:smaller'>* exact reference, not a practical method; ZERO: the zero step</p>"
+        )
+
 
 def build_method(
     method: str,

@@ -49,7 +49,7 @@ class Storage(str, Enum):
     """``J_i [N, p_i]``."""
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerCapture:
     """One layer's share of a capture: factors or dense per-example gradients.
 
@@ -71,6 +71,11 @@ class LayerCapture:
     dense: Tensor | None = None
     A: Tensor | None = None
     G: Tensor | None = None
+
+    def __repr__(self) -> str:
+        shapes = (f"J {list(self.dense.shape)}" if self.dense is not None
+                  else f"a {list(self.a.shape)} g {list(self.g.shape)}")  # type: ignore[union-attr]
+        return f"<LayerCapture '{self.spec.name}' {self.spec.kind.value} {self.storage.value}: {shapes}>"
 
     @property
     def storage(self) -> Storage:
@@ -259,6 +264,15 @@ class Capture:
 
     def nbytes(self) -> int:
         return sum(lc.numel for lc in self.layers) * self.grad.element_size()
+
+    def __repr__(self) -> str:
+        """One line of shapes and modes, never the tensors (:meth:`summary` lists every layer)."""
+        ck = self.meta.get("checkpoint")
+        return (
+            f"<Capture{' ' + repr(ck) if ck is not None else ''}: {FisherMode(self.fisher).value} Fisher, loss={self.loss}, "
+            f"B={self.B} K={self.K} N={self.N}, p={self.p:,} in {len(self.layers)} layers, "
+            f"{str(self.dtype).replace('torch.', '')}, {self.nbytes() / 2**20:.1f} MiB>"
+        )
 
     def summary(self) -> str:
         """A few readable lines: mode, sizes, and one line per layer."""
