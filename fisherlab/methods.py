@@ -198,6 +198,9 @@ class Method:
     optimizer_legend: str | None = None
     default: bool = True
     description: str = ""
+    storage: str = "auto"
+    """The capture storage the method needs (``"factored"``: per-position factors ā, g, e.g.
+    KFAC-reduce); an optimizer of the method captures with it."""
     scale_covariant: bool = True
     """Whether the operator scales with F when the loss is rescaled (then every relative error is
     the same in summed and mean-loss units). FOOF's A ⊗ I does not: its errors depend on the units."""
@@ -288,7 +291,7 @@ _ENTRIES = [
            description="EKFAC (George et al. 2018): KFAC eigenbasis, diagonal re-fitted to the Jacobian rows, + λI"),
     Method("kfac-reduce", "KFAC-REDUCE", Family.ONE_LEVEL,
            lambda pc, damping_mode: KFACReduce.from_capture(pc.jac, pc.damping, damping_mode), _P[12], "X",
-           {"damping_mode": "pi"}, optimizer="kfac-reduce", default=False,
+           {"damping_mode": "pi"}, optimizer="kfac-reduce", default=False, storage="factored",
            description="KFAC-reduce (Eschenhagen et al. 2023; kfac is the expand variant); factored storage only"),
     Method("unit-wise", "UNIT-WISE", Family.ONE_LEVEL, lambda pc: SubBlockFisher.from_capture(pc.jac, pc.damping), _P[13], "1",
            optimizer="unit-wise", default=False,

@@ -74,6 +74,8 @@ from .capturing.run import capture as _capture
 from .jacobian import Jacobian
 from .layout import Layout, layer_modules
 from . import methods as registry
+from .damping import Damping, resolve_damping
+from .errors import ConfigError
 from .methods import Family
 from .operators import (
     KFAC,
@@ -114,9 +116,9 @@ def _number(name: str, value: Any, *, low: float, strict: bool, high: float = ma
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}") from None
+        raise ConfigError(f"{name} must be a number {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}") from None
     if not math.isfinite(v) or v < low or (strict and v == low) or v >= high:
-        raise ValueError(f"{name} must be finite and {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}")
+        raise ConfigError(f"{name} must be finite and {'in ' if rng[0] in '([' else ''}{rng}, got {value!r}")
     return v
 
 
@@ -134,7 +136,7 @@ def _nonneg(name: str, value: Any) -> float:
 
 def _posint(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -179,7 +181,9 @@ class FisherOptimizer(torch.optim.Optimizer):
         model: the network; its ``nn.Linear``/``nn.Conv2d`` layers are preconditioned, every
             other parameter gets SGD (module docstring). All its parameters form one group.
         lr: learning rate α > 0 (2.31a).
-        damping: λ > 0 of F• = F + λI (2.17); validated, one-line :class:`DampingError`.
+        damping: λ > 0 of F• = F + λI (2.17), or a :class:`fisherlab.Damping` in the Fisher's
+            scale, resolved on every step's batch (e.g. ``Damping(1e-3, "max")``: λ = 1e-3·λ_max(F)
+            of that batch); validated, one-line :class:`DampingError`.
         loss: ``"cross_entropy"``, ``"mse"`` (½‖y − z‖²) or ``"bce_logits"`` — the training
             objective h = (1/B)Σ_b L(y_b, f(x_b)) (2.10) and its likelihood for the Fisher.
         fisher: ``"mc"`` (the paper's, K = ``n_samples`` draws), ``"exact"`` or ``"empirical"``.
@@ -227,12 +231,12 @@ class FisherOptimizer(torch.optim.Optimizer):
                 "each step captures the model on the batch"
             )
         lr = _positive("lr", lr)
-        lam = check_damping(damping)
+        lam = damping if isinstance(damping, Damping) else check_damping(damping)  # a Damping resolves per batch
         self.loss = L._loss(loss).value
         try:
             self.fisher = FisherMode(fisher).value
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown fisher mode {fisher!r} (choose one of {', '.join(m.value for m in FisherMode)})"
             ) from None
         self.n_samples = _posint("n_samples", n_samples)
@@ -292,12 +296,17 @@ class FisherOptimizer(torch.optim.Optimizer):
     # ---- the step ------------------------------------------------------------------------------
     def _capture(self, x: Tensor, y: Tensor) -> Capture:
         ref = self._params[0]
+        training_bn = self.model.training and self._has_bn
         with _batch_statistics(self.model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="fisherlab: these modules have parameters")
             return _capture(
                 self.model, x, y, loss=self.loss, fisher=self.fisher, n_samples=self.n_samples,
-                generator=self.generator, device=ref.device, dtype=ref.dtype,
+                generator=self.generator, device=ref.device, dtype=ref.dtype, storage=self.storage,
+                batch_statistics=training_bn,  # the training forward (module docstring)
             )
+
+    storage: str = "auto"
+    """The capture storage of each step (a method that needs per-position factors sets ``"factored"``)."""
 
     def _outside_gradients(self, x: Tensor, y: Tensor) -> list[Tensor | None]:
         """Gradients of the mean loss for parameters outside the Fisher (one ordinary
@@ -333,10 +342,10 @@ class FisherOptimizer(torch.optim.Optimizer):
             The closure's value when given, else the batch loss h before the update (float).
         """
         if (inputs is None) != (targets is None):
-            raise ValueError(f"{type(self).__name__}.step: give both inputs and targets")
+            raise ConfigError(f"{type(self).__name__}.step: give both inputs and targets")
         if inputs is None:
             if self._batch is None:
-                raise ValueError(
+                raise ConfigError(
                     f"{type(self).__name__}.step needs the batch: step(inputs=x, targets=y) or set_batch(x, y) first"
                 )
             inputs, targets = self._batch
@@ -350,7 +359,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         group = self.param_groups[0]
         lr = _positive("lr", group["lr"])
-        lam = check_damping(group["damping"])
+        lam_spec = group["damping"]
         wd = _nonneg("weight_decay", group["weight_decay"])
         mom = _in_unit("momentum", group["momentum"])
         ref = self._params[0]
@@ -365,6 +374,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         self._steps += 1
 
         jac = Jacobian.from_capture(cap, torch.float64)
+        lam = resolve_damping(lam_spec, jac)  # absolute λ, or α·λ_max(F) / … of this batch
         rhs = cap.grad.to(torch.float64)
         if wd > 0:
             rhs = rhs + wd * self.layout.parameters_vector(self.model).to("cpu", torch.float64)
@@ -380,6 +390,7 @@ class FisherOptimizer(torch.optim.Optimizer):
             "seconds": 0.0,
             "method": self.method,
             "coarse_dim": None,
+            "damping": lam,
         }
         self._record(op, rhs, zeta, rec)
 
@@ -439,7 +450,7 @@ class FisherOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         g = self.param_groups[0]
         return (
-            f"{type(self).__name__}(method={self.method!r}, lr={g['lr']:g}, damping={g['damping']:g}, "
+            f"{type(self).__name__}(method={self.method!r}, lr={g['lr']:g}, damping={g['damping']}, "
             f"fisher={self.fisher!r}, weight_decay={g['weight_decay']:g}, momentum={g['momentum']:g})"
         )
 
@@ -475,7 +486,7 @@ class _KFACBased(FisherOptimizer):
         try:
             self.damping_mode = DampingMode(damping_mode).value
         except ValueError:
-            raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
+            raise ConfigError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
         self.factor_decay = _in_unit("factor_decay", factor_decay)
         self.inverse_update_period = _posint("inverse_update_period", inverse_update_period)
         super().__init__(model, **kw)
@@ -566,7 +577,7 @@ class TwoLevelKFACOptimizer(_KFACBased):
 
     def __init__(self, model: nn.Module, *, coarse: str = "nicolaides", k: int = 1, m: int = 2, q: int = 2, **kw: Any) -> None:
         if coarse not in COARSE_SPACES:
-            raise ValueError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
+            raise ConfigError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
         self.coarse = coarse
         self.k, self.m, self.q = _posint("k", k), _posint("m", m), _posint("q", q)
         super().__init__(model, **kw)
@@ -597,9 +608,9 @@ class TKOOptimizer(_KFACBased):
         k: int = 1, m: int = 2, q: int = 2, **kw: Any,
     ) -> None:
         if coarse_operator not in ("exact", "kronecker"):
-            raise ValueError(f"coarse_operator must be 'exact' or 'kronecker', got {coarse_operator!r}")
+            raise ConfigError(f"coarse_operator must be 'exact' or 'kronecker', got {coarse_operator!r}")
         if coarse not in COARSE_SPACES:
-            raise ValueError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
+            raise ConfigError(f"unknown coarse space {coarse!r} (choose one of {', '.join(COARSE_SPACES)})")
         self.coarse_operator = coarse_operator
         self.coarse = coarse
         self.k, self.m, self.q = _posint("k", k), _posint("m", m), _posint("q", q)
@@ -631,7 +642,7 @@ class NaturalGradient(FisherOptimizer):
 
     def __init__(self, model: nn.Module, *, block_diagonal: bool = False, solver: str = "auto", **kw: Any) -> None:
         if solver not in ("auto", "woodbury", "cg"):
-            raise ValueError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}")
+            raise ConfigError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}")
         self.block_diagonal = bool(block_diagonal)
         self.solver = solver
         super().__init__(model, **kw)
@@ -671,6 +682,7 @@ class MethodOptimizer(FisherOptimizer):
     def __init__(self, model: nn.Module, *, method: str, method_options: dict | None = None, **kw: Any) -> None:
         self.method_record = registry.get(method)
         self.method_options = self.method_record.resolve_options(method_options or {})
+        self.storage = self.method_record.storage
         super().__init__(model, **kw)
         self.method = method
 
@@ -743,15 +755,15 @@ def make_optimizer(name: str, model: nn.Module, **options: Any) -> torch.optim.O
             option (``lr``, ``damping``, ``loss``) or a bad value — one line each.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
+        raise ConfigError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
     try:
         return OPTIMIZERS[name](model, **options)
     except TypeError as err:
         msg = str(err)
         if "unexpected keyword argument" in msg:
-            raise ValueError(f"optimizer {name!r} does not take the option {msg.split('argument')[-1].strip()}") from None
+            raise ConfigError(f"optimizer {name!r} does not take the option {msg.split('argument')[-1].strip()}") from None
         if "required keyword-only argument" in msg:
-            raise ValueError(f"optimizer {name!r} needs the option(s) {msg.split(':', 1)[-1].strip()}") from None
+            raise ConfigError(f"optimizer {name!r} needs the option(s) {msg.split(':', 1)[-1].strip()}") from None
         raise
 
 
@@ -765,12 +777,12 @@ def training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
     ``record_gap``, ``record_ratio``, …), which override the former.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
+        raise ConfigError(f"unknown fisherlab optimizer {name!r} (choose one of {', '.join(OPTIMIZERS)})")
 
     def factory(params: list[nn.Parameter], config: Any, *, model: nn.Module) -> torch.optim.Optimizer:
         mine = {id(p) for p in model.parameters()}
         if any(id(p) not in mine for p in params):
-            raise ValueError(f"optimizer {name!r}: the parameters given are not the model's")
+            raise ConfigError(f"optimizer {name!r}: the parameters given are not the model's")
         options: dict[str, Any] = {
             "lr": config.lr,
             "momentum": config.momentum,
@@ -780,7 +792,7 @@ def training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
         }
         options.update(config.optimizer_options or {})
         if "damping" not in options:
-            raise ValueError(
+            raise ConfigError(
                 f"optimizer {name!r} needs the damping λ > 0: set optimizer_options.damping in the training config"
             )
         return make_optimizer(name, model, **options)

@@ -56,9 +56,12 @@ def theta(model: nn.Module) -> torch.Tensor:
     return fisherlab.Layout.from_model(model, warn=False).parameters_vector(model)
 
 
-def reference_zeta(model: nn.Module, x, y, method: str, *, generator: torch.Generator, wd: float = 0.0, loss: str = LOSS, kfac_factors=None):
+def reference_zeta(model: nn.Module, x, y, method: str, *, generator: torch.Generator, wd: float = 0.0, loss: str = LOSS,
+                   kfac_factors=None, batch_statistics: bool = False):
     """ζ = op⁻¹(∇h + wdθ) built directly from the operators on a capture of (x, y)."""
-    cap = fisherlab.capture(model, x, y, loss=loss, fisher=MODE, n_samples=K, generator=generator, device="cpu", dtype=torch.float64)
+    cap = fisherlab.capture(model, x, y, loss=loss, fisher=MODE, n_samples=K, generator=generator, device="cpu",
+                            dtype=torch.float64, storage=fisherlab.methods.get(method).storage,
+                            batch_statistics=batch_statistics)
     jac = Jacobian.from_capture(cap)
     rhs = cap.grad + wd * theta(model)
     exact = ExactFisher(jac, DAMPING)
@@ -301,7 +304,7 @@ def test_batchnorm_parameters_get_sgd_steps():
     hidden[1].running_mean = None
     hidden[1].running_var = None
     with pytest.warns(UserWarning):
-        zeta, cap = reference_zeta(hidden, x, y, "kfac", generator=gen(), wd=0.01, loss="mse")
+        zeta, cap = reference_zeta(hidden, x, y, "kfac", generator=gen(), wd=0.01, loss="mse", batch_statistics=True)
     layout = fisherlab.Layout.from_model(ref, warn=False)
     g_train = layout.from_torch_order(torch.cat([g.reshape(-1) for g in grads]))
     assert torch.allclose(cap.grad, g_train, rtol=1e-10, atol=1e-14)
@@ -420,3 +423,19 @@ def test_state_dict_round_trip_resumes_identically():
     opt2.step(inputs=x2, targets=y2)
     assert torch.allclose(theta(model), theta(model2), rtol=1e-12, atol=0)
     assert opt2.steps == 2
+
+
+def test_a_scaled_damping_resolves_on_every_batch():
+    """Damping(α, "max"): each step uses α·λ_max(F) of its own batch (recorded in the history)."""
+    case = MODELS["mlp"]
+    model = build_model(case)
+    x, y = make_batch(case, LOSS, B=4)
+    opt = make_optimizer("kfac", model, lr=LR, damping=fisherlab.Damping(1e-2, "max"), loss=LOSS, fisher="empirical")
+    ref = copy.deepcopy(model)
+    opt.step(inputs=x, targets=y)
+    cap = fisherlab.capture(ref, x, y, loss=LOSS, fisher="empirical", device="cpu", dtype=torch.float64)
+    lam = fisherlab.Damping(1e-2, "max").resolve(cap)
+    assert opt.history[-1]["damping"] == pytest.approx(lam, rel=1e-10)
+    zeta = fisherlab.KFAC(cap, lam).solve(cap.grad)
+    after = theta(model)
+    assert_step(theta(ref), after, -LR * zeta)
