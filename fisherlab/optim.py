@@ -232,7 +232,7 @@ class FisherOptimizer(torch.optim.Optimizer):
             )
         lr = _positive("lr", lr)
         lam = damping if isinstance(damping, Damping) else check_damping(damping)  # a Damping resolves per batch
-        self.loss = L._loss(loss).value
+        self.loss = L.Loss.parse(loss).value
         try:
             self.fisher = FisherMode(fisher).value
         except ValueError:

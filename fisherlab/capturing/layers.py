@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels import dense_from_factors
 from ..layout import LayerKind, LayerSpec
 
 __all__ = ["layer_inputs", "layer_output_grads", "dense_from_factors"]
@@ -61,16 +62,3 @@ def layer_output_grads(spec: LayerSpec, g: Tensor, lead: int = 1) -> Tensor:
     if spec.kind is LayerKind.LINEAR:
         return g.reshape(*g.shape[:lead], -1, spec.d_out)
     return g.flatten(-2).transpose(-1, -2)
-
-
-def dense_from_factors(a: Tensor, g: Tensor) -> Tensor:
-    """Per-example gradient rows ``j_{b,k} = vec(Σ_t g_{b,k,t} ā_{b,t}ᵀ)``: ``[B·K, d_in'·d_out]``.
-
-    Args:
-        a: ``[B, T, d_in']``.
-        g: ``[B, K, T, d_out]``.
-    """
-    B, K, T, d_out = g.shape
-    # vec stacks columns of the d_out × d_in' matrix: index = col·d_out + row.
-    Mt = torch.einsum("bte,bktd->bked", a, g)  # [B, K, d_in', d_out] = (G_bkᵀ Ā_b)ᵀ
-    return Mt.reshape(B * K, -1)

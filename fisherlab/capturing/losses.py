@@ -32,14 +32,16 @@ class Loss(str, Enum):
     BCE_LOGITS = "bce_logits"
     """Independent Bernoulli outputs, summed over ``d_y``; targets ``[B, d_y]`` in [0, 1]."""
 
+    @classmethod
+    def parse(cls, loss: "str | Loss") -> "Loss":
+        """The loss of ``loss``; a one-line ``ValueError`` naming the choices."""
+        try:
+            return cls(loss)
+        except ValueError:
+            raise ValueError(f"unknown loss '{loss}' (choose one of {', '.join(m.value for m in cls)})") from None
 
-def _loss(loss: str | Loss) -> Loss:
-    try:
-        return Loss(loss)
-    except ValueError:
-        raise ValueError(
-            f"unknown loss '{loss}' (choose one of {', '.join(m.value for m in Loss)})"
-        ) from None
+
+_loss = Loss.parse
 
 
 def check_targets(loss: str | Loss, z: Tensor, y: Tensor) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..layout import LayerSpec, Layout
-from .layers import dense_from_factors
+from ..kernels import dense_from_factors, kfac_factors_from
 
 __all__ = ["FisherMode", "Storage", "LayerCapture", "Capture"]
 
@@ -106,18 +106,6 @@ class LayerCapture:
             and same(self.A, other.A)
             and same(self.G, other.G)
         )
-
-
-def kfac_factors_from(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """KFAC factors (2.25)–(2.27) from ā ``[B, T, d_in']`` and g ``[B, K, T, d_out]``.
-
-    ``A = (1/B) Σ_{b,t} ā_{b,t} ā_{b,t}ᵀ``, ``G = (1/(B·T)) Σ_{b,k,t} g_{b,k,t} g_{b,k,t}ᵀ``
-    (T = 1 for Linear: the usual (2.25)). Accumulated in the dtype of the inputs.
-    """
-    B, K, T, d_out = g.shape
-    af = a.reshape(-1, a.shape[-1])
-    gf = g.reshape(-1, d_out)
-    return af.T @ af / B, gf.T @ gf / (B * T)
 
 
 def choose_storage(B: int, K: int, T: int, d_in_bar: int, d_out: int, storage: Storage | str) -> Storage:

@@ -290,7 +290,7 @@ def capture(
     is then the training gradient); an analysis of the Fisher should not.
     """
     mode = _fisher(fisher)
-    loss_enum = L._loss(loss)
+    loss_enum = L.Loss.parse(loss)
     if mode is FisherMode.MC and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
