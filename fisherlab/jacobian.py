@@ -24,15 +24,26 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .capturing.layers import dense_from_factors
-from .capturing.record import Capture, LayerCapture, kfac_factors_from
+from .capturing.record import Capture, LayerCapture
+from .kernels import dense_from_factors, kfac_factors_from
 from .errors import FisherlabError
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "Jacobian", "conv_gram_path", "factor_eigh"]
+__all__ = ["LayerJacobian", "MixedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
+
+LOWRANK_EIGH_MIN_DIM = 1024
+"""Factors at least this large whose rows number at most :data:`LOWRANK_EIGH_MAX_FILL` of their
+dimension are eigendecomposed from their rows (:func:`psd_eigh_from_rows`); smaller ones by LAPACK
+``eigh`` directly (so the tiny cases of the suite keep their exact numbers)."""
+LOWRANK_EIGH_MAX_FILL = 0.5
+
+
+def lowrank_eigh_applies(rows: int, dim: int) -> bool:
+    """Whether a ``dim × dim`` factor built from ``rows`` rows takes :func:`psd_eigh_from_rows`."""
+    return dim >= LOWRANK_EIGH_MIN_DIM and rows <= LOWRANK_EIGH_MAX_FILL * dim
 
 
 def conv_gram_path(B: int, K: int, T: int, d_in: int, d_out: int) -> str:
@@ -53,6 +64,37 @@ def factor_eigh(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sA, QA = torch.linalg.eigh(A)
     sG, QG = torch.linalg.eigh(G)
     return sA, QA, sG, QG
+
+
+def psd_eigh_from_rows(rows: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Ascending eigenpairs ``(s [n], Q [n, n])`` of ``M = scale · rowsᵀ rows`` for ``rows [r, n]``
+    with r < n, without an n × n ``eigh``.
+
+    The nonzero eigenpairs of M are those of the r × r Gram ``C = scale · rows rowsᵀ = W S Wᵀ``,
+    with eigenvectors ``v = √scale · rowsᵀ w / √s`` (``M v = s v``); eigenvalues below
+    ``n·ε·s_max`` (where LAPACK's own eigenvalues of M are round-off) count as zero. The
+    eigenvectors are re-orthonormalized (largest first) and completed to an orthonormal basis of
+    Rⁿ by one complete Householder QR; the completion spans M's null space (eigenvalue 0 exactly).
+
+    Measured (2 cores, float64): A of ResNet-18's ``layer4.1.conv2`` (n = 4609, r = B·T = 512 at
+    B = 32) in 1.4 s instead of 29–45 s by ``torch.linalg.eigh``; the three 4609² factors were 85 % of
+    ``compare``'s setup (``analysis/bench/scale_bench.py``). Agreement with ``eigh``:
+    ``‖MQ − QS‖/‖M‖`` and ``‖QᵀQ − I‖`` ~1e-15, KFAC solves equal to ~1e-13 relative.
+    """
+    r, n = rows.shape
+    C = (rows @ rows.T).mul_(scale)
+    s, W = torch.linalg.eigh(C)
+    top = float(s[-1]) if s.numel() else 0.0
+    keep = s > n * torch.finfo(s.dtype).eps * top if top > 0 else torch.zeros_like(s, dtype=torch.bool)
+    s_k, W_k = s[keep].flip(0), W[:, keep].flip(1)  # descending: the accurate vectors first
+    k = int(s_k.numel())
+    V = (rows.T @ W_k).mul_(math.sqrt(scale) / s_k.sqrt())  # [n, k]
+    Q, R = torch.linalg.qr(V, mode="complete")  # [n, n]
+    d = torch.sign(torch.diagonal(R)[:k])
+    Q[:, :k] *= torch.where(d == 0, torch.ones_like(d), d)
+    evals = torch.cat([s.new_zeros(n - k), s_k.flip(0)])
+    evecs = torch.cat([Q[:, k:], Q[:, :k].flip(1)], dim=1)
+    return evals, evecs
 
 
 @dataclass(eq=False)
@@ -77,9 +119,25 @@ class LayerJacobian:
     G_stored: Tensor | None = None
 
     @classmethod
-    def from_layer_capture(cls, lc: LayerCapture, B: int, K: int, dtype: torch.dtype = torch.float64) -> "LayerJacobian":
-        cv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    def from_layer_capture(cls, lc: LayerCapture, B: int, K: int, dtype: torch.dtype = torch.float64,
+                           device: torch.device | str | None = None) -> "LayerJacobian":
+        cv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return cls(lc.spec, B, K, cv(lc.a), cv(lc.g), cv(lc.dense), cv(lc.A), cv(lc.G))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LayerJacobian":
+        """This layer's tensors on ``device`` in ``dtype`` (itself when nothing changes; caches are not carried)."""
+        cv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return LayerJacobian(self.spec, self.B, self.K, cv(self.a), cv(self.g), cv(self.dense),
+                             cv(self.A_stored), cv(self.G_stored))
+
+    @property
+    def device(self) -> torch.device:
+        return (self.dense if self.dense is not None else self.a).device  # type: ignore[union-attr]
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype of every product, Gram and factor this layer returns (its factors' dtype)."""
+        return (self.dense if self.dense is not None else self.a).dtype  # type: ignore[union-attr]
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
@@ -299,8 +357,24 @@ class LayerJacobian:
     @cached_property
     def kfac_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(s_A, Q_A, s_G, Q_G)``: eigenpairs of the undamped KFAC factors, computed once and
-        shared by every KFAC operator (both damping modes), spectra and spectral coarse spaces."""
-        return factor_eigh(*self.kfac_factors)
+        shared by every KFAC operator (both damping modes), spectra and spectral coarse spaces.
+
+        A factor of dimension n built from fewer rows than n/2 (a wide conv at a small batch:
+        A has rank ≤ B·T) is decomposed from its rows, :func:`psd_eigh_from_rows`."""
+        A, G = self.kfac_factors
+        if self.a is None or self.g is None:
+            return factor_eigh(A, G)
+        B, K, T, d_out = self.g.shape
+        d_in = self.a.shape[-1]
+        if lowrank_eigh_applies(B * T, d_in):
+            sA, QA = psd_eigh_from_rows(self.a.reshape(B * T, d_in).to(A.dtype), 1.0 / B)
+        else:
+            sA, QA = torch.linalg.eigh(A)
+        if lowrank_eigh_applies(B * K * T, d_out):
+            sG, QG = psd_eigh_from_rows(self.g.reshape(B * K * T, d_out).to(G.dtype), 1.0 / (B * T))
+        else:
+            sG, QG = torch.linalg.eigh(G)
+        return sA, QA, sG, QG
 
     def dense_rows(self) -> Tensor:
         """``J_i [N, p_i]`` (not scaled). For references and small layers."""
@@ -308,6 +382,72 @@ class LayerJacobian:
             return self.dense
         assert self.a is not None and self.g is not None
         return dense_from_factors(self.a, self.g)
+
+
+PRECISIONS = ("float64", "mixed")
+
+
+def _same_device(a: torch.device | str, b: torch.device) -> bool:
+    a = torch.device(a)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+@dataclass(eq=False)
+class MixedLayerJacobian(LayerJacobian):
+    """``precision="mixed"``: factors held in float32, products and Grams computed in float32 and
+    returned in float64; KFAC factors returned in float64, so that every factorization
+    (eigendecompositions, Cholesky factors) and solve runs in float64.
+
+    torch's float32 GEMMs accumulate in float32 (on CUDA too: TF32 stays off unless the user
+    enables it); the accumulation over layers (K = Σ K_i, Uᵀx = Σ_i U_iᵀx_i) and everything after
+    is float64. For GPUs whose float64 is slow; off by default.
+
+    Measured error (MNIST autoencoder 784-…-784 at width 0.25, B = 64, mc, λ = 1e-3·λ_max;
+    ``tests/test_device.py::test_mixed_precision_error_is_small`` pins the bound 1e-4 on a tiny
+    case): relative errors 𝔈/‖ζ‖² of every default method within 2e-6 (relative) of float64, ζ
+    within 2e-6 (Euclidean relative) — see ``analysis/bench/cuda_bench.py --precision mixed``.
+    """
+
+    out_dtype: torch.dtype = torch.float64
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return self.out_dtype
+
+    def to(self, device=None, dtype=None) -> "LayerJacobian":
+        lj = super().to(device, None)
+        return MixedLayerJacobian(lj.spec, lj.B, lj.K, lj.a, lj.g, lj.dense, lj.A_stored, lj.G_stored,
+                                  out_dtype=dtype or self.out_dtype)
+
+    def _lo(self) -> torch.dtype:
+        return (self.dense if self.dense is not None else self.a).dtype  # type: ignore[union-attr]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        return super().rmatmat(x.to(self._lo())).to(self.out_dtype)
+
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        res = super().matmat(y.to(self._lo())).to(self.out_dtype)
+        return out.copy_(res) if out is not None else res
+
+    def gram(self) -> Tensor:
+        return super().gram().to(self.out_dtype)
+
+    def diagonal(self) -> Tensor:
+        return super().diagonal().to(self.out_dtype)
+
+    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
+        return super().eigenbasis_second_moments(QA.to(self._lo()), QG.to(self._lo())).to(self.out_dtype)
+
+    def dense_rows(self) -> Tensor:
+        return super().dense_rows().to(self.out_dtype)
+
+    @cached_property
+    def reduce_factors(self) -> tuple[Tensor, Tensor]:
+        return tuple(t.to(self.out_dtype) for t in LayerJacobian.reduce_factors.func(self))  # type: ignore[return-value]
+
+    @cached_property
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        return tuple(t.to(self.out_dtype) for t in LayerJacobian.kfac_factors.func(self))  # type: ignore[return-value]
 
 
 class Jacobian:
@@ -332,21 +472,44 @@ class Jacobian:
         self.output_terms = output_terms
 
     @classmethod
-    def coerce(cls, source: "Capture | Jacobian", dtype: torch.dtype = torch.float64) -> "Jacobian":
-        """The given Jacobian, or one built from a capture (converted to ``dtype``)."""
+    def coerce(cls, source: "Capture | Jacobian", dtype: torch.dtype = torch.float64, *,
+               device: torch.device | str | None = None, precision: str = "float64") -> "Jacobian":
+        """The given Jacobian (moved once to ``device`` when it lives elsewhere), or one built from
+        a capture (its factors converted to ``dtype`` and moved to ``device``; ``None``: the
+        capture's own device). ``precision="mixed"``: :class:`MixedLayerJacobian` layers."""
+        if precision not in PRECISIONS:
+            raise FisherlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if isinstance(source, Jacobian):
-            return source
+            if device is None or _same_device(device, source.device):
+                return source
+            return source.to(device)
         if isinstance(source, Capture):
-            return cls.from_capture(source, dtype)
+            return cls.from_capture(source, dtype, device=device, precision=precision)
         raise TypeError(f"expected a Capture or a Jacobian, got {type(source).__name__}")
 
     @classmethod
-    def from_capture(cls, cap: Capture, dtype: torch.dtype = torch.float64) -> "Jacobian":
+    def from_capture(cls, cap: Capture, dtype: torch.dtype = torch.float64, *,
+                     device: torch.device | str | None = None, precision: str = "float64") -> "Jacobian":
         if cap.N == 0 or not cap.layers:
             raise FisherlabError("empty capture: no examples or no layers")
-        layers = [LayerJacobian.from_layer_capture(lc, cap.B, cap.K, dtype) for lc in cap.layers]
+        if precision == "mixed":
+            layers = [MixedLayerJacobian(lc.spec, cap.B, cap.K, *(None if t is None else t.to(device=device, dtype=torch.float32)
+                                                                   for t in (lc.a, lc.g, lc.dense, lc.A, lc.G)), out_dtype=dtype)
+                      for lc in cap.layers]
+        else:
+            layers = [LayerJacobian.from_layer_capture(lc, cap.B, cap.K, dtype, device) for lc in cap.layers]
         terms = int(cap.targets[0].numel()) if cap.targets.dim() > 1 else None
         return cls(cap.layout, layers, cap.B, cap.K, loss=cap.loss, output_terms=terms)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Jacobian":
+        """A Jacobian with every layer's factors moved once to ``device`` (and ``dtype``)."""
+        return Jacobian(self.layout, [lj.to(device, dtype) for lj in self.layers], self.B, self.K,
+                        loss=self.loss, output_terms=self.output_terms)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the factors live (every product runs there)."""
+        return self.layers[0].device
 
     @property
     def N(self) -> int:
@@ -358,8 +521,8 @@ class Jacobian:
 
     @property
     def dtype(self) -> torch.dtype:
-        l0 = self.layers[0]
-        return (l0.dense if l0.dense is not None else l0.a).dtype  # type: ignore[union-attr]
+        """The dtype of the products (float64 also under ``precision="mixed"``)."""
+        return self.layers[0].result_dtype
 
     def rmatmat(self, x: Tensor) -> Tensor:
         """``Uᵀ x``: ``[p, c] -> [N, c]``."""

@@ -46,6 +46,7 @@ from .io.tables import fmt, text_table, write_csv
 from .jacobian import Jacobian
 from .methods import Family, Pieces
 from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator
+from .planning import plan_compare
 
 __all__ = [
     "METHODS",
@@ -341,6 +342,9 @@ def compare(
     top_modes: int = 5,
     anatomy_of_errors: bool = True,
     progress: Callable[[str], None] | None = None,
+    device: torch.device | str | None = None,
+    precision: str = "float64",
+    memory: int | str | None = None,
 ) -> ComparisonTable:
     """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
 
@@ -361,6 +365,14 @@ def compare(
             eigendecomposition of the N × N Gram and, per method, the per-layer products Uᵀe that
             𝔈 needs anyway); ``False`` leaves those columns NaN.
         progress: called with each method key before it runs.
+        device: where the algebra runs (``"cuda"``, ``"cpu"``, …; default: the capture's device,
+            the CPU for a loaded file); the factors are moved there once, float64.
+        precision: ``"float64"`` (default) or ``"mixed"`` (float32 products and Grams, float64
+            factorizations and solves: :class:`fisherlab.jacobian.MixedLayerJacobian`, its
+            measured error stated there).
+        memory: a budget in bytes or ``"8GiB"`` (:mod:`fisherlab.planning`): the big allocations
+            are planned before anything is computed, and a plan that does not fit is refused
+            with one line naming ``memory=`` (CLI ``--memory``). ``None``: no check.
 
     The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family: (4.6) for coarse
     corrections, xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ otherwise (0 for the reference KFAC itself). The
@@ -373,7 +385,8 @@ def compare(
         tables = []
         for i, cap in enumerate(capture):
             t = compare(cap, damping, methods, rhs=rhs, exact=exact, k=k, m=m, q=q, options=options,
-                        top_modes=top_modes, anatomy_of_errors=anatomy_of_errors, progress=progress)
+                        top_modes=top_modes, anatomy_of_errors=anatomy_of_errors, progress=progress,
+                        device=device, precision=precision, memory=memory)
             for rows in (t.rows, t.layers, t.modes):
                 for r in rows:
                     r.setdefault("sample", i)
@@ -385,13 +398,15 @@ def compare(
     names = registry.default_keys() if methods is None else list(methods)
     for name in names:
         registry.get(name)  # one-line error for an unknown key
-    jac = Jacobian.coerce(capture)
+    jac = Jacobian.coerce(capture, device=device, precision=precision)
+    if memory is not None:
+        plan_compare(jac, names, memory=memory).check()
     lam = resolve_damping(damping, jac)
     if rhs is None:
         if not isinstance(capture, Capture):
             raise ValueError("compare: rhs is required when given a Jacobian")
         rhs = capture.grad
-    w = rhs.to(torch.float64).reshape(-1, 1)
+    w = rhs.to(device=jac.device, dtype=torch.float64).reshape(-1, 1)
     if not bool(torch.isfinite(w).all()):
         raise FisherlabError("compare: the gradient ∇h contains NaN/Inf")
     if float(w.norm()) == 0.0:

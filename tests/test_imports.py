@@ -35,7 +35,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("jacobian", "damping"),
     ("linalg",),
     ("operators",),
-    ("methods",),
+    ("methods", "planning"),
     ("anatomy",),
     ("metrics", "structure", "spectra"),
     ("plots",),

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -21,6 +23,8 @@ from .lanczos import gauss_quadrature, lanczos_tridiagonal
 __all__ = ["SLQ_MEMORY_BYTES", "QuadratureRule", "rademacher_probes", "slq_quadrature"]
 
 SLQ_MEMORY_BYTES = 2 * 2**30
+MIN_STEPS = 8
+"""Fewest Lanczos steps per probe SLQ runs when the budget shrinks its bases (fewer: refused)."""
 """Memory allowed for the Lanczos bases of SLQ (``n_steps · p · probes`` float64 numbers at once)."""
 
 
@@ -68,11 +72,17 @@ def slq_quadrature(
         raise ValueError(f"slq: n_probes and n_steps must be ≥ 1, got {n_probes}, {n_steps}")
     m = min(n_steps, p)
     per_probe = m * p * 8
-    if per_probe > memory_bytes:
-        raise FisherlabError(
-            f"slq: one Lanczos basis needs {per_probe / 2**30:.2f} GiB ({m} steps × p = {p:,}); "
-            f"reduce n_steps or raise memory_bytes ({memory_bytes / 2**30:.2f} GiB)"
-        )
+    if per_probe > memory_bytes:  # sized to the budget: fewer steps, before any work
+        fit = int(memory_bytes // (p * 8))
+        if fit < min(MIN_STEPS, m):
+            raise FisherlabError(
+                f"slq: one Lanczos basis needs {per_probe / 2**30:.2f} GiB ({m} steps × p = {p:,}) and "
+                f"{min(MIN_STEPS, m)} steps need {min(MIN_STEPS, m) * p * 8 / 2**30:.2f} GiB; raise the memory budget "
+                f"(memory_bytes / --memory, now {memory_bytes / 2**30:.2f} GiB)"
+            )
+        warnings.warn(f"slq: {m} Lanczos steps × p = {p:,} exceed the memory budget "
+                      f"({memory_bytes / 2**30:.2f} GiB): running {fit} steps per probe", RuntimeWarning, stacklevel=2)
+        m, per_probe = fit, fit * p * 8
     chunk = max(1, min(n_probes, memory_bytes // per_probe))
     Z = rademacher_probes(p, n_probes, seed, dtype)
     nodes, weights = [], []

@@ -63,6 +63,9 @@ class FisherOperator:
 
     symmetric: bool = True
     name: str = "operator"
+    device: torch.device | None = None
+    """Where the operator's tensors live (``None``: wherever its inputs are; CPU for ``to_dense``).
+    Operators built on a :class:`~fisherlab.jacobian.Jacobian` take its device."""
 
     _algebra: dict[str, type] = {}
     """The expression classes (``compose``, ``sum``, ``scale``, ``adjoint``, ``inverse``), registered
@@ -130,7 +133,7 @@ class FisherOperator:
             raise TypeError(f"{self.name}.{what}: expected a tensor, got {type(v).__name__}")
         if v.dim() not in (1, 2) or v.shape[0] != rows:
             raise ValueError(f"{self.name}.{what}: expected shape [{rows}] or [{rows}, c], got {tuple(v.shape)}")
-        return v.reshape(rows, -1).to(self.dtype), v.dim() == 1
+        return v.reshape(rows, -1).to(device=self.device, dtype=self.dtype), v.dim() == 1
 
     def matvec(self, v: Tensor) -> Tensor:
         """``op v`` for ``v [n]`` or ``[n, c]``."""
@@ -191,7 +194,7 @@ class FisherOperator:
             raise FisherlabError(
                 f"{self.name}.to_dense: {self.p:,} × {self.cols:,} is too large for a dense matrix (limit {MAX_DENSE_P:,})"
             )
-        return self._matmat(torch.eye(self.cols, dtype=self.dtype))
+        return self._matmat(torch.eye(self.cols, dtype=self.dtype, device=self.device))
 
     def has_adjoint(self) -> bool:
         """Whether :meth:`apply_adjoint` is available (symmetric, or an adjoint hook)."""
@@ -204,8 +207,8 @@ class FisherOperator:
 
         def wrap(hook, rows):
             def f(x: np.ndarray) -> np.ndarray:
-                X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(rows, -1).to(self.dtype)
-                out = hook(X).double().numpy()
+                X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(rows, -1).to(device=self.device, dtype=self.dtype)
+                out = hook(X).double().cpu().numpy()
                 return out.reshape(-1) if x.ndim == 1 else out
 
             return f

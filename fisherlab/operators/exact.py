@@ -82,6 +82,7 @@ class ExactFisher(FisherOperator):
         self.jac = Jacobian.coerce(source, dtype)
         self.damping = resolve_damping(damping, self.jac)
         super().__init__(self.jac.p, dtype)
+        self.device = self.jac.device
         N, p = self.jac.N, self.jac.p
         gram_bytes = N * N * torch.finfo(dtype).bits // 8
         if solver == "auto":
@@ -173,7 +174,7 @@ class ExactFisher(FisherOperator):
             def cb(_xk, count=count):
                 count[0] += 1
 
-            b = W[:, j].double().numpy()
+            b = W[:, j].double().cpu().numpy()
             x, info = cg(A, b, rtol=self.cg_rtol, atol=0.0, maxiter=self.cg_maxiter, M=M, callback=cb)
             if info != 0:
                 ok = False
@@ -185,7 +186,7 @@ class ExactFisher(FisherOperator):
                 )
             cols.append(torch.from_numpy(np.ascontiguousarray(x)))
             iters.append(count[0])
-        return torch.stack(cols, 1).to(self.dtype), iters, ok
+        return torch.stack(cols, 1).to(device=W.device, dtype=self.dtype), iters, ok
 
 
 class ExactBlock(FisherOperator):
@@ -194,6 +195,7 @@ class ExactBlock(FisherOperator):
 
     def __init__(self, lj: LayerJacobian, damping: float) -> None:
         super().__init__(lj.p, _dtype_of(lj))
+        self.device = lj.device
         self.lj = lj
         self.lam = check_damping(damping)
         self._chol: Tensor | None = None
@@ -226,7 +228,7 @@ class ExactBlock(FisherOperator):
 
 
 def _dtype_of(lj: LayerJacobian) -> torch.dtype:
-    return (lj.dense if lj.dense is not None else lj.a).dtype  # type: ignore[union-attr]
+    return lj.result_dtype
 
 
 def cg_preconditioner_rule(N: int, p: int) -> str | None:

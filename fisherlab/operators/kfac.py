@@ -91,6 +91,7 @@ class KroneckerBlock(FisherOperator):
         sA, QA, sG, QG = eigh
         self.d_in, self.d_out = QA.shape[0], QG.shape[0]
         super().__init__(self.d_in * self.d_out, QA.dtype)
+        self.device = QA.device
         self.damping = check_damping(damping)
         self.mode = DampingMode.parse(mode)
         self.eigh = eigh
@@ -135,13 +136,13 @@ class KroneckerBlock(FisherOperator):
     def A_damped(self) -> Tensor:
         """Ã = A + π√λ I (``pi``); A itself for ``tikhonov``."""
         shift = self.pi * math.sqrt(self.damping) if self.mode is DampingMode.PI else 0.0
-        return self.A + shift * torch.eye(self.d_in, dtype=self.A.dtype)
+        return self.A + shift * torch.eye(self.d_in, dtype=self.A.dtype, device=self.A.device)
 
     @property
     def G_damped(self) -> Tensor:
         """G̃ = G + (√λ/π) I (``pi``); G itself for ``tikhonov``."""
         shift = math.sqrt(self.damping) / self.pi if self.mode is DampingMode.PI else 0.0
-        return self.G + shift * torch.eye(self.d_out, dtype=self.G.dtype)
+        return self.G + shift * torch.eye(self.d_out, dtype=self.G.dtype, device=self.G.device)
 
     # ---- eigenbasis transforms of [p_i, c] blocks -----------------------------------------
     def to_eigenbasis(self, V: Tensor) -> Tensor:
@@ -214,6 +215,7 @@ class KFAC(BlockDiagonal):
         if len({(b.damping, b.mode) for b in blocks}) != 1:
             raise ValueError("KFAC: every Kronecker block must have the same damping and mode")
         super().__init__(blocks)
+        self.device = blocks[0].device
         self.damping = blocks[0].damping
         self.damping_mode = blocks[0].mode
         self.name = "kfac" if self.damping_mode is DampingMode.PI else "kfac-tikhonov"

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..capturing.record import Capture
 from ..errors import FisherlabError
 from ..jacobian import Jacobian
+from ..planning import plan_spectra
 from ..linalg import SLQ_MEMORY_BYTES, lanczos_extremes, slq_quadrature, start_vector
 from ..operators import KFAC, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
 from ..operators.derived import PreconditionedFisher, TwoLevelErrorOperator
@@ -137,6 +138,7 @@ def operator_spectrum(
     seed: int = 0,
     operator: str | None = None,
     damping: float = float("nan"),
+    memory_bytes: int = SLQ_MEMORY_BYTES,
 ) -> Spectrum:
     """Spectrum of a symmetric :class:`FisherOperator` by ``"dense"``, ``"lanczos"`` or ``"slq"``.
 
@@ -158,7 +160,7 @@ def operator_spectrum(
         vals, info = lanczos_extremes(op.to_scipy(), k, seed=seed)
         return Spectrum(name, "lanczos", vals, _uniform(vals, op.p), damping, op.p, condition_number(vals), info=dict(info, k=k))
     if method == "slq":
-        return slq(op, n_probes=n_probes, n_steps=n_steps, seed=seed, operator=name, damping=damping)
+        return slq(op, n_probes=n_probes, n_steps=n_steps, seed=seed, operator=name, damping=damping, memory_bytes=memory_bytes)
     raise ValueError(f"operator_spectrum: method must be 'dense', 'lanczos' or 'slq', got {method!r}")
 
 
@@ -184,6 +186,7 @@ def fisher_spectrum(
     n_probes: int = 16,
     n_steps: int = 64,
     seed: int = 0,
+    memory_bytes: int = SLQ_MEMORY_BYTES,
 ) -> Spectrum:
     """Spectrum of F• = F + λI (2.17).
 
@@ -216,7 +219,8 @@ def fisher_spectrum(
         weights = np.concatenate([[(p - N) / p], np.full(vals.shape, 1.0 / p)])
         return Spectrum("fisher", "lanczos", values, weights, lam, p, condition_number(values), info=dict(linfo, k=k, N=N))
     if method != "exact":
-        return operator_spectrum(F, method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed, operator="fisher", damping=lam)
+        return operator_spectrum(F, method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed, operator="fisher", damping=lam,
+                                 memory_bytes=memory_bytes)
     mu = torch.linalg.eigvalsh(jac.gram).clamp_min(0).numpy()
     r = min(N, p)
     top = mu[N - r :] + lam
@@ -306,6 +310,7 @@ def error_spectrum(
     n_steps: int = 64,
     seed: int = 0,
     tol: float = 1e-10,
+    memory_bytes: int = SLQ_MEMORY_BYTES,
 ) -> Spectrum:
     """Spectrum of the two-level error operator ``E = (I − Π)(I − F•KFAC⁻¹F•)`` (3.16).
 
@@ -340,7 +345,8 @@ def error_spectrum(
         Fd = F.apply(I).double().numpy()
         vals = scipy.linalg.eigh((A + A.T) / 2, (Fd + Fd.T) / 2, eigvals_only=True)
     elif method == "slq" and gram_ok:
-        out = slq(E.symmetrized(), n_probes=n_probes, n_steps=n_steps, seed=seed, operator=E.name, damping=two_level.damping)
+        out = slq(E.symmetrized(), n_probes=n_probes, n_steps=n_steps, seed=seed, operator=E.name, damping=two_level.damping,
+                  memory_bytes=memory_bytes)
         out.condition_number = float("nan")
         out.info.update(info)
         return out
@@ -381,6 +387,8 @@ def spectra(
     n_probes: int = 16,
     n_steps: int = 64,
     seed: int = 0,
+    device: torch.device | str | None = None,
+    memory: int | str | None = None,
 ) -> dict[str, Spectrum]:
     """Spectra of several operators of one capture, sharing the Jacobian, F• and KFAC.
 
@@ -396,6 +404,10 @@ def spectra(
             ``method="slq"``).
         rhs: right-hand side for the residual-based coarse spaces (default ``capture.grad``).
         k, n_probes, n_steps, seed: Lanczos and SLQ parameters.
+        device: where the algebra runs (default: the capture's device; float64).
+        memory: a budget (bytes or ``"8GiB"``, :mod:`fisherlab.planning`): planned before any
+            setup and refused in one line naming ``memory=`` / ``--memory`` when it cannot fit;
+            the SLQ bases are sized to what the plan leaves (fewer steps, with a warning).
 
     Returns:
         ``{operator key: Spectrum}`` in the order requested.
@@ -405,7 +417,11 @@ def spectra(
     bad = [o for o in operators if o not in known]
     if bad:
         raise ValueError(f"unknown operator(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
-    jac = Jacobian.coerce(source)
+    jac = Jacobian.coerce(source, device=device)
+    lk_mem = {}
+    if memory is not None:
+        _, free = plan_spectra(jac, memory=memory, n_steps=n_steps)
+        lk_mem = {"memory_bytes": free}
     exact = ExactFisher(jac, lam)
     kfacs: dict[str, KFAC] = {}
 
@@ -414,7 +430,7 @@ def spectra(
             kfacs[mode] = KFAC.from_capture(jac, lam, mode)
         return kfacs[mode]
 
-    lk = dict(k=k, n_probes=n_probes, n_steps=n_steps, seed=seed)
+    lk = dict(k=k, n_probes=n_probes, n_steps=n_steps, seed=seed, **lk_mem)
     out: dict[str, Spectrum] = {}
     for o in operators:
         if o == "fisher":
@@ -429,6 +445,6 @@ def spectra(
             raise ValueError("spectra: rhs is required for coarse spaces when the source is a Jacobian")
         for space in coarse:
             tl = TwoLevelKFAC(source if isinstance(source, Capture) else jac, lam, space, kfac=kf(damping_mode), exact=exact, rhs=rhs)
-            s = error_spectrum(tl, method=method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed)
+            s = error_spectrum(tl, method=method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed, **lk_mem)
             out[s.operator] = s
     return out
