@@ -110,10 +110,18 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, bool]:
 # ---- options -------------------------------------------------------------------------------
 
 
+def _add_resources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="torch device of the offline algebra, e.g. cuda or cpu (default: cpu; float64)")
+    parser.add_argument("--memory", default=None,
+                        help="memory budget, e.g. 8GiB: the analysis is planned first and refused in one line if it cannot fit")
+
+
 def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``errors``: FILE --damping λ [--methods a,b] [--checkpoints c1,c2] --out DIR."""
     _add_common(parser)
     _add_damping(parser, 1e-3)
+    _add_resources(parser)
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
     parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space")
@@ -126,6 +134,7 @@ def add_spectra_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Options of ``spectra``: FILE --damping λ [--operators …] [--coarse …] [--method …] --out DIR."""
     _add_common(parser)
     _add_damping(parser, 1e-3)
+    _add_resources(parser)
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
     parser.add_argument("--operators", type=_csv_list, default=["fisher", "kfac", "preconditioned"], help=f"comma-separated: {', '.join(SPECTRUM_OPERATORS)}")
     parser.add_argument("--coarse", type=_csv_list, default=[], help="coarse spaces whose two-level error operators to add")
@@ -168,6 +177,7 @@ def error_reduction_main(args: argparse.Namespace) -> int:
     rows = run_error_reduction(
         args.file, damping, out, methods=args.methods, checkpoints=args.checkpoints,
         progress=progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
+        device=args.device, memory=args.memory,
     )
     if not args.quiet:
         for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
@@ -189,6 +199,7 @@ def spectra_main(args: argparse.Namespace) -> int:
         args.file, _damping_of(args), out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
         method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
         n_steps=args.n_steps, seed=args.seed, progress=progress, figures=args.figures,
+        device=args.device, memory=args.memory,
     )
     if not args.quiet:
         for ck, sp in res.items():

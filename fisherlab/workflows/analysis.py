@@ -99,7 +99,8 @@ def run_error_reduction(
         checkpoints: checkpoint names (default: every complete one).
         progress: show a tqdm bar over checkpoints × methods.
         figures: also draw ``error_reduction.*`` and ``method_errors_<last checkpoint>.*``.
-        **compare_kw: ``k``, ``m``, ``q`` (spectral, Krylov and Taylor sizes) for :func:`fisherlab.compare`.
+        **compare_kw: ``k``, ``m``, ``q`` (spectral, Krylov and Taylor sizes), ``device``,
+            ``precision`` and ``memory`` for :func:`fisherlab.compare`.
 
     Returns:
         The comparison rows (with ``checkpoint``, ``step``, ``damping``); also in ``errors.csv``.
@@ -142,6 +143,8 @@ def run_spectra(
     seed: int = 0,
     progress: bool = True,
     figures: bool = True,
+    device: str | None = None,
+    memory: int | str | None = None,
 ) -> dict[str, dict]:
     """Spectra of F•, F•KFAC, the preconditioned and (optionally) the two-level error operators.
 
@@ -156,6 +159,8 @@ def run_spectra(
         k, n_probes, n_steps, seed: Lanczos and SLQ parameters.
         progress: tqdm bar over checkpoints.
         figures: draw ``spectra_<checkpoint>.*``.
+        device, memory: see :func:`fisherlab.spectra.spectra` (the plan is checked per checkpoint,
+            before its setup).
 
     Returns:
         ``{checkpoint: {operator: Spectrum}}``; ``spectra_summary.csv`` holds one row per
@@ -177,7 +182,8 @@ def run_spectra(
             bar.set_postfix_str(info.name)
             cap = load(path, info.name)
             lam = resolve_damping(damping, cap)
-            sp = spectra(cap, lam, operators=operators, coarse=coarse, method=method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed)
+            sp = spectra(cap, lam, operators=operators, coarse=coarse, method=method, k=k, n_probes=n_probes, n_steps=n_steps, seed=seed,
+                         device=device, memory=memory)
             results[info.name] = sp
             for key, s in sp.items():
                 summary.append({"checkpoint": info.name, "step": info.step, **s.summary()})
