@@ -1298,7 +1298,7 @@ def save(
             names = list(ckpts.keys())
             name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
             if name in ckpts and _attr(ckpts[name], "complete", False) is True and not overwrite:
-                raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True to replace it)")
+                raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True, or --overwrite to fisherlab capture, to replace it)")
             _clear_staging(f, path)
             _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
     except (OSError, RuntimeError) as err:  # from HDF5 (StoreError is a ValueError)

@@ -297,7 +297,9 @@ def test_analyze_without_target_works_after_traceback_flag(capsys, run_file, tmp
     """``fisherlab --traceback analyze FILE …`` still means the ``errors`` target."""
     rc, out, err = run_cli(capsys, "--traceback", "analyze", run_file, "--damping", "0.1", "--methods", "kfac",
                            "--out", tmp_path, "--no-progress", "--no-figures", "--quiet")
-    assert rc == 0, err
+    # the run file holds an incomplete checkpoint: analysed are the complete ones, and the exit
+    # status says something was skipped
+    assert rc == 1 and "skipped 1 checkpoint(s) that are not complete: 'step-200'" in err, err
     assert (tmp_path / "errors.csv").is_file() and "rows" in out
 
 
@@ -326,3 +328,26 @@ def test_capture_batches_and_draws_give_intervals(capsys, tmp_path, ckpts):
     assert all(s["samples"] == 4 and s["relative_error_hw"] >= 0 for s in table.summary() if s["method"] != "zero")
     rc, _, err = run_cli(capsys, *_capture_args(paths[:1], tmp_path / "e.h5", "--fisher", "exact", "--draws", "2"))
     assert rc == 2 and "only the mc Fisher draws samples" in err
+
+
+def test_capture_overwrite_and_analyze_reports_what_it_skipped(capsys, tmp_path, ckpts, monkeypatch):
+    """--overwrite recaptures complete checkpoints; analyze exits 1 naming checkpoints it skipped."""
+    desc, paths = ckpts
+    out = tmp_path / "run.h5"
+
+    def stop(name, stage):
+        if name == "step-50" and stage == "before-commit":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_WRITE_HOOK", stop)
+    assert main([str(a) for a in _capture_args(paths, out)]) == 130
+    monkeypatch.setattr(store, "_WRITE_HOOK", None)
+    rc, stdout, err = run_cli(capsys, "analyze", "interactions", out, "--out", tmp_path / "res", "--no-figures", "--no-progress")
+    assert rc == 1 and "skipped 1 checkpoint(s) that are not complete: 'step-50'" in err
+    assert (tmp_path / "res" / "structure_summary.csv").stat().st_size > 0  # the complete one was analysed
+    created = store.list_checkpoints(out)[0].created
+    rc, stdout, err = run_cli(capsys, *_capture_args(paths, out, "--overwrite"))
+    assert rc == 0, err
+    assert "2 checkpoint(s) written" in stdout and "skipped" not in err
+    assert [c.complete for c in store.list_checkpoints(out)] == [True, True]
+    assert store.list_checkpoints(out)[0].created >= created

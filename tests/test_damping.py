@@ -133,3 +133,9 @@ def test_table_reports_the_damping_in_every_scale():
     assert t.meta["damping"] == pytest.approx(1e-2 * scale.lambda_max)
     assert t.meta["damping_scales"]["max"] == pytest.approx(1e-2)
     assert "λ = 0.01 × λ_max(F)" in str(t) and "λ/λ_max = 0.01" in str(t)
+
+
+@pytest.mark.parametrize("lam", [1e300, 5e-324, 1e-200])
+def test_dampings_that_over_or_underflow_are_refused(lam):
+    with pytest.raises(DampingError, match="outside"):
+        fisherlab.ExactFisher(cached_capture("mlp", "mse", "mc"), lam)

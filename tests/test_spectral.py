@@ -60,7 +60,7 @@ def test_large_eigenspace_uses_the_residual_component():
     big = [i for i, mlt in enumerate(op.space.multiplicities) if mlt > SPECTRAL_MAX_EIGENSPACE]
     assert big, op.space.multiplicities
     for i in big:
-        assert op.coarse_dims[i] == 1
+        assert op.coarse_dims[i] <= 1  # the residual's component (none when r has no part in it)
     assert op.gap() <= 0
 
 

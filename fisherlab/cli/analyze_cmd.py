@@ -56,10 +56,15 @@ def _dampings(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
-def _count(what: str):
+COARSE_SIZE_MAX = 64
+"""Bound of --spectral-k, --krylov-m, --taylor-q: each adds one p_i-vector per layer to R_0 (at
+p_i ≈ 3e6 that is 24 MB a column; an unbounded value once asked for 49 GB)."""
+
+
+def _count(what: str, max_: int | None = None):
     def parse(s: str) -> int:
         try:
-            return positive_int(int(s), what)
+            return positive_int(int(s), what, max=max_)
         except ValueError as err:  # int() or ConfigError
             raise argparse.ArgumentTypeError(str(err) if isinstance(err, ConfigError) else f"{what} must be a positive integer, got {s!r}") from None
 
@@ -124,9 +129,9 @@ def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.A
     _add_resources(parser)
     parser.add_argument("--methods", type=_csv_list, default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
-    parser.add_argument("--spectral-k", type=_count("--spectral-k"), default=1, help="eigenvectors per layer of the spectral coarse space")
-    parser.add_argument("--krylov-m", type=_count("--krylov-m"), default=2, help="Krylov block size m")
-    parser.add_argument("--taylor-q", type=_count("--taylor-q"), default=2, help="Taylor order q")
+    parser.add_argument("--spectral-k", type=_count("--spectral-k", COARSE_SIZE_MAX), default=1, help="eigenvectors per layer of the spectral coarse space")
+    parser.add_argument("--krylov-m", type=_count("--krylov-m", COARSE_SIZE_MAX), default=2, help="Krylov block size m")
+    parser.add_argument("--taylor-q", type=_count("--taylor-q", COARSE_SIZE_MAX), default=2, help="Taylor order q")
     return parser
 
 
@@ -248,7 +253,30 @@ def register_subcommands(subparsers) -> None:
     for name, (add, main, help_) in SUBCOMMANDS.items():
         p = subparsers.add_parser(name, help=help_, description=help_, formatter_class=FORMATTER)
         add(p)
-        p.set_defaults(func=main)
+        p.set_defaults(func=_reporting_skipped(main))
+
+
+def _reporting_skipped(main):
+    """Run ``main``; then, when the file holds checkpoints that are not complete (a stopped writer)
+    or damaged, say which on stderr and exit 1: the results cover only the complete ones."""
+
+    def run(args: argparse.Namespace) -> int:
+        import sys
+
+        from ..store import list_checkpoints
+
+        rc = main(args)
+        skipped = [c for c in list_checkpoints(args.file) if not c.complete]
+        if skipped and rc == 0:
+            what = ", ".join(f"'{c.name}' ({c.status})" for c in skipped)
+            print(f"fisherlab analyze: {args.file}: skipped {len(skipped)} checkpoint(s) that are not complete: {what}",
+                  file=sys.stderr)
+            return 1
+        return rc
+
+    run.__name__ = main.__name__
+    run.__doc__ = main.__doc__
+    return run
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:

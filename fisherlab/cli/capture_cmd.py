@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draws", type=int, default=1, metavar="D",
                    help="independent Monte-Carlo draws per batch (mc only), for intervals over draws")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (the same at every checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="capture checkpoints that are complete in --out again and replace them (default: skip them: resume)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="stored dtype")
     p.add_argument("--storage", choices=["auto", "factored", "dense"], default="auto", help="per-layer storage")
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     written = capture_checkpoints(
         desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
         indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
-        meta=meta, batches=args.batches, draws=args.draws, progress=progress_of(args),
+        meta=meta, batches=args.batches, draws=args.draws, overwrite=args.overwrite, progress=progress_of(args),
     )
     print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["fmt", "write_csv", "read_csv", "write_json", "markdown_table", "text_table", "columns_of"]
+__all__ = ["fmt", "write_csv", "read_csv", "write_json", "markdown_table", "text_table", "columns_of", "safe_text"]
 
 NA = "n/a"
 """What :func:`fmt` prints for a missing number."""
@@ -49,6 +49,17 @@ def columns_of(rows: Iterable[Mapping]) -> list[str]:
     return list(cols)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""Text cells starting with these are formulas to a spreadsheet (CSV injection: a checkpoint named
+``=HYPERLINK(...)``); :func:`write_csv` writes them with a leading apostrophe."""
+
+
+def safe_text(s: str) -> str:
+    """``s`` with control characters (terminal escapes, NUL, …) shown as ``\\xNN``: names that come
+    from files or users are printed, never interpreted by the terminal."""
+    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in str(s))
+
+
 def _cell(v: Any) -> Any:
     if v is None:
         return ""
@@ -56,7 +67,17 @@ def _cell(v: Any) -> Any:
         return repr(float(v))
     if isinstance(v, enum.Enum):
         return v.value
+    if isinstance(v, str) and v.startswith(_FORMULA_START) and not _numeric(v):
+        return "'" + v
     return v
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def _replace(tmp: Path, path: Path) -> Path:
@@ -120,10 +141,15 @@ def read_csv(path: str | os.PathLike, *, parse: bool = False) -> list[dict]:
             ``None`` (default: every cell a string, as :class:`csv.DictReader` gives it).
     """
     with Path(path).open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{k: _unguard(v) for k, v in r.items()} for r in csv.DictReader(f)]
     if parse:
         rows = [{k: _parse(v) for k, v in r.items()} for r in rows]
     return rows
+
+
+def _unguard(v: str) -> str:
+    """Undo :func:`write_csv`'s apostrophe before a formula-like text cell."""
+    return v[1:] if isinstance(v, str) and v.startswith("'") and v[1:2] in _FORMULA_START and v[1:2] else v
 
 
 def _json_default(o: Any) -> Any:
@@ -167,7 +193,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, alig
     sep = [marks[a] for a in align] if align else ["---"] * len(header)
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(sep) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join("" if c is None else str(c) for c in r) + " |")
+        lines.append("| " + " | ".join("" if c is None else safe_text(c).replace("|", "\\|") for c in r) + " |")
     return lines
 
 
@@ -182,6 +208,7 @@ def text_table(rows: Sequence[Sequence[str]], *, right: Iterable[int] = (), inde
     if not rows:
         return []
     right = set(right)
+    rows = [[safe_text(c) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:

@@ -136,6 +136,10 @@ SPECTRAL_DEGENERACY_RTOL = 1e-8
 cluster (the factor eigenvalues carry ~1e-16 relative round-off; genuinely distinct eigenvalues
 of these SPD blocks are far further apart)."""
 
+SPECTRAL_COMPONENT_RTOL = 1e-10
+"""A component (of the residual, of 1) in a large degenerate eigenspace smaller than this relative
+to the vector is round-off, not a direction: it is dropped rather than normalised into noise."""
+
 SPECTRAL_MAX_EIGENSPACE = 8
 """A degenerate cluster up to this size is taken whole; a larger one contributes the component of
 the layer's residual in it (then of the constant vector, when more columns are asked for)."""
@@ -151,7 +155,8 @@ class Spectral(CoarseSpace):
     is then made deterministic and basis-free: the whole eigenspace when it has at most
     :data:`SPECTRAL_MAX_EIGENSPACE` dimensions, otherwise the orthogonal projection of the layer's
     residual r[i] (3.13) on it — the member of the eigenspace most aligned with r[i] — followed,
-    for further columns, by that of the constant vector. ``multiplicities`` (per layer) and
+    for further columns, by that of the constant vector (a component below
+    :data:`SPECTRAL_COMPONENT_RTOL` of its vector is round-off and dropped). ``multiplicities`` (per layer) and
     ``note`` record what happened.
     """
 
@@ -187,7 +192,9 @@ class Spectral(CoarseSpace):
             cols = [b.eigenvectors(below // b.d_in, below % b.d_in)]
             for v in (residual[i], torch.ones_like(residual[i]))[:needed]:
                 Xh = b.to_eigenbasis(v) * mask  # the component in the eigenspace, in eigen-coordinates
-                cols.append(b.from_eigenbasis(Xh))
+                c = b.from_eigenbasis(Xh)
+                if float(c.norm()) > SPECTRAL_COMPONENT_RTOL * float(v.norm()):  # else v has none: round-off only
+                    cols.append(c)
             degenerate.append(f"layer {i} ×{cluster.numel()} (residual component)")
             out.append(torch.cat(cols, dim=1))
         self.degenerate = degenerate

@@ -81,6 +81,7 @@ def capture_checkpoints(
     meta: dict | None = None,
     batches: int = 1,
     draws: int = 1,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[str]:
     """Capture ``(inputs, targets)`` at each checkpoint of ``description``'s model into ``out``.
@@ -103,6 +104,8 @@ def capture_checkpoints(
         meta: metadata stored with every checkpoint.
         batches: independent batches in ``inputs`` (split evenly, in order; ``indices`` likewise).
         draws: Monte-Carlo draws per batch (``fisher="mc"`` only; draw j uses seed ``seed + j``).
+        overwrite: capture checkpoints that are complete in ``out`` again and replace them
+            (default: skip them, which resumes a stopped run).
         progress: show a progress bar.
 
     Returns:
@@ -158,6 +161,8 @@ def capture_checkpoints(
                         f"{out}: checkpoint '{info.name}' was captured on another batch; use the same "
                         "data and batch or another output file"
                     )
+    if overwrite:
+        done = set()
     for s, *_ in samples:
         if s in done:
             print(f"fisherlab capture: '{s}' is complete in {out}, skipped", file=sys.stderr)
@@ -179,7 +184,8 @@ def capture_checkpoints(
             storage=storage, model_description=description,
             meta={**(meta or {}), "checkpoint_file": str(path), **({"sample": sample} if len(samples) > len(names) else {})},
         )
-        save(cap, out, checkpoint=stored, step=step, compression=compression, batch_indices=expected[stored])
+        save(cap, out, checkpoint=stored, step=step, compression=compression, batch_indices=expected[stored],
+             overwrite=overwrite)
         written.append(stored)
         del cap
         bar.update(1)
