@@ -123,17 +123,28 @@ def bounded(
     return v
 
 
-def damping(value: Any) -> float:
-    """λ as a float; a one-line :class:`DampingError` unless it is finite and > 0.
+DAMPING_MIN = 1e-150
+DAMPING_MAX = 1e150
+"""Absolute dampings outside [1e-150, 1e150] are refused: ζ = F•⁻¹∇h then over- or underflows in
+float64 for any ∇h of ordinary size (a denormal λ gave ζ = ±inf, 1e300 gave ζ = 0)."""
 
-    The same check (and messages) as :func:`fisherlab.operators.check_damping`.
+
+def damping(value: Any) -> float:
+    """An absolute λ as a float; a one-line :class:`DampingError` unless it is finite, > 0 and
+    within [:data:`DAMPING_MIN`, :data:`DAMPING_MAX`]. The one check behind
+    :func:`fisherlab.operators.check_damping` and :func:`fisherlab.damping.resolve_damping`.
     """
     try:
         lam = float(value)
     except (TypeError, ValueError):
-        raise DampingError(f"damping must be a number > 0, got {value!r}") from None
+        raise DampingError(f"damping must be a number > 0 or a fisherlab.Damping, got {value!r}") from None
     if not math.isfinite(lam) or lam <= 0:
         raise DampingError(f"damping λ must be finite and > 0 (the regularized Fisher F + λI), got {value!r}")
+    if not DAMPING_MIN <= lam <= DAMPING_MAX:
+        raise DampingError(
+            f"damping λ = {lam!r} is outside [{DAMPING_MIN:g}, {DAMPING_MAX:g}]: F•⁻¹ = λ⁻¹… would over- or underflow "
+            "float64 (every ζ ±inf or 0); state it in the Fisher's scale, e.g. Damping(1e-3, 'max')"
+        )
     return lam
 
 

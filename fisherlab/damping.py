@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._validate import DAMPING_MAX, DAMPING_MIN
+from ._validate import damping as check_absolute
 from .errors import DampingError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,11 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jacobian import Jacobian
 
 __all__ = ["Damping", "DampingScale", "FisherScale", "fisher_scale", "resolve_damping", "RANK_RTOL", "DAMPING_MIN", "DAMPING_MAX"]
-
-DAMPING_MIN = 1e-150
-DAMPING_MAX = 1e150
-"""Absolute dampings outside [1e-150, 1e150] are refused: ζ = F•⁻¹∇h then over- or underflows in
-float64 for any ∇h of ordinary size (denormal λ gave ζ = ±inf, 1e300 gave ζ = 0)."""
 
 RANK_RTOL = 1e-10
 """Eigenvalues of K below ``RANK_RTOL · λ_max`` count as zero in rank(F) (float64 Gram round-off
@@ -164,15 +161,4 @@ def resolve_damping(damping: "float | Damping", source: "Capture | Jacobian | No
         if damping.scale is not DampingScale.ABSOLUTE and source is None:
             raise DampingError(f"a damping in the '{damping.scale.value}' scale needs the capture to resolve it")
         return resolve_damping(damping.resolve(source) if source is not None else damping.value)
-    try:
-        lam = float(damping)
-    except (TypeError, ValueError):
-        raise DampingError(f"damping must be a number > 0 or a fisherlab.Damping, got {damping!r}") from None
-    if not math.isfinite(lam) or lam <= 0:
-        raise DampingError(f"damping λ must be finite and > 0 (the regularized Fisher F + λI), got {damping!r}")
-    if not DAMPING_MIN <= lam <= DAMPING_MAX:
-        raise DampingError(
-            f"damping λ = {lam!r} is outside [{DAMPING_MIN:g}, {DAMPING_MAX:g}]: F•⁻¹ = λ⁻¹… would over- or underflow "
-            "float64 (every ζ ±inf or 0); state it in the Fisher's scale, e.g. Damping(1e-3, 'max')"
-        )
-    return lam
+    return check_absolute(damping)

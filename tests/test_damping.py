@@ -17,7 +17,7 @@ from fisherlab.jacobian import Jacobian
 from fisherlab.testing import dense_fisher_from_capture
 
 from cases import MODELS, build_model, make_batch
-from oprefs import cached_capture
+from oprefs import cached_capture, quiet_measurements
 
 UNITS_RTOL = 1e-10
 """The same float64 algebra in two unit systems (scaled by d_y, d_y²): ~1e-14, margin 1e4."""
@@ -100,7 +100,7 @@ def test_every_relative_error_is_the_same_in_both_units(case_id):
     cap = cached_capture(case_id, "mse", "mc")
     d_y = cap.targets.shape[-1]
     alpha = 0.05
-    with _nowarn():
+    with quiet_measurements():
         summed = fisherlab.compare(cap, Damping(alpha, "mean-loss"))
         mean = fisherlab.compare(_scaled(cap, d_y), alpha)
     assert summed.meta["damping"] == pytest.approx(alpha * d_y**2)
@@ -113,17 +113,6 @@ def test_every_relative_error_is_the_same_in_both_units(case_id):
                 assert a[col] == pytest.approx(b[col], rel=UNITS_RTOL, abs=1e-13), (a["method"], col)
     assert summed.meta["damping_scales"]["mean-loss"] == pytest.approx(alpha)
 
-
-class _nowarn:
-    def __enter__(self):
-        import warnings
-
-        self._c = warnings.catch_warnings()
-        self._c.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *a):
-        self._c.__exit__(*a)
 
 
 def test_table_reports_the_damping_in_every_scale():

@@ -10,7 +10,7 @@ import fisherlab
 from fisherlab.operators import KFAC, ExactFisher, KroneckerBlock, TwoLevelKFAC
 from fisherlab.operators.coarse import SPECTRAL_MAX_EIGENSPACE, Spectral
 
-from oprefs import DAMPING, cached_capture
+from oprefs import DAMPING, cached_capture, quiet_measurements
 
 INVARIANCE_RTOL = 1e-10
 """The same span from two orthonormal bases of one eigenspace: float64 QR, ~1e-14, margin 1e4."""
@@ -47,7 +47,7 @@ def test_degenerate_spectral_is_deterministic(case_id, k):
 
 def test_compare_reports_the_multiplicity():
     cap = cached_capture("mlp", "mse", "exact")
-    with _quiet():
+    with quiet_measurements():
         row = fisherlab.compare(cap, DAMPING, ["spectral"]).row("spectral")
     assert "degenerate smallest eigenvalue" in row["note"]
 
@@ -63,14 +63,3 @@ def test_large_eigenspace_uses_the_residual_component():
         assert op.coarse_dims[i] <= 1  # the residual's component (none when r has no part in it)
     assert op.gap() <= 0
 
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._c = warnings.catch_warnings()
-        self._c.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *a):
-        self._c.__exit__(*a)
