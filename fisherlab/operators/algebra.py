@@ -56,6 +56,14 @@ def spd_cholesky(M: Tensor, what: str) -> Tensor:
     return L
 
 
+def _device_of(ops: Sequence[FisherOperator]) -> torch.device | None:
+    """The device of the operands (``None``: the CPU default); they must agree."""
+    devices = {str(op.device) for op in ops if op.device is not None}
+    if len(devices) > 1:
+        raise ValueError(f"operators on different devices cannot be combined: {sorted(devices)}")
+    return next((op.device for op in ops if op.device is not None), None)
+
+
 def _check_dtypes(ops: Sequence[FisherOperator]) -> torch.dtype:
     dtypes = {op.dtype for op in ops}
     if len(dtypes) != 1:
@@ -68,8 +76,9 @@ class Identity(FisherOperator):
 
     name = "identity"
 
-    def __init__(self, p: int, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, p: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> None:
         super().__init__(p, dtype)
+        self.device = None if device is None else torch.device(device)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return V
@@ -91,6 +100,7 @@ class Composition(FisherOperator):
             if left.cols != right.p:
                 raise ValueError(f"cannot compose {left.name} {left.shape} with {right.name} {right.shape}")
         super().__init__(flat[0].p, _check_dtypes(flat), cols=flat[-1].cols)
+        self.device = _device_of(flat)
         self.ops = flat
         self.name = " @ ".join(op.name for op in flat)
 
@@ -135,6 +145,7 @@ class Sum(FisherOperator):
         if len(shapes) != 1:
             raise ValueError(f"cannot add operators of shapes {sorted(shapes)}")
         super().__init__(flat_ops[0].p, _check_dtypes(flat_ops), cols=flat_ops[0].cols)
+        self.device = _device_of(flat_ops)
         self.ops, self.coefs = flat_ops, flat_c
         self.symmetric = all(op.symmetric for op in flat_ops)
         self.name = " + ".join(f"{c:g}·{op.name}" for c, op in zip(flat_c, flat_ops))
@@ -166,6 +177,7 @@ class Scaled(FisherOperator):
 
     def __init__(self, op: FisherOperator, c: float) -> None:
         super().__init__(op.p, op.dtype, cols=op.cols)
+        self.device = op.device
         self.op, self.c = op, float(c)
         self.symmetric = op.symmetric
         self.name = f"{self.c:g}·{op.name}"
@@ -193,6 +205,7 @@ class Adjoint(FisherOperator):
 
     def __init__(self, op: FisherOperator) -> None:
         super().__init__(op.cols, op.dtype, cols=op.p)
+        self.device = op.device
         self.op = op
         self.name = f"{op.name}ᵀ"
 
@@ -223,6 +236,7 @@ class Inverse(FisherOperator):
         if op.p != op.cols:
             raise NotInvertibleError(f"{op.name} is {op.shape}: only square operators have an inverse")
         super().__init__(op.p, op.dtype)
+        self.device = op.device
         self.op = op
         self.symmetric = op.symmetric
         self.name = f"{op.name}⁻¹"
@@ -263,6 +277,7 @@ class BlockDiagonal(FisherOperator):
             if b.p != b.cols:
                 raise ValueError(f"block {b.name} is {b.shape}: diagonal blocks must be square")
         super().__init__(sum(b.p for b in blocks), _check_dtypes(blocks))
+        self.device = _device_of(blocks)
         self.blocks = blocks
         self.sizes = [b.p for b in blocks]
         self.symmetric = all(b.symmetric for b in blocks)
@@ -308,6 +323,7 @@ class Matrix(FisherOperator):
         if M.dim() != 2:
             raise ValueError(f"{what}: expected a matrix, got shape {tuple(M.shape)}")
         super().__init__(M.shape[0], dtype or M.dtype, cols=M.shape[1])
+        self.device = M.device
         self.M = M.to(self.dtype)
         self.spd = spd
         self.symmetric = spd

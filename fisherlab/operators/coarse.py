@@ -128,7 +128,7 @@ class Nicolaides(CoarseSpace):
     name = "nicolaides"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [torch.ones(b.p, 1, dtype=ctx.rhs.dtype) for b in ctx.base.blocks]
+        return [torch.ones(b.p, 1, dtype=ctx.rhs.dtype, device=ctx.rhs.device) for b in ctx.base.blocks]
 
 
 SPECTRAL_DEGENERACY_RTOL = 1e-8
@@ -215,7 +215,7 @@ class KrylovNicolaides(CoarseSpace):
     name = "krylov-nicolaides"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [_krylov(b, torch.ones(b.p, 1, dtype=ctx.rhs.dtype), self.m) for b in ctx.base.blocks]
+        return [_krylov(b, torch.ones(b.p, 1, dtype=ctx.rhs.dtype, device=ctx.rhs.device), self.m) for b in ctx.base.blocks]
 
 
 class Residuals(CoarseSpace):
@@ -302,7 +302,7 @@ def orthonormalize(V: Tensor, rtol: float = 1e-10) -> Tensor:
     if d.size == 0 or d[0] == 0:
         return V.new_zeros(V.shape[0], 0)
     r = int((d > rtol * d[0]).sum())
-    return torch.from_numpy(np.ascontiguousarray(Q[:, :r])).to(V.dtype)
+    return torch.from_numpy(np.ascontiguousarray(Q[:, :r])).to(device=V.device, dtype=V.dtype)
 
 
 class CoarseBasis(FisherOperator):
@@ -329,6 +329,7 @@ class CoarseBasis(FisherOperator):
         self.m = sum(self.dims)
         self.raw_dims = list(raw_dims) if raw_dims is not None else list(self.dims)
         super().__init__(self.m, self.V[0].dtype, cols=sum(self.sizes))
+        self.device = self.V[0].device
 
     @classmethod
     def from_raw(cls, raw: Sequence[Tensor], *, rtol: float = 1e-10, dtype: torch.dtype = torch.float64) -> "CoarseBasis":
@@ -351,7 +352,9 @@ class CoarseBasis(FisherOperator):
 
     def gram(self) -> Tensor:
         """R_0R_0ᵀ = blockdiag(V_iᵀV_i) ``[m, m]`` (the identity for orthonormal blocks, up to round-off)."""
-        return torch.block_diag(*[v.T @ v for v in self.V]) if self.m else torch.zeros(0, 0, dtype=self.dtype)
+        if not self.m:
+            return torch.zeros(0, 0, dtype=self.dtype, device=self.V[0].device)
+        return torch.block_diag(*[v.T @ v for v in self.V])
 
     def __repr__(self) -> str:
         return f"CoarseBasis(m={self.m}, dims={self.dims}, p={self.cols})"

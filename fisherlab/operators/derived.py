@@ -223,14 +223,14 @@ class TwoLevelErrorOperator(FisherOperator):
     def complement(self) -> FisherOperator:
         """``P = I − Π = I − R_0ᵀF_coarse⁻¹R_0F•`` (``I`` itself when m = 0)."""
         tl = self.two_level
-        I = Identity(self.p, self.dtype)
+        I = Identity(self.p, self.dtype, self.device)
         return I if tl.coarse_dim == 0 else I - tl.projector
 
     @cached_property
     def one_level_error(self) -> FisherOperator:
         """``M = I − F•KFAC⁻¹F•``."""
         tl = self.two_level
-        return Identity(self.p, self.dtype) - tl.base.inverse() @ tl.exact
+        return Identity(self.p, self.dtype, self.device) - tl.base.inverse() @ tl.exact
 
     @cached_property
     def pmp(self) -> FisherOperator:
@@ -277,6 +277,6 @@ class TwoLevelErrorOperator(FisherOperator):
             R0T = tl.basis.apply_adjoint(torch.eye(tl.coarse_dim, dtype=self.dtype))
             Z = torch.linalg.qr(root.power(R0T, 0.5))[0]
             Zop = Matrix(Z, what="null basis F•^{1/2}R_0ᵀ")
-            D = Identity(self.p, self.dtype) - Zop @ Zop.T
+            D = Identity(self.p, self.dtype, self.device) - Zop @ Zop.T
             S = D @ S @ D
         return Symmetric(S, name=self.name, null_basis=Z)

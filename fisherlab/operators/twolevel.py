@@ -61,7 +61,7 @@ def coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> Tensor:
     """F_coarse = R_0F•R_0ᵀ = ZᵀZ + λ R_0R_0ᵀ, Z = UᵀR_0ᵀ ``[N, m]`` (3.12), (A15)–(A19): one
     per-layer contraction per coarse column (half the work of m products with F•)."""
     if basis.m == 0:
-        return torch.zeros(0, 0, dtype=exact.dtype)
+        return torch.zeros(0, 0, dtype=exact.dtype, device=exact.jac.device)
     Z = torch.cat([lj.rmatmat(v) for lj, v in zip(exact.jac.layers, basis.V)], dim=1)
     return Z.T @ Z + exact.damping * basis.gram()
 
@@ -69,8 +69,8 @@ def coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> Tensor:
 def compressed(op: FisherOperator, basis: CoarseBasis) -> Tensor:
     """``R_0 op R_0ᵀ`` ``[m, m]`` by m products with ``op``."""
     if basis.m == 0:
-        return torch.zeros(0, 0, dtype=op.dtype)
-    return basis.apply(op.apply(basis.apply_adjoint(torch.eye(basis.m, dtype=op.dtype))))
+        return torch.zeros(0, 0, dtype=op.dtype, device=basis.V[0].device)
+    return basis.apply(op.apply(basis.apply_adjoint(torch.eye(basis.m, dtype=op.dtype, device=basis.V[0].device))))
 
 
 class CoarseCorrection(FisherOperator):
@@ -115,6 +115,7 @@ class CoarseCorrection(FisherOperator):
         if not isinstance(exact, ExactFisher) or not isinstance(basis, CoarseBasis):
             raise TypeError(f"{type(self).__name__}(base, exact, basis): expected an ExactFisher and a CoarseBasis")
         super().__init__(exact.p, exact.dtype)
+        self.device = exact.device
         self.damping = exact.damping
         lam_base = getattr(base, "damping", self.damping)
         if abs(lam_base - self.damping) > 1e-15 * self.damping:
@@ -263,7 +264,7 @@ class CoarseCorrection(FisherOperator):
     @cached_property
     def error(self) -> FisherOperator:
         """The error operator ``I − F•method⁻¹F•`` (an operator)."""
-        return Identity(self.p, self.dtype) - self.inverse() @ self.exact
+        return Identity(self.p, self.dtype, self.device) - self.inverse() @ self.exact
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.forward.apply(V)
@@ -300,7 +301,7 @@ class TwoLevelKFAC(CoarseCorrection):
     @cached_property
     def inverse_expression(self) -> FisherOperator:
         """(3.15): ``(I − P F•) K⁻¹ + P``, P = R_0ᵀF_coarse⁻¹R_0."""
-        I = Identity(self.p, self.dtype)
+        I = Identity(self.p, self.dtype, self.device)
         return (I - self.projection @ self.exact) @ self.base.inverse() + self.projection
 
     @cached_property
@@ -313,7 +314,7 @@ class TwoLevelKFAC(CoarseCorrection):
     @cached_property
     def error(self) -> FisherOperator:
         """(3.16): ``I − F•2L⁻¹F• = (I − P F•)(I − K⁻¹F•)``."""
-        I = Identity(self.p, self.dtype)
+        I = Identity(self.p, self.dtype, self.device)
         return (I - self.projector) @ (I - self.base.inverse() @ self.exact)
 
     def beta(self, w: Tensor | None = None) -> Tensor:
