@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from .capturing.record import Capture, FisherMode, LayerCapture, Storage
+from ._system import available_memory
 from .errors import NonFiniteError, StoreError
 from .layout import LayerSpec, Layout
 
@@ -500,24 +501,12 @@ def _check_allocated(path: Path, ds: Any, where: str, key: str) -> None:
             f"{where}: dataset '{key}' declares {nbytes} bytes but the file does not hold them "
             "(sparse or unwritten storage); the file is corrupted"
         )
-    avail = _available_memory()
+    avail = available_memory()
     if avail is not None and nbytes > avail:
         raise StoreError(
             f"{where}: dataset '{key}' needs {nbytes / 2**30:.2f} GiB, more than the {avail / 2**30:.2f} GiB "
             "of memory available; read it on a larger machine or layer by layer (CaptureFile.read_layer)"
         )
-
-
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (``None`` where unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):  # pragma: no cover
-        pass
-    return None
 
 
 def _json_depth_ok(s: str) -> bool:

@@ -28,7 +28,7 @@ PACKAGE = ROOT / "fisherlab"
 FLOORS: list[tuple[str, ...]] = [
     # 0: no fisherlab knowledge. io (tables, number formatting) imports nothing of fisherlab, so
     #    that metrics, structure and spectra can write their tables with it.
-    ("_version", "errors", "_validate", "layout", "io", "intervals"),
+    ("_version", "_system", "errors", "_validate", "layout", "io", "intervals"),
     # 1: pure factor maths and the capture; testing: the dense references built from the formulas
     ("kernels", "record", "capturing", "capture", "testing"),
     ("store",),

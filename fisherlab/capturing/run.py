@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .._system import available_memory
 from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
 from ..layout import Layout, layer_modules
 from . import losses as L
@@ -175,19 +176,7 @@ def _budget(memory: int | float | None, device: torch.device) -> int | None:
         if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0:
             raise ConfigError(f"memory must be a positive number of bytes, got {memory!r}")
         return int(memory)
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # pragma: no cover
-            return None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):  # pragma: no cover
-        pass
-    return None
+    return available_memory(device)
 
 
 def _estimate(layout: Layout, positions: list[int], B: int, K: int, storage, itemsize: int) -> tuple[int, str]:
