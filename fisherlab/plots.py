@@ -236,8 +236,15 @@ def _series_ci(rows: Sequence[dict], method: str, x: str, y: str) -> tuple[list,
     return xs, [iv.mean for iv in ivs], [iv.half_width for iv in ivs]
 
 
+MAX_RANKED = 500
+"""At most this many of the largest eigenvalues in the rank panel of :func:`plot_spectra`."""
+
+
 def _line_ci(ax, xs, mean, hw, **kw) -> None:
-    """A line with its 95 % band (where there are several samples)."""
+    """A line with its 95 % band (where there are several samples); nothing (and no legend entry)
+    for a method without data."""
+    if not xs:
+        return
     (line,) = ax.plot(xs, mean, **kw)
     lo = [m - h if math.isfinite(h) else m for m, h in zip(mean, hw)]
     hi = [m + h if math.isfinite(h) else m for m, h in zip(mean, hw)]
@@ -452,7 +459,10 @@ def plot_spectra(
     sigma: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Overlaid spectra: (a) Gaussian-broadened densities, (b) cumulative distributions.
+    """Overlaid spectra: (a) Gaussian-broadened densities, (b) cumulative distributions, (c) the
+    eigenvalues above the damping by rank (log scale) for the spectra known eigenvalue by eigenvalue
+    (``exact``, ``dense``, ``lanczos``): F• has p − N eigenvalues equal to λ, which fill (a) and (b)
+    and hide the N informative ones; (c) shows those.
 
     Args:
         spectra: :class:`fisherlab.spectra.Spectrum` objects (a list or a ``{key: Spectrum}``).
@@ -463,7 +473,8 @@ def plot_spectra(
         title: figure title.
 
     Returns:
-        The figure: two axes, one line per spectrum on each.
+        The figure: three axes, one line per spectrum on (a) and (b), one per discrete spectrum
+        with eigenvalues above λ on (c).
     """
     specs = list(spectra.values()) if isinstance(spectra, Mapping) else list(spectra)
     if log is None:
@@ -474,12 +485,29 @@ def plot_spectra(
     sig = sigma if sigma is not None else (hi - lo) / 100
     xlabel = "log10 eigenvalue" if log else "eigenvalue"
     with style():
-        fig, (ax_d, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, (ax_d, ax_c, ax_r) = plt.subplots(1, 3, figsize=(14, 3.8))
         for s in specs:
             lab = f"{s.label} ({s.method})"
             c = color_for(s.operator)
             ax_d.plot(grid, s.density(grid, sig, log=log), color=c, label=lab)
             ax_c.plot(grid, s.cdf(grid, log=log), color=c, label=lab)
+            if s.method in ("exact", "dense", "lanczos") and s.values.size:
+                lam = s.damping if math.isfinite(s.damping) else 0.0
+                top = np.sort(s.values[s.values > lam * (1 + 1e-9)])[::-1][:MAX_RANKED]
+                if top.size:
+                    ax_r.plot(np.arange(1, top.size + 1), top, color=c, label=lab)
+        if ax_r.lines:
+            ax_r.set_xscale("log")
+            ax_r.set_yscale("log")
+            lam = next((s.damping for s in specs if math.isfinite(s.damping)), None)
+            if lam is not None:
+                ax_r.axhline(lam, color="k", ls="--", lw=0.8)
+                ax_r.text(1, lam, " λ", va="bottom", fontsize=7)
+        else:
+            ax_r.text(0.5, 0.5, "no discrete spectrum above λ", ha="center", va="center", transform=ax_r.transAxes)
+        ax_r.set_xlabel("rank")
+        ax_r.set_ylabel("eigenvalue")
+        ax_r.set_title(f"(c) the eigenvalues above λ (top {MAX_RANKED})")
         ax_d.set_xlabel(xlabel)
         ax_d.set_ylabel("spectral density")
         ax_d.set_yscale("symlog", linthresh=1e-3)
@@ -487,7 +515,7 @@ def plot_spectra(
         ax_c.set_xlabel(xlabel)
         ax_c.set_ylabel("fraction of eigenvalues ≤ x")
         ax_c.set_title("(b) cumulative distribution")
-        ax_c.legend(loc="best")
+        fig.legend(*ax_d.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, -0.08), ncol=len(specs))
         if title:
             fig.suptitle(title)
         return _finish(fig, path)
@@ -593,6 +621,8 @@ def plot_damping_sweep(
         "reduction_ratio": r"$\mathfrak{E} / \mathfrak{E}_{\mathrm{KFAC}}$",
         "energy_error": r"$\mathfrak{E}$",
     }
+    _TITLES = {"relative_error": r"relative $F_\bullet$-norm error", "euclidean_relative_error": "Euclidean relative error",
+               "reduction_ratio": "error relative to KFAC", "energy_error": r"$F_\bullet$-norm error"}
     relative = all(_ok(r.get("damping_relative")) for r in rows)
     xkey = "damping_relative" if relative else "damping"
     with style():
@@ -605,6 +635,7 @@ def plot_damping_sweep(
             ax.set_yscale("log")
             ax.set_xlabel(r"$\lambda / \lambda_{\max}(F)$" if relative else r"damping $\lambda$")
             ax.set_ylabel(labels.get(key, key))
+            ax.set_title(f"({'abcdefgh'[list(metrics).index(key)]}) " + _TITLES.get(key, key))
             if relative:  # the absolute λ on a second axis: λ = (λ/λ_max)·λ_max
                 lmax = [r["damping"] / r["damping_relative"] for r in rows if r["damping_relative"]]
                 if lmax:

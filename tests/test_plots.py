@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -131,12 +132,18 @@ def test_spectra_overlay(capture, tmp_path):
     sp = S.spectra(capture, LAM, method="slq", n_probes=4, n_steps=10)
     fig = plots.plot_spectra(sp, tmp_path / "spectra")
     _written(tmp_path, "spectra")
-    ax_d, ax_c = fig.axes
+    ax_d, ax_c, ax_r = fig.axes
     assert len(ax_d.lines) == len(ax_c.lines) == 3
     assert ax_d.get_xlabel() == "log10 eigenvalue" and "density" in ax_d.get_ylabel()
-    labels = [t.get_text() for t in ax_c.get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == [f"{s.label} ({s.method})" for s in sp.values()]
     assert ax_c.lines[0].get_ydata()[-1] == pytest.approx(1.0)  # a complete CDF ends at 1
+    # (c): the informative eigenvalues of the discrete spectra (F• exact, KFAC exact; SLQ has none)
+    discrete = [s for s in sp.values() if s.method in ("exact", "dense", "lanczos")]
+    assert len([ln for ln in ax_r.lines if ln.get_linestyle() == "-"]) == len(discrete)
+    F = sp["fisher"]
+    above = np.sort(F.values[F.values > F.damping * (1 + 1e-9)])[::-1]
+    assert list(ax_r.lines[0].get_ydata()) == list(above[: plots.MAX_RANKED])
 
 
 def test_spectra_linear_axis_for_error_operator(capture):
