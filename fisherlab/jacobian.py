@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 from functools import cached_property
 
 import torch
@@ -29,7 +30,7 @@ from .kernels import dense_from_factors, kfac_factors_from
 from .errors import FisherlabError
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "MixedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
+__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -99,14 +100,26 @@ def psd_eigh_from_rows(rows: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 
 @dataclass(eq=False)
 class LayerJacobian:
-    """``U_i = J_i/√B`` of one layer, from factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]``
-    or from dense rows ``J [N, p_i]``.
+    """``U_i = J_i/√B`` of one layer: the protocol, with two implementations (STYLE.md habit 3).
+
+    * :class:`FactoredLayerJacobian` — from the factors ``a [B, T, d_in']``, ``g [B, K, T, d_out]``;
+    * :class:`DenseLayerJacobian` — from dense rows ``J [N, p_i]`` (and the stored KFAC factors
+      ``A``, ``G``, which J no longer determines).
+
+    Both answer ``rmatmat`` (Uᵢᵀx), ``matmat`` (Uᵢy), ``gram`` (Kᵢ), ``diagonal``,
+    ``eigenbasis_second_moments``, ``kfac_factors``, ``kfac_eigh``, ``reduce_factors`` and
+    ``dense_rows``; nothing outside the two classes branches on the storage kind. The record side
+    of the same two kinds — which arrays a layer keeps and their shapes — is
+    :func:`fisherlab.capturing.record.dataset_shapes`, the one table the store checks files against.
+
+    ``LayerJacobian(spec, B, K, a=…, g=…)`` or ``LayerJacobian(spec, B, K, dense=…, A_stored=…,
+    G_stored=…)`` builds the matching implementation.
 
     Attributes:
         spec: the layer.
         B, K: batch size and vectors per example (N = B·K).
-        a, g: factors in ``dtype`` (or ``None``); dense: ``J_i`` in ``dtype`` (or ``None``).
-        A, G: stored KFAC factors for dense layers (else computed from ``a``, ``g``).
+        a, g: factors in ``dtype`` (factored; ``None`` for dense rows); dense: ``J_i`` (dense; else ``None``).
+        A_stored, G_stored: the stored KFAC factors of a dense layer (else ``None``).
     """
 
     spec: LayerSpec
@@ -118,28 +131,38 @@ class LayerJacobian:
     A_stored: Tensor | None = None
     G_stored: Tensor | None = None
 
+    def __new__(cls, *args, **kw):
+        if cls in _KINDS:  # the protocol class: pick the implementation from the arrays given
+            dense = kw.get("dense", args[5] if len(args) > 5 else None)
+            cls = _KINDS[cls][dense is not None]
+        return super().__new__(cls)
+
     @classmethod
     def from_layer_capture(cls, lc: LayerCapture, B: int, K: int, dtype: torch.dtype = torch.float64,
                            device: torch.device | str | None = None) -> "LayerJacobian":
         cv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return cls(lc.spec, B, K, cv(lc.a), cv(lc.g), cv(lc.dense), cv(lc.A), cv(lc.G))
+        return LayerJacobian(lc.spec, B, K, cv(lc.a), cv(lc.g), cv(lc.dense), cv(lc.A), cv(lc.G))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LayerJacobian":
-        """This layer's tensors on ``device`` in ``dtype`` (itself when nothing changes; caches are not carried)."""
+        """This layer's tensors on ``device`` in ``dtype`` (caches are not carried)."""
         cv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return LayerJacobian(self.spec, self.B, self.K, cv(self.a), cv(self.g), cv(self.dense),
                              cv(self.A_stored), cv(self.G_stored))
 
+    # ---- what the two kinds share --------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return (self.dense if self.dense is not None else self.a).device  # type: ignore[union-attr]
+        return self._array.device
 
     @property
     def result_dtype(self) -> torch.dtype:
-        """The dtype of every product, Gram and factor this layer returns (its factors' dtype)."""
-        return (self.dense if self.dense is not None else self.a).dtype  # type: ignore[union-attr]
+        """The dtype of every product, Gram and factor this layer returns (its arrays' dtype)."""
+        return self._array.dtype
 
-    # ---- sizes ---------------------------------------------------------------------------
+    @property
+    def _array(self) -> Tensor:  # pragma: no cover - implemented by both kinds
+        raise NotImplementedError
+
     @property
     def N(self) -> int:
         return self.B * self.K
@@ -149,22 +172,91 @@ class LayerJacobian:
         return self.spec.numel
 
     @property
-    def T(self) -> int:
-        return 1 if self.a is None else self.a.shape[1]
-
-    @property
-    def factored(self) -> bool:
-        return self.dense is None
-
-    @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.B)
 
-    # ---- products ------------------------------------------------------------------------
-    def rmatmat(self, x: Tensor) -> Tensor:
+    factored: ClassVar[bool] = False
+    """Whether the layer is held as factors (set by each implementation)."""
+
+    @property
+    def T(self) -> int:
+        """Positions the layer sees (1 for dense rows, which do not record them)."""
+        return 1
+
+    @staticmethod
+    def _column_chunks(x: Tensor, per_column: int) -> list[Tensor]:
+        """Split the columns of ``x [r, c]`` so that temporaries stay under ``_MAX_TEMP_NUMEL``."""
+        if x.dim() != 2:
+            raise ValueError(f"expected a matrix [rows, columns], got shape {tuple(x.shape)}")
+        step = max(1, _MAX_TEMP_NUMEL // max(per_column, 1))
+        c = x.shape[1]
+        return [x[:, i : i + step] for i in range(0, c, step)] if c > step else [x]
+
+    def per_example_matrices(self) -> Tensor:
+        """``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` ``[N, d_out, d_in']`` (not scaled): the per-example
+        gradients of the layer as matrices. ``N·p_i`` numbers: for sub-block and Kronecker-SVD
+        methods on layers with positions or dense rows."""
+        return self.dense_rows().reshape(self.N, self.spec.d_in_bar, self.spec.d_out).mT
+
+    @cached_property
+    def reduce_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(s_A, Q_A, s_G, Q_G)`` of :attr:`reduce_factors` (computed once; KFAC's when T = 1)."""
+        if self.factored and self.T == 1:
+            return self.kfac_eigh
+        return factor_eigh(*self.reduce_factors)
+
+    # ---- the protocol (each kind implements it) ----------------------------------------------
+    def rmatmat(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``U_iᵀ x``: ``x [p_i, c] -> [N, c]`` (A4)–(A9)."""
-        if self.dense is not None:
-            return (self.dense @ x) * self.scale
+        raise NotImplementedError
+
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
+        """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14), written into ``out [p_i, c]`` when given."""
+        raise NotImplementedError
+
+    def gram(self) -> Tensor:  # pragma: no cover - abstract
+        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3)."""
+        raise NotImplementedError
+
+    def diagonal(self) -> Tensor:  # pragma: no cover - abstract
+        """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]``."""
+        raise NotImplementedError
+
+    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``S [d_out, d_in']``, ``S[r, c] = (1/B) Σ_n (Q_Gᵀ MAT(j_n) Q_A)[r, c]²`` (EKFAC)."""
+        raise NotImplementedError
+
+    def dense_rows(self) -> Tensor:  # pragma: no cover - abstract
+        """``J_i [N, p_i]`` (not scaled). For references and small layers."""
+        raise NotImplementedError
+
+    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":  # pragma: no cover - abstract
+        """``(Q_A ⊗ Q_G)ᵀ U_i``: the same layer in a Kronecker eigenbasis (KFAC's for the
+        preconditioned operator), of the same kind."""
+        raise NotImplementedError
+
+    def _check_out(self, y: Tensor, out: Tensor | None) -> None:
+        if out is not None and (out.shape != (self.p, y.shape[1]) or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous [{self.p}, {y.shape[1]}] tensor, got {tuple(out.shape)}")
+
+
+@dataclass(eq=False)
+class FactoredLayerJacobian(LayerJacobian):
+    """The layer held as factors ā ``a [B, T, d_in']`` and g ``g [B, K, T, d_out]``: products,
+    Grams and diagonals are written once for ``[batch, positions, features]``."""
+
+    factored = True
+
+    @property
+    def _array(self) -> Tensor:
+        return self.a  # type: ignore[return-value]
+
+    @property
+    def T(self) -> int:
+        return self.a.shape[1]  # type: ignore[union-attr]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        """``U_iᵀ x``: ``(Uᵀx)_{b,k} = Σ_t g_{b,k,t}ᵀ X ā_{b,t} / √B``, X = MAT(x) (A4)–(A9)."""
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
@@ -181,11 +273,8 @@ class LayerJacobian:
         return torch.cat(out, dim=1) * self.scale
 
     def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
-        """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14), written into ``out [p_i, c]`` when given."""
-        if out is not None and (out.shape != (self.p, y.shape[1]) or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous [{self.p}, {y.shape[1]}] tensor, got {tuple(out.shape)}")
-        if self.dense is not None:
-            return torch.mm(self.dense.T, y * self.scale, out=out) if out is not None else (self.dense.T @ y) * self.scale
+        """``U_i y = vec(Σ_{b,k,t} y_{b,k} g_{b,k,t} ā_{b,t}ᵀ) / √B`` (A10)–(A14)."""
+        self._check_out(y, out)
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
@@ -214,25 +303,11 @@ class LayerJacobian:
             return g.reshape(B, T * d_out, 1) * yc.reshape(B, 1, c)
         return torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))
 
-    @staticmethod
-    def _column_chunks(x: Tensor, per_column: int) -> list[Tensor]:
-        """Split the columns of ``x [r, c]`` so that temporaries stay under ``_MAX_TEMP_NUMEL``."""
-        if x.dim() != 2:
-            raise ValueError(f"expected a matrix [rows, columns], got shape {tuple(x.shape)}")
-        step = max(1, _MAX_TEMP_NUMEL // max(per_column, 1))
-        c = x.shape[1]
-        return [x[:, i : i + step] for i in range(0, c, step)] if c > step else [x]
-
-    # ---- Grams ---------------------------------------------------------------------------
     def gram(self) -> Tensor:
-        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3).
-
-        Linear (T = 1): ``(ā_b·ā_c)(g_{b,k}·g_{c,l})/B``, the B × B Gram of ā broadcast over the
-        K × K sub-blocks of the N × N Gram of g (no repeated copies). Conv (T > 1): the
+        """``K_i``. Linear (T = 1): ``(ā_b·ā_c)(g_{b,k}·g_{c,l})/B``, the B × B Gram of ā broadcast
+        over the K × K sub-blocks of the N × N Gram of g (no repeated copies). Conv (T > 1): the
         ``"pairs"`` or ``"dense"`` path chosen by :func:`conv_gram_path`.
         """
-        if self.dense is not None:
-            return torch.mm(self.dense, self.dense.T).div_(self.B)
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
@@ -256,51 +331,20 @@ class LayerJacobian:
         return GG.mul_(AA).sum(dim=(2, 5)).reshape(N, N).div_(B)
 
     def diagonal(self) -> Tensor:
-        """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]`` (the exact diagonal of F's block).
-
-        Linear (T = 1), from the factors: ``j_n ∘ j_n = (ā_b ∘ ā_b) ⊗ (g_{b,k} ∘ g_{b,k})``, so
+        """Linear (T = 1), from the factors: ``j_n ∘ j_n = (ā_b ∘ ā_b) ⊗ (g_{b,k} ∘ g_{b,k})``, so
         ``MAT(diag) = (1/B) Σ_b (Σ_k g_{b,k}²) (ā_b²)ᵀ`` — one ``[d_out, B] × [B, d_in']`` GEMM.
         T > 1: the per-example gradients ``Σ_t g_{b,k,t} ā_{b,t}ᵀ`` in chunks of examples
-        (temporaries bounded), squared and summed; dense rows: column sums of ``J_i²``.
-        """
-        if self.dense is not None:
-            return self.dense.pow(2).sum(0) / self.B
-        a, g = self.a, self.g
-        assert a is not None and g is not None
-        B, K, T, d_out = g.shape
-        d_in = a.shape[-1]
-        if T == 1:
-            M = g[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2)  # [d_out, d_in']
-        else:
-            M = a.new_zeros(d_out, d_in)
-            step = max(1, _MAX_TEMP_NUMEL // max(K * d_out * d_in, 1))
-            for s in range(0, B, step):
-                Gb = torch.einsum("bktd,bte->bkde", g[s : s + step], a[s : s + step])  # [b, K, d_out, d_in']
-                M += Gb.pow(2).sum((0, 1))
-        return (M / self.B).mT.reshape(-1)
+        (temporaries bounded), squared and summed."""
+        return self.eigenbasis_second_moments(None, None).mT.reshape(-1)
 
-    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
-        """``S [d_out, d_in']`` with ``S[r, c] = (1/B) Σ_n (Q_Gᵀ MAT(j_n) Q_A)[r, c]²`` — the
-        diagonal of ``(Q_A ⊗ Q_G)ᵀ F_ii (Q_A ⊗ Q_G)`` (EKFAC's re-fitted eigenvalues; ``Q = I`` gives
-        :meth:`diagonal` as a matrix).
-
-        ``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` ``[d_out, d_in']``, so its rotation is
-        ``Σ_t (Q_Gᵀg_{n,t})(Q_Aᵀā_{b,t})ᵀ``: the factors are rotated first (T = 1: one GEMM of the
-        squares, as :meth:`diagonal`); T > 1 in chunks of examples; dense rows rotated per row.
-
-        Args:
-            QA: ``[d_in', d_in']``; QG: ``[d_out, d_out]`` (orthogonal, in this layer's dtype).
-        """
+    def eigenbasis_second_moments(self, QA: Tensor | None, QG: Tensor | None) -> Tensor:
+        """``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ``, so its rotation is ``Σ_t (Q_Gᵀg_{n,t})(Q_Aᵀā_{b,t})ᵀ``:
+        the factors are rotated first (``None``: no rotation, the diagonal); T = 1: one GEMM of the
+        squares; T > 1 in chunks of examples."""
         d_out, d_in = self.spec.d_out, self.spec.d_in_bar
-        if self.dense is not None:
-            M = self.dense.reshape(-1, d_in, d_out).mT  # MAT of each row: [N, d_out, d_in']
-            out = M.new_zeros(d_out, d_in)
-            step = max(1, _MAX_TEMP_NUMEL // max(d_out * d_in, 1))
-            for s in range(0, M.shape[0], step):
-                out += (QG.T @ M[s : s + step] @ QA).pow(2).sum(0)
-            return out / self.B
-        assert self.a is not None and self.g is not None
-        a, g = self.a @ QA, self.g @ QG  # rotated factors
+        a = self.a if QA is None else self.a @ QA  # type: ignore[operator]
+        g = self.g if QG is None else self.g @ QG  # type: ignore[operator]
+        assert a is not None and g is not None
         B, K, T, _ = g.shape
         if T == 1:
             return g[:, :, 0].pow(2).sum(1).T @ a[:, 0].pow(2) / self.B
@@ -311,48 +355,24 @@ class LayerJacobian:
             out += Gb.pow(2).sum((0, 1))
         return out / self.B
 
-    def per_example_matrices(self) -> Tensor:
-        """``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` ``[N, d_out, d_in']`` (not scaled): the per-example
-        gradients of the layer as matrices. ``N·p_i`` numbers: for sub-block and Kronecker-SVD
-        methods on layers with positions or dense rows."""
-        return self.dense_rows().reshape(self.N, self.spec.d_in_bar, self.spec.d_out).mT
-
     @cached_property
     def reduce_factors(self) -> tuple[Tensor, Tensor]:
         """KFAC-reduce factors (Eschenhagen et al. 2023) ``(A_red [d_in', d_in'], G_red [d_out, d_out])``.
 
         ``A_red = (1/B) Σ_b ā̄_b ā̄_bᵀ`` with the position mean ``ā̄_b = (1/T) Σ_t ā_{b,t}``;
         ``G_red = (1/B) Σ_{b,k} ḡ_{b,k} ḡ_{b,k}ᵀ`` with the position sum ``ḡ_{b,k} = Σ_t g_{b,k,t}``.
-        For T = 1 these are the KFAC (expand) factors (2.25). Needs factored storage (dense rows
-        keep no per-position factors, and a dense layer does not record T).
+        For T = 1 these are the KFAC (expand) factors (2.25).
         """
-        if self.a is None or self.g is None:
-            raise FisherlabError(
-                f"layer '{self.spec.name}' is stored dense: KFAC-reduce needs its per-position factors ā and g "
-                f"(capture with storage='factored')"
-            )
         if self.T == 1:  # one position: reduce and expand are the same factors
             return self.kfac_factors
-        a_mean = self.a.mean(1)  # [B, d_in']
-        g_sum = self.g.sum(2).reshape(-1, self.spec.d_out)  # [N, d_out]
+        a_mean = self.a.mean(1)  # type: ignore[union-attr]  # [B, d_in']
+        g_sum = self.g.sum(2).reshape(-1, self.spec.d_out)  # type: ignore[union-attr]  # [N, d_out]
         return a_mean.T @ a_mean / self.B, g_sum.T @ g_sum / self.B
 
     @cached_property
-    def reduce_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(s_A, Q_A, s_G, Q_G)`` of :attr:`reduce_factors` (computed once; KFAC's when T = 1)."""
-        if self.a is not None and self.T == 1:
-            return self.kfac_eigh
-        return factor_eigh(*self.reduce_factors)
-
-    # ---- KFAC factors ----------------------------------------------------------------------
-    @cached_property
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
         """``(A_i [d_in', d_in'], G_i [d_out, d_out])`` of (2.25)–(2.27)."""
-        if self.a is not None and self.g is not None:
-            return kfac_factors_from(self.a, self.g)
-        if self.A_stored is None or self.G_stored is None:
-            raise FisherlabError(f"layer '{self.spec.name}': dense storage without KFAC factors")
-        return self.A_stored, self.G_stored
+        return kfac_factors_from(self.a, self.g)  # type: ignore[arg-type]
 
     @cached_property
     def kfac_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -362,26 +382,90 @@ class LayerJacobian:
         A factor of dimension n built from fewer rows than n/2 (a wide conv at a small batch:
         A has rank ≤ B·T) is decomposed from its rows, :func:`psd_eigh_from_rows`."""
         A, G = self.kfac_factors
-        if self.a is None or self.g is None:
-            return factor_eigh(A, G)
-        B, K, T, d_out = self.g.shape
-        d_in = self.a.shape[-1]
+        B, K, T, d_out = self.g.shape  # type: ignore[union-attr]
+        d_in = self.a.shape[-1]  # type: ignore[union-attr]
         if lowrank_eigh_applies(B * T, d_in):
-            sA, QA = psd_eigh_from_rows(self.a.reshape(B * T, d_in).to(A.dtype), 1.0 / B)
+            sA, QA = psd_eigh_from_rows(self.a.reshape(B * T, d_in).to(A.dtype), 1.0 / B)  # type: ignore[union-attr]
         else:
             sA, QA = torch.linalg.eigh(A)
         if lowrank_eigh_applies(B * K * T, d_out):
-            sG, QG = psd_eigh_from_rows(self.g.reshape(B * K * T, d_out).to(G.dtype), 1.0 / (B * T))
+            sG, QG = psd_eigh_from_rows(self.g.reshape(B * K * T, d_out).to(G.dtype), 1.0 / (B * T))  # type: ignore[union-attr]
         else:
             sG, QG = torch.linalg.eigh(G)
         return sA, QA, sG, QG
 
     def dense_rows(self) -> Tensor:
-        """``J_i [N, p_i]`` (not scaled). For references and small layers."""
-        if self.dense is not None:
-            return self.dense
-        assert self.a is not None and self.g is not None
-        return dense_from_factors(self.a, self.g)
+        return dense_from_factors(self.a, self.g)  # type: ignore[arg-type]
+
+    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
+        """Factors ``ā Q_A``, ``g Q_G`` (row vectors)."""
+        return FactoredLayerJacobian(self.spec, self.B, self.K, a=self.a @ QA, g=self.g @ QG)  # type: ignore[operator]
+
+
+@dataclass(eq=False)
+class DenseLayerJacobian(LayerJacobian):
+    """The layer held as dense per-example rows ``J [N, p_i]`` (conv layers with many positions
+    whose rows take fewer numbers than the factors) and its stored KFAC factors ``A``, ``G``."""
+
+    factored = False
+
+    @property
+    def _array(self) -> Tensor:
+        return self.dense  # type: ignore[return-value]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        return (self.dense @ x) * self.scale  # type: ignore[operator]
+
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        self._check_out(y, out)
+        J = self.dense
+        assert J is not None
+        return torch.mm(J.T, y * self.scale, out=out) if out is not None else (J.T @ y) * self.scale
+
+    def gram(self) -> Tensor:
+        return torch.mm(self.dense, self.dense.T).div_(self.B)  # type: ignore[arg-type]
+
+    def diagonal(self) -> Tensor:
+        """Column sums of ``J_i²`` over B."""
+        return self.dense.pow(2).sum(0) / self.B  # type: ignore[union-attr]
+
+    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
+        """Each row rotated as ``Q_Gᵀ MAT(j_n) Q_A``, in chunks of rows."""
+        d_out, d_in = self.spec.d_out, self.spec.d_in_bar
+        M = self.dense.reshape(-1, d_in, d_out).mT  # type: ignore[union-attr]  # MAT of each row: [N, d_out, d_in']
+        out = M.new_zeros(d_out, d_in)
+        step = max(1, _MAX_TEMP_NUMEL // max(d_out * d_in, 1))
+        for s in range(0, M.shape[0], step):
+            out += (QG.T @ M[s : s + step] @ QA).pow(2).sum(0)
+        return out / self.B
+
+    @property
+    def reduce_factors(self) -> tuple[Tensor, Tensor]:
+        raise FisherlabError(
+            f"layer '{self.spec.name}' is stored dense: KFAC-reduce needs its per-position factors ā and g "
+            f"(capture with storage='factored')"
+        )
+
+    @cached_property
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        """The KFAC factors stored with the rows (J no longer determines them)."""
+        if self.A_stored is None or self.G_stored is None:
+            raise FisherlabError(f"layer '{self.spec.name}': dense storage without KFAC factors")
+        return self.A_stored, self.G_stored
+
+    @cached_property
+    def kfac_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return factor_eigh(*self.kfac_factors)
+
+    def dense_rows(self) -> Tensor:
+        return self.dense  # type: ignore[return-value]
+
+    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
+        """Rows ``vec(Q_Gᵀ MAT(j) Q_A)``."""
+        d_out, d_in = self.spec.d_out, self.spec.d_in_bar
+        J = self.dense
+        Y = QG.T @ J.reshape(-1, d_in, d_out).mT @ QA  # type: ignore[union-attr]  # [N, d_out, d_in']
+        return DenseLayerJacobian(self.spec, self.B, self.K, dense=Y.mT.reshape(J.shape[0], -1))  # type: ignore[union-attr]
 
 
 PRECISIONS = ("float64", "mixed")
@@ -436,19 +520,41 @@ class MixedLayerJacobian(LayerJacobian):
     def diagonal(self) -> Tensor:
         return super().diagonal().to(self.out_dtype)
 
-    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
-        return super().eigenbasis_second_moments(QA.to(self._lo()), QG.to(self._lo())).to(self.out_dtype)
+    def eigenbasis_second_moments(self, QA: Tensor | None, QG: Tensor | None) -> Tensor:
+        cv = lambda Q: None if Q is None else Q.to(self._lo())  # noqa: E731
+        return super().eigenbasis_second_moments(cv(QA), cv(QG)).to(self.out_dtype)
 
     def dense_rows(self) -> Tensor:
         return super().dense_rows().to(self.out_dtype)
 
     @cached_property
     def reduce_factors(self) -> tuple[Tensor, Tensor]:
-        return tuple(t.to(self.out_dtype) for t in LayerJacobian.reduce_factors.func(self))  # type: ignore[return-value]
+        return tuple(t.to(self.out_dtype) for t in _base_value(self, "reduce_factors"))  # type: ignore[return-value]
 
     @cached_property
     def kfac_factors(self) -> tuple[Tensor, Tensor]:
-        return tuple(t.to(self.out_dtype) for t in LayerJacobian.kfac_factors.func(self))  # type: ignore[return-value]
+        return tuple(t.to(self.out_dtype) for t in _base_value(self, "kfac_factors"))  # type: ignore[return-value]
+
+
+def _base_value(lj: LayerJacobian, name: str):
+    """The storage kind's own (non-mixed) value of a cached property or property ``name``."""
+    kind = FactoredLayerJacobian if lj.factored else DenseLayerJacobian
+    attr = kind.__dict__[name]
+    return attr.func(lj) if isinstance(attr, cached_property) else attr.fget(lj)
+
+
+@dataclass(eq=False)
+class _MixedFactored(MixedLayerJacobian, FactoredLayerJacobian):
+    """:class:`MixedLayerJacobian` of a factored layer."""
+
+
+@dataclass(eq=False)
+class _MixedDense(MixedLayerJacobian, DenseLayerJacobian):
+    """:class:`MixedLayerJacobian` of a dense layer."""
+
+
+_KINDS = {LayerJacobian: (FactoredLayerJacobian, DenseLayerJacobian), MixedLayerJacobian: (_MixedFactored, _MixedDense)}
+"""The protocol classes → their (factored, dense) implementations, for ``LayerJacobian(...)``."""
 
 
 class Jacobian:

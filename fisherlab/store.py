@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .capturing.record import Capture, FisherMode, LayerCapture, Storage
+from .capturing.record import Capture, FisherMode, LayerCapture, Storage, dataset_shapes
 from ._system import available_memory
 from .errors import NonFiniteError, StoreError
 from .layout import LayerSpec, Layout
@@ -278,27 +278,15 @@ def _where(path: Path, checkpoint: str | None = None, layer: int | None = None, 
     return s
 
 
-def _expected_shapes(
-    spec: LayerSpec, storage: str, B: int, K: int, T: int, kfac: bool = False
-) -> dict[str, list[int]]:
-    """Dataset shapes of a layer: factored ``a``, ``g``; dense ``J`` (+ KFAC factors ``A``, ``G``)."""
-    if storage == Storage.DENSE.value:
-        out = {"J": [B * K, spec.numel]}
-        if kfac:
-            out.update(A=[spec.d_in_bar, spec.d_in_bar], G=[spec.d_out, spec.d_out])
-        return out
-    if storage != Storage.FACTORED.value:
+def _expected_shapes(spec: LayerSpec, storage: str, B: int, K: int, T: int, kfac: bool = False) -> dict[str, list[int]]:
+    """Dataset shapes of a layer: the record's one table (:func:`fisherlab.capturing.record.dataset_shapes`)."""
+    if storage not in (Storage.DENSE.value, Storage.FACTORED.value):
         raise ValueError(f"unknown storage {storage!r}")
-    return {"a": [B, T, spec.d_in_bar], "g": [B, K, T, spec.d_out]}
+    return dataset_shapes(spec, storage, B, K, T, kfac)
 
 
 def _layer_arrays(lc: LayerCapture) -> dict[str, Tensor | None]:
-    if lc.dense is not None:
-        out: dict[str, Tensor | None] = {"J": lc.dense}
-        if lc.A is not None or lc.G is not None:
-            out.update(A=lc.A, G=lc.G)
-        return out
-    return {"a": lc.a, "g": lc.g}
+    return lc.arrays()  # type: ignore[return-value]
 
 
 def _layer_table(capture: Capture) -> list[dict]:

@@ -147,3 +147,38 @@ def test_bad_product_shapes_are_refused():
     jac = Jacobian.from_capture(cached_capture("mlp", "cross_entropy", "mc", storage="factored"))
     with pytest.raises(ValueError, match="matrix"):
         jac.layers[0].rmatmat(torch.zeros(jac.layers[0].p, dtype=torch.float64))
+
+
+# ---- one protocol, two implementations -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case_id", ["mlp", "cnn", "linear-positions"])
+def test_factored_and_dense_implementations_answer_the_protocol_alike(case_id):
+    """The same layer as factors and as dense rows: every protocol method agrees (float64)."""
+    from cases import EXTRA_MODELS, MODELS, make_capture
+    from fisherlab.jacobian import DenseLayerJacobian, FactoredLayerJacobian, LayerJacobian
+
+    case = {**MODELS, **EXTRA_MODELS}[case_id]
+    cap, *_ = make_capture(case, "cross_entropy", "mc", storage="factored")
+    gen = torch.Generator().manual_seed(0)
+    for lc in cap.layers:
+        fac = LayerJacobian(lc.spec, cap.B, cap.K, a=lc.a.double(), g=lc.g.double())
+        A, G = fac.kfac_factors
+        den = LayerJacobian(lc.spec, cap.B, cap.K, dense=fac.dense_rows(), A_stored=A, G_stored=G)
+        assert isinstance(fac, FactoredLayerJacobian) and isinstance(den, DenseLayerJacobian)
+        assert fac.factored and not den.factored
+        x = torch.randn(fac.p, 3, dtype=torch.float64, generator=gen)
+        y = torch.randn(fac.N, 2, dtype=torch.float64, generator=gen)
+        QA = torch.linalg.qr(torch.randn(A.shape, dtype=torch.float64, generator=gen))[0]
+        QG = torch.linalg.qr(torch.randn(G.shape, dtype=torch.float64, generator=gen))[0]
+        pairs = [
+            (fac.rmatmat(x), den.rmatmat(x)),
+            (fac.matmat(y), den.matmat(y)),
+            (fac.gram(), den.gram()),
+            (fac.diagonal(), den.diagonal()),
+            (fac.eigenbasis_second_moments(QA, QG), den.eigenbasis_second_moments(QA, QG)),
+            (fac.rotated(QA, QG).dense_rows(), den.rotated(QA, QG).dense_rows()),
+        ]
+        for got, want in pairs:
+            assert float((got - want).norm()) <= 1e-12 * max(float(want.norm()), 1e-300)
+        assert all(torch.equal(p, q) for p, q in zip(fac.kfac_factors, den.kfac_factors))

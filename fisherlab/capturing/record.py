@@ -24,7 +24,27 @@ from torch import Tensor
 from ..layout import LayerSpec, Layout
 from ..kernels import dense_from_factors, kfac_factors_from
 
-__all__ = ["FisherMode", "Storage", "LayerCapture", "Capture"]
+__all__ = ["FisherMode", "Storage", "LayerCapture", "Capture", "dataset_shapes"]
+
+
+def dataset_shapes(spec: LayerSpec, storage: "Storage | str", B: int, K: int, T: int, kfac: bool = False) -> dict[str, list[int]]:
+    """THE table of a layer's arrays per storage kind, with their shapes (N = B·K) — what
+    :meth:`LayerCapture.arrays` holds and what the store writes and checks files against:
+
+    | kind | arrays |
+    |---|---|
+    | ``factored`` | ``a [B, T, d_in']``, ``g [B, K, T, d_out]`` |
+    | ``dense`` | ``J [N, p_i]``; with ``kfac``: ``A [d_in', d_in']``, ``G [d_out, d_out]`` |
+    """
+    storage = Storage(storage)
+    if storage is Storage.DENSE:
+        out = {"J": [B * K, spec.numel]}
+        if kfac:
+            out.update(A=[spec.d_in_bar, spec.d_in_bar], G=[spec.d_out, spec.d_out])
+        return out
+    if storage is not Storage.FACTORED:
+        raise ValueError(f"a layer is stored factored or dense, not {storage.value!r}")
+    return {"a": [B, T, spec.d_in_bar], "g": [B, K, T, spec.d_out]}
 
 
 class FisherMode(str, Enum):
@@ -73,9 +93,18 @@ class LayerCapture:
     G: Tensor | None = None
 
     def __repr__(self) -> str:
-        shapes = (f"J {list(self.dense.shape)}" if self.dense is not None
-                  else f"a {list(self.a.shape)} g {list(self.g.shape)}")  # type: ignore[union-attr]
+        shapes = " ".join(f"{k} {list(t.shape)}" for k, t in self.arrays().items() if k in ("a", "g", "J"))
         return f"<LayerCapture '{self.spec.name}' {self.spec.kind.value} {self.storage.value}: {shapes}>"
+
+    def arrays(self) -> dict[str, Tensor]:
+        """The arrays of this layer's storage kind under their dataset names (:func:`dataset_shapes`):
+        factored ``{"a", "g"}``, dense ``{"J"}`` plus ``{"A", "G"}`` when the KFAC factors are kept."""
+        if self.dense is not None:
+            out = {"J": self.dense}
+            if self.A is not None and self.G is not None:
+                out.update(A=self.A, G=self.G)
+            return out
+        return {"a": self.a, "g": self.g}  # type: ignore[dict-item]
 
     @property
     def storage(self) -> Storage:

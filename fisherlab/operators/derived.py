@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ..jacobian import Jacobian, LayerJacobian
+from ..jacobian import Jacobian
 from .algebra import Identity, Matrix
 from .base import FisherOperator
 from .exact import ExactFisher
@@ -129,16 +129,7 @@ class PreconditionedFisher(FisherOperator):
 def rotated_jacobian(jac: Jacobian, kfac: KFAC) -> Jacobian:
     """``Ũ = QᵀU`` with ``Q = blockdiag(Q_A ⊗ Q_G)``: factors ``ā Q_A``, ``g Q_G`` (row vectors), or
     dense rows ``vec(Q_Gᵀ MAT(j) Q_A)`` ``[N, p_i]``."""
-    layers = []
-    for lj, b in zip(jac.layers, kfac.blocks):
-        QA, QG = b.QA.to(jac.dtype), b.QG.to(jac.dtype)
-        if lj.factored:
-            assert lj.a is not None and lj.g is not None
-            layers.append(LayerJacobian(lj.spec, lj.B, lj.K, a=lj.a @ QA, g=lj.g @ QG))
-        else:
-            J = lj.dense_rows()
-            Y = QG.T @ J.reshape(-1, b.d_in, b.d_out).mT @ QA  # [N, d_out, d_in']
-            layers.append(LayerJacobian(lj.spec, lj.B, lj.K, dense=Y.mT.reshape(J.shape[0], -1)))
+    layers = [lj.rotated(b.QA.to(jac.dtype), b.QG.to(jac.dtype)) for lj, b in zip(jac.layers, kfac.blocks)]
     return Jacobian(jac.layout, layers, jac.B, jac.K)
 
 
