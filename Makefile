@@ -22,7 +22,11 @@ DEMO_OUT    ?= out/demo
 
 .PHONY: setup demo test test-all bench clean
 
+# Real Fashion-MNIST from Debian's dataset-fashion-mnist: apt-get install as root, else apt-get
+# download + dpkg-deb -x into data/debian/ (git-ignored); one message and no failure elsewhere.
+# Idempotent: a file check when the data are already there.
 setup: $(STAMP)
+	-@sh data/install_fashion_mnist.sh
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

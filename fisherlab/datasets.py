@@ -73,8 +73,13 @@ __all__ = [
 FASHION_MNIST_ENV = "FISHERLAB_FASHION_MNIST_DIR"
 """Environment variable naming a directory with the four Fashion-MNIST ``*-ubyte.gz`` files."""
 
-FASHION_MNIST_DIRS: list[str] = ["/usr/share/datasets/fashion-mnist"]
-"""Where Debian's ``dataset-fashion-mnist`` package puts its files (searched after the env var)."""
+FASHION_MNIST_DIRS: list[str] = [
+    "/usr/share/datasets/fashion-mnist",
+    str(Path(__file__).resolve().parent.parent / "data" / "debian" / "usr" / "share" / "datasets" / "fashion-mnist"),
+]
+"""Where Debian's ``dataset-fashion-mnist`` package puts its files (searched after the env var):
+the system folder (``apt-get install``, as root), then the checkout's ``data/debian/`` into which
+``make setup`` (``data/install_fashion_mnist.sh``) unpacks the package without root."""
 
 TASKS = ("autoencoder", "classification", "regression")
 
@@ -270,7 +275,8 @@ def _fashion_dir() -> Path:
             return d
     raise DatasetUnavailableError(
         f"dataset 'fashion-mnist': not found in {', '.join(candidates) or '(no directory)'}; "
-        "install Debian's package 'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist) "
+        "install Debian's package 'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist, "
+        "or without root sh data/install_fashion_mnist.sh --user, which make setup runs) "
         f"or set {FASHION_MNIST_ENV} to a directory holding its *-ubyte.gz files"
     )
 
