@@ -19,7 +19,7 @@ from .layout import LayerKind, LayerSpec, Layout, UnsupportedLayerError
 from . import methods
 from .damping import Damping, DampingScale
 from .metrics import METHODS, ComparisonTable, compare, compare_file
-from .operators import KFAC, TKO, BlockDiagonalFisher, DiagonalFisher, ExactFisher, TwoLevelKFAC
+from .operators import KFAC, TKO, BlockDiagonalFisher, DiagonalFisher, ExactFisher, Protocol, TwoLevelKFAC
 from .store import load, save
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "ExactFisher",
     "KFAC",
     "METHODS",
+    "Protocol",
     "TKO",
     "TwoLevelKFAC",
     "compare",

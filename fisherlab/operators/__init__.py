@@ -30,7 +30,8 @@ from .derived import FisherPower, FisherSquareRoot, PreconditionedFisher, Symmet
 from .diagonal import DiagonalFisher
 from .exact import BlockDiagonalFisher, ExactBlock, ExactFisher, cg_preconditioner_rule
 from .kfac import KFAC, DampingMode, KroneckerBlock, pi_damping
-from .twolevel import GAP_RTOL, TKO, CoarseCorrection, TwoLevelKFAC
+from .twolevel import GAP_RTOL, TKO, CoarseCorrection, TwoLevelKFAC, coarse_matrix
+from .protocol import Protocol
 from .foof import FOOF
 from .ekfac import EKFAC, EKFACBlock
 from .kfac_reduce import KFACReduce
@@ -82,6 +83,7 @@ __all__ = [
     "Matrix",
     "NotInvertibleError",
     "PreconditionedFisher",
+    "Protocol",
     "Scaled",
     "Sum",
     "Symmetric",
@@ -91,6 +93,7 @@ __all__ = [
     "as_jacobian",
     "cg_preconditioner_rule",
     "check_damping",
+    "coarse_matrix",
     "make_coarse_space",
     "orthonormalize",
     "pi_damping",

@@ -8,7 +8,11 @@ inverses, spectra and the spectral coarse space all reuse them. With ``X = MAT(v
 * ``"pi"`` (2.30): π_i = √[(tr A/dim A)/(tr G/dim G)], Ã = A + π√λ I, G̃ = G + (√λ/π) I,
   eigenvalues ``(s_G + √λ/π)(s_A + π√λ)ᵀ``;
 * ``"tikhonov"``: ``A ⊗ G + λI``, eigenvalues ``s_G s_Aᵀ + λ`` — the exact damping, which
-  isolates the Kronecker error from the damping heuristic.
+  isolates the Kronecker error from the damping heuristic;
+* ``"sqrt"``: ``(A + √λ I) ⊗ (G + √λ I)`` (π off), eigenvalues ``(s_G + √λ)(s_A + √λ)ᵀ`` — the
+  KFAC baseline of the paper's released code (docs/PROTOCOL.md);
+* ``"lambda"``: ``(A + λI) ⊗ (G + λI)``, eigenvalues ``(s_G + λ)(s_A + λ)ᵀ`` — the fine level of
+  the released code's two-level optimizer (docs/PROTOCOL.md).
 
 ``(A ⊗ G) vec(X) = vec(G X Aᵀ)``, so every block product is ``Q_G (D ∘ X̂) Q_Aᵀ``.
 """
@@ -38,6 +42,10 @@ class DampingMode(str, Enum):
     """Factored Tikhonov with π-correction (2.30): (A + π√λ I) ⊗ (G + √λ/π I)."""
     TIKHONOV = "tikhonov"
     """Exact Tikhonov: A ⊗ G + λI."""
+    SQRT = "sqrt"
+    """Factored, π off: (A + √λ I) ⊗ (G + √λ I) (the released code's KFAC baseline)."""
+    LAMBDA = "lambda"
+    """Factored with λ on each factor: (A + λI) ⊗ (G + λI) (the released code's two-level fine level)."""
 
     @classmethod
     def parse(cls, value: "str | DampingMode") -> "DampingMode":
@@ -45,7 +53,24 @@ class DampingMode(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"damping_mode must be 'pi' or 'tikhonov', got {value!r}") from None
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"damping_mode must be one of {choices}, got {value!r}") from None
+
+    @property
+    def factored(self) -> bool:
+        """Whether λ enters as shifts of the factors (every mode but ``tikhonov``)."""
+        return self is not DampingMode.TIKHONOV
+
+    def factor_shifts(self, damping: float, pi: float = 1.0) -> tuple[float, float]:
+        """The shifts ``(a, g)`` with Ã = A + aI, G̃ = G + gI (``(0, 0)`` for ``tikhonov``)."""
+        sq = math.sqrt(damping)
+        if self is DampingMode.PI:
+            return pi * sq, sq / pi
+        if self is DampingMode.SQRT:
+            return sq, sq
+        if self is DampingMode.LAMBDA:
+            return damping, damping
+        return 0.0, 0.0
 
 
 def pi_from_traces(trace_A: float, dim_A: int, trace_G: float, dim_G: int) -> float:
@@ -75,7 +100,7 @@ class KroneckerBlock(FisherOperator):
 
     Attributes:
         sA, QA, sG, QG: the eigenpairs (negative round-off eigenvalues clipped to 0).
-        pi: π_i (2.30) from the traces tr A = Σ s_A, tr G = Σ s_G (1 for Tikhonov).
+        pi: π_i (2.30) from the traces tr A = Σ s_A, tr G = Σ s_G (1 for every other mode).
         eig: eigenvalues of the damped block as ``[d_out, d_in']`` (``eig[r, c]`` belongs to the
             eigenvector ``vec(QG[:, r] QA[:, c]ᵀ) = QA[:, c] ⊗ QG[:, r]``).
     """
@@ -98,14 +123,16 @@ class KroneckerBlock(FisherOperator):
         self._factors = factors
         # PSD in theory: clip round-off negatives.
         self.sA, self.QA, self.sG, self.QG = sA.clamp_min(0), QA, sG.clamp_min(0), QG
-        sq = math.sqrt(self.damping)
         if self.mode is DampingMode.PI:
             self.pi = pi_from_traces(float(sA.sum()), self.d_in, float(sG.sum()), self.d_out)
-            self.sA_damped = self.sA + self.pi * sq
-            self.sG_damped = self.sG + sq / self.pi
-            self.eig = torch.outer(self.sG_damped, self.sA_damped)
         else:
             self.pi = 1.0
+        if self.mode.factored:
+            a, g = self.mode.factor_shifts(self.damping, self.pi)
+            self.sA_damped = self.sA + a
+            self.sG_damped = self.sG + g
+            self.eig = torch.outer(self.sG_damped, self.sA_damped)
+        else:
             self.sA_damped, self.sG_damped = self.sA, self.sG
             self.eig = torch.outer(self.sG, self.sA) + self.damping
         self.name = "kronecker-block"
@@ -134,14 +161,14 @@ class KroneckerBlock(FisherOperator):
 
     @property
     def A_damped(self) -> Tensor:
-        """Ã = A + π√λ I (``pi``); A itself for ``tikhonov``."""
-        shift = self.pi * math.sqrt(self.damping) if self.mode is DampingMode.PI else 0.0
+        """Ã = A + π√λ I (``pi``), A + √λ I (``sqrt``), A + λI (``lambda``); A itself for ``tikhonov``."""
+        shift = self.mode.factor_shifts(self.damping, self.pi)[0]
         return self.A + shift * torch.eye(self.d_in, dtype=self.A.dtype, device=self.A.device)
 
     @property
     def G_damped(self) -> Tensor:
-        """G̃ = G + (√λ/π) I (``pi``); G itself for ``tikhonov``."""
-        shift = math.sqrt(self.damping) / self.pi if self.mode is DampingMode.PI else 0.0
+        """G̃ = G + (√λ/π) I (``pi``), G + √λ I (``sqrt``), G + λI (``lambda``); G itself for ``tikhonov``."""
+        shift = self.mode.factor_shifts(self.damping, self.pi)[1]
         return self.G + shift * torch.eye(self.d_out, dtype=self.G.dtype, device=self.G.device)
 
     # ---- eigenbasis transforms of [p_i, c] blocks -----------------------------------------
@@ -181,6 +208,9 @@ class KroneckerBlock(FisherOperator):
 class KFAC(BlockDiagonal):
     """F•KFAC = blockdiag(Ã_i ⊗ G̃_i) (2.28)–(2.31), or blockdiag(A_i ⊗ G_i + λI), ``[p, p]``.
 
+    ``damping_mode`` is any :class:`DampingMode`: ``"pi"`` (2.30, the default), ``"tikhonov"``,
+    ``"sqrt"`` or ``"lambda"`` (the released code's baseline and fine level, docs/PROTOCOL.md).
+
     Constructors:
 
     * ``KFAC(blocks)`` — ready :class:`KroneckerBlock` per layer (all with one λ and mode);
@@ -218,7 +248,7 @@ class KFAC(BlockDiagonal):
         self.device = blocks[0].device
         self.damping = blocks[0].damping
         self.damping_mode = blocks[0].mode
-        self.name = "kfac" if self.damping_mode is DampingMode.PI else "kfac-tikhonov"
+        self.name = "kfac" if self.damping_mode is DampingMode.PI else f"kfac-{self.damping_mode.value}"
 
     @classmethod
     def from_capture(cls, source: Capture | Jacobian, damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":
