@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 from functools import cached_property
 
 import torch
@@ -30,7 +30,7 @@ from .kernels import dense_from_factors, kfac_factors_from
 from .errors import FisherlabError
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
+__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -214,8 +214,34 @@ class LayerJacobian:
         """``U_i y``: ``y [N, c] -> [p_i, c]`` (A10)–(A14), written into ``out [p_i, c]`` when given."""
         raise NotImplementedError
 
-    def gram(self) -> Tensor:  # pragma: no cover - abstract
-        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3)."""
+    def gram(self) -> Tensor:
+        """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3): computed once (:meth:`_compute_gram`) or
+        seeded (:meth:`seed_gram`, the setup cache :mod:`fisherlab.cache`)."""
+        K = self.__dict__.get("_gram_value")
+        if K is None:
+            K = self._compute_gram()
+            self.__dict__["_gram_value"] = K
+        return K
+
+    def seed_gram(self, K: Tensor) -> None:
+        """Use ``K [N, N]`` (computed earlier, e.g. read from the setup cache) as this layer's Gram."""
+        if tuple(K.shape) != (self.N, self.N):
+            raise FisherlabError(f"layer '{self.spec.name}': a seeded Gram must be [{self.N}, {self.N}], got {list(K.shape)}")
+        self.__dict__["_gram_value"] = K.to(device=self.device, dtype=self.result_dtype)
+
+    def seed_kfac_eigh(self, eigh: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        """Use ``(s_A, Q_A, s_G, Q_G)`` (computed earlier) as :attr:`kfac_eigh`."""
+        d_in, d_out = self.spec.d_in_bar, self.spec.d_out
+        want = [(d_in,), (d_in, d_in), (d_out,), (d_out, d_out)]
+        if [tuple(t.shape) for t in eigh] != want:
+            raise FisherlabError(f"layer '{self.spec.name}': seeded KFAC eigenpairs must have shapes {want}")
+        self.__dict__["kfac_eigh"] = tuple(t.to(device=self.device, dtype=self.result_dtype) for t in eigh)
+
+    def computed_setup(self) -> dict[str, object]:
+        """What this layer has computed (or was seeded with) so far: ``gram``, ``kfac_eigh``."""
+        return {k: self.__dict__[src] for k, src in (("gram", "_gram_value"), ("kfac_eigh", "kfac_eigh")) if src in self.__dict__}
+
+    def _compute_gram(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def diagonal(self) -> Tensor:  # pragma: no cover - abstract
@@ -303,7 +329,7 @@ class FactoredLayerJacobian(LayerJacobian):
             return g.reshape(B, T * d_out, 1) * yc.reshape(B, 1, c)
         return torch.bmm(g.reshape(B, K, T * d_out).mT, yc.reshape(B, K, c))
 
-    def gram(self) -> Tensor:
+    def _compute_gram(self) -> Tensor:
         """``K_i``. Linear (T = 1): ``(ā_b·ā_c)(g_{b,k}·g_{c,l})/B``, the B × B Gram of ā broadcast
         over the K × K sub-blocks of the N × N Gram of g (no repeated copies). Conv (T > 1): the
         ``"pairs"`` or ``"dense"`` path chosen by :func:`conv_gram_path`.
@@ -321,9 +347,13 @@ class FactoredLayerJacobian(LayerJacobian):
             if K == 1:
                 return Gg.mul_(Ga)
             return Gg.view(B, K, B, K).mul_(Ga[:, None, :, None]).view(N, N)
-        if conv_gram_path(B, K, T, d_in, d_out) == "dense":
-            J = dense_from_factors(a, g)
-            return torch.mm(J, J.T).div_(B)
+        if conv_gram_path(B, K, T, d_in, d_out) == "dense":  # Σ over slices of output channels:
+            step = max(1, _MAX_TEMP_NUMEL // max(N * d_in, 1))  # the rows J [N, p_i] never at once
+            out = None
+            for s in range(0, d_out, step):
+                J = dense_from_factors(a, g[..., s : s + step])  # a column subset of J_i
+                out = torch.mm(J, J.T) if out is None else out.addmm_(J, J.T)
+            return out.div_(B)  # type: ignore[union-attr]
         af = a.reshape(B * T, d_in)
         gf = g.reshape(N * T, d_out)
         AA = torch.mm(af, af.T).view(B, 1, T, B, 1, T)  # [(b,t), (c,s)]
@@ -422,7 +452,7 @@ class DenseLayerJacobian(LayerJacobian):
         assert J is not None
         return torch.mm(J.T, y * self.scale, out=out) if out is not None else (J.T @ y) * self.scale
 
-    def gram(self) -> Tensor:
+    def _compute_gram(self) -> Tensor:
         return torch.mm(self.dense, self.dense.T).div_(self.B)  # type: ignore[arg-type]
 
     def diagonal(self) -> Tensor:
@@ -514,8 +544,8 @@ class MixedLayerJacobian(LayerJacobian):
         res = super().matmat(y.to(self._lo())).to(self.out_dtype)
         return out.copy_(res) if out is not None else res
 
-    def gram(self) -> Tensor:
-        return super().gram().to(self.out_dtype)
+    def _compute_gram(self) -> Tensor:
+        return super()._compute_gram().to(self.out_dtype)
 
     def diagonal(self) -> Tensor:
         return super().diagonal().to(self.out_dtype)
@@ -662,3 +692,137 @@ class Jacobian:
         """``(μ [N], W [N, N])``: ascending eigenpairs of K = UᵀU (computed once; the nonzero μ are
         F's eigenvalues, with eigenvectors ``U w/√μ``)."""
         return torch.linalg.eigh(self.gram)
+
+    # ---- the setup shared through the cache (fisherlab.cache) --------------------------------
+    def seed_setup(self, *, grams: list[Tensor | None] | None = None, gram_eigh: tuple[Tensor, Tensor] | None = None,
+                   kfac_eigh: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None) -> None:
+        """Use setup computed earlier (the setup cache :mod:`fisherlab.cache`): per-layer Grams
+        ``K_i [N, N]``, ``(μ, W)`` of K, per-layer KFAC eigenpairs; ``None`` entries are computed
+        when first needed, as without a seed."""
+        for lj, K in zip(self.layers, grams or []):
+            if K is not None:
+                lj.seed_gram(K)
+        for lj, e in zip(self.layers, kfac_eigh or []):
+            if e is not None:
+                lj.seed_kfac_eigh(e)
+        if gram_eigh is not None:
+            mu, W = gram_eigh
+            if tuple(mu.shape) != (self.N,) or tuple(W.shape) != (self.N, self.N):
+                raise FisherlabError(f"a seeded eigendecomposition of K must be [{self.N}] and [{self.N}, {self.N}]")
+            self.__dict__["gram_eigh"] = (mu.to(device=self.device, dtype=self.dtype), W.to(device=self.device, dtype=self.dtype))
+
+    def computed_setup(self) -> dict[str, object]:
+        """What has been computed (or seeded) so far: ``grams`` and ``kfac_eigh`` (lists with
+        ``None`` for a layer without), ``gram_eigh`` when present."""
+        per = [lj.computed_setup() for lj in self.layers]
+        out: dict[str, object] = {"grams": [d.get("gram") for d in per], "kfac_eigh": [d.get("kfac_eigh") for d in per]}
+        if "gram_eigh" in self.__dict__:
+            out["gram_eigh"] = self.__dict__["gram_eigh"]
+        return out
+
+
+class _Slot:
+    """The one streamed layer held at a time (shared by the layers of a streamed Jacobian)."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.value: LayerJacobian | None = None
+        self.loads = 0
+
+    def get(self, key: object, load: Callable[[], LayerJacobian]) -> LayerJacobian:
+        if self.key is not key or self.value is None:
+            self.value = None  # release the previous layer before reading the next
+            self.value = load()
+            self.key = key
+            self.loads += 1
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+
+class StreamedLayerJacobian(LayerJacobian):
+    """A layer read from its source each time it is used (bounded memory, issue 14 item 3): the
+    arrays of at most one layer of the Jacobian are held (a shared :class:`_Slot`); what the
+    layer computes from them once — its Gram, KFAC factors and eigenpairs — is kept, as for any
+    layer. ``load()`` returns the in-memory layer (e.g. read from the file and converted to
+    float64), so every number equals the in-memory path's.
+
+    Args:
+        spec, B, K: the layer, batch size, vectors per example.
+        load: builds the in-memory :class:`LayerJacobian` (called again after another layer ran).
+        T: positions; factored: the storage kind; device, dtype: of the loaded layer.
+        slot: the shared slot (default: one of its own).
+    """
+
+    def __init__(self, spec: LayerSpec, B: int, K: int, load: Callable[[], LayerJacobian], *, T: int, factored: bool,
+                 device: torch.device | str, dtype: torch.dtype, slot: _Slot | None = None) -> None:
+        self.spec, self.B, self.K = spec, B, K
+        self._load, self._T, self.factored = load, T, factored  # type: ignore[misc]
+        self._device, self._dtype = torch.device(device), dtype
+        self.slot = slot if slot is not None else _Slot()
+
+    def held(self) -> LayerJacobian:
+        """The in-memory layer (read now unless it is the one held)."""
+        return self.slot.get(self, self._load)
+
+    def to(self, device=None, dtype=None) -> "LayerJacobian":
+        return StreamedLayerJacobian(self.spec, self.B, self.K, lambda: self._load().to(device, dtype), T=self._T,
+                                     factored=self.factored, device=device or self._device, dtype=dtype or self._dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def T(self) -> int:
+        return self._T
+
+    a = property(lambda self: self.held().a)  # type: ignore[assignment]
+    g = property(lambda self: self.held().g)  # type: ignore[assignment]
+    dense = property(lambda self: self.held().dense)  # type: ignore[assignment]
+    A_stored = property(lambda self: self.held().A_stored)  # type: ignore[assignment]
+    G_stored = property(lambda self: self.held().G_stored)  # type: ignore[assignment]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        return self.held().rmatmat(x)
+
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        return self.held().matmat(y, out=out)
+
+    def _compute_gram(self) -> Tensor:
+        return self.held().gram()
+
+    def diagonal(self) -> Tensor:
+        return self.held().diagonal()
+
+    def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:
+        return self.held().eigenbasis_second_moments(QA, QG)
+
+    def dense_rows(self) -> Tensor:
+        return self.held().dense_rows()
+
+    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
+        """Streamed too: the rotation is applied to each read."""
+        return StreamedLayerJacobian(self.spec, self.B, self.K, lambda: self._load().rotated(QA, QG), T=self._T,
+                                     factored=self.factored, device=self._device, dtype=self._dtype, slot=self.slot)
+
+    @cached_property
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        return self.held().kfac_factors
+
+    @cached_property
+    def kfac_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.held().kfac_eigh
+
+    @cached_property
+    def reduce_factors(self) -> tuple[Tensor, Tensor]:
+        return self.held().reduce_factors
+
+    @cached_property
+    def reduce_eigh(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.held().reduce_eigh

@@ -980,6 +980,32 @@ class CaptureFile:
             yield self._read_layer(name, g, layout, rows, i)
 
     @_guarded
+    def fingerprint(self, checkpoint: str | None = None) -> str:
+        """A hex digest of a complete checkpoint's stored checksums — every dataset's ``crc32``,
+        shape and dtype, and the checkpoint's and its layers' ``attrs_crc32`` — read without
+        reading an array: it changes whenever the checkpoint's data or metadata do (the setup
+        cache, :mod:`fisherlab.cache`, is keyed by it)."""
+        import hashlib
+
+        name, g = self._group(checkpoint)
+        h = hashlib.sha256(f"{name}\0{_attr(self.file, 'layout')}".encode())
+
+        def add(grp: Any, prefix: str) -> None:
+            h.update(f"{prefix}:{_attr(grp, 'attrs_crc32')}".encode())
+            for key in sorted(_safe_keys(grp)):
+                obj = grp[key]
+                if isinstance(obj, h5py.Dataset):
+                    h.update(f"|{prefix}/{key}:{_attr(obj, 'crc32')}:{list(obj.shape)}:{obj.dtype.str}".encode())
+
+        add(g, "")
+        h.update(str(_attr(g, "layers")).encode())
+        for i in range(len(self.layout)):
+            lg = g.get(f"layers/{i}")
+            if lg is not None:
+                add(lg, str(i))
+        return h.hexdigest()[:32]
+
+    @_guarded
     def read_grad(self, checkpoint: str | None = None) -> Tensor:
         """∇h ``[p]`` of a checkpoint, fisherlab order."""
         name, g = self._group(checkpoint)
