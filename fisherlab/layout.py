@@ -10,8 +10,16 @@ This module owns the parameter order. Nobody else reshapes parameters by hand.
   ``(A ⊗ G) vec(X) = vec(G X Aᵀ)``.
 * θ = [vec(W_1); …; vec(W_ℓ)] ∈ Rᵖ is *fisherlab order*. *Torch order* is
   ``torch.nn.utils.parameters_to_vector(model.parameters())`` of the whole model; entries of
-  modules outside the Fisher (BatchNorm, …) are zero in :meth:`Layout.to_torch_order` and
-  dropped by :meth:`Layout.from_torch_order`.
+  modules outside the Fisher (BatchNorm by default, …) are zero in :meth:`Layout.to_torch_order`
+  and dropped by :meth:`Layout.from_torch_order`.
+* **BatchNorm in the Fisher** (``Layout.from_model(model, batchnorm="fisher")``): an affine
+  ``BatchNorm1d/2d/3d`` with C channels is a layer of kind ``batchnorm`` seen as a Linear layer
+  with the constant input ā = [1] (``d_in = 1``, no bias column, T = 1) and ``d_out = 2C``:
+  ``W = [γ; β]`` is a ``[2C, 1]`` column, so its block of θ is ``[γ_1 … γ_C, β_1 … β_C]`` (torch's
+  own order: weight, then bias). Its per-example "output gradient" g is the per-example
+  gradient row ``[Σ_t g_{c,t} x̂_{c,t}, Σ_t g_{c,t}]_c`` (g w.r.t. the BatchNorm output, x̂ its
+  normalised input, t over the positions), so the row ``vec(g āᵀ) = g`` is exact and every
+  Kronecker method sees ``A_i = 1``, ``G_i`` = the exact block of the layer.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import UnsupportedLayerError
+from .errors import ConfigError, UnsupportedLayerError
 
 __all__ = [
+    "BATCHNORM_CHOICES",
     "LayerKind",
     "LayerSpec",
     "Layout",
@@ -46,6 +55,9 @@ class LayerKind(str, Enum):
     """``nn.Linear``: ``T`` = number of positions (1 for a ``[B, d_in]`` input)."""
     CONV2D = "conv2d"
     """``nn.Conv2d``: ``T`` = output height × width, inputs unfolded by ``F.unfold``."""
+    BATCHNORM = "batchnorm"
+    """affine ``nn.BatchNorm1d/2d/3d`` (only with ``batchnorm="fisher"``): ā = [1], T = 1,
+    ``d_out = 2C``, parameters ``[γ; β]`` (module docstring)."""
 
 
 def vec(M: Tensor) -> Tensor:
@@ -70,7 +82,8 @@ class LayerSpec:
         bias: whether the layer has a bias (then ``d_in' = d_in + 1``).
         offset: start of ``vec(W_i)`` in fisherlab order.
         torch_weight_offset: start of ``weight`` in torch order.
-        torch_bias_offset: start of ``bias`` in torch order, ``-1`` without a bias.
+        torch_bias_offset: start of ``bias`` in torch order, ``-1`` without a bias (BatchNorm:
+            start of β, although its ā has no bias column: ``bias`` is ``False``).
         weight_shape: ``tuple(module.weight.shape)``.
         conv: Conv2d hyper-parameters (``kernel_size``, ``stride``, ``padding``, ``dilation``)
             as lists of two ints; empty for Linear.
@@ -182,6 +195,24 @@ def supported(module: nn.Module) -> bool:
     return type(module) in _REGISTRY
 
 
+BATCHNORM_CHOICES = ("outside", "fisher")
+"""Where BatchNorm's affine parameters go: ``"outside"`` the Fisher (listed, not captured; the
+default) or into it as layers of kind ``batchnorm`` (module docstring)."""
+
+_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def check_batchnorm(batchnorm: object) -> str:
+    """``batchnorm`` if it is one of :data:`BATCHNORM_CHOICES`, else a one-line ``ConfigError``."""
+    if not isinstance(batchnorm, str) or batchnorm not in BATCHNORM_CHOICES:
+        raise ConfigError(f"batchnorm must be one of {', '.join(map(repr, BATCHNORM_CHOICES))}, got {batchnorm!r}")
+    return batchnorm
+
+
+def _describe_batchnorm(name: str, m: nn.Module) -> tuple[LayerKind, int, int, dict]:
+    return LayerKind.BATCHNORM, 1, 2 * int(m.num_features), {}
+
+
 # --------------------------------------------------------------------------------------------
 # the layout of a model
 # --------------------------------------------------------------------------------------------
@@ -203,8 +234,11 @@ class Layout:
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, *, warn: bool = True) -> "Layout":
+    def from_model(cls, model: nn.Module, *, warn: bool = True, batchnorm: str = "outside") -> "Layout":
         """Describe ``model``; modules with parameters that are not supported are excluded.
+
+        ``batchnorm="fisher"`` makes every affine ``BatchNorm1d/2d/3d`` (exact classes) a layer of
+        kind ``batchnorm`` (module docstring); ``"outside"`` (default) lists them as excluded.
 
         Raises:
             UnsupportedLayerError: a supported class configured in an unsupported way
@@ -220,28 +254,30 @@ class Layout:
         layers: list[LayerSpec] = []
         excluded: list[str] = []
         offset = 0
+        bn_in = check_batchnorm(batchnorm) == "fisher"
         for name, m in model.named_modules():
             own = [p for p in m.parameters(recurse=False)]
             if not own:
                 continue
-            if not supported(m):
+            is_bn = bn_in and type(m) in _BATCHNORM_TYPES and m.weight is not None and m.bias is not None
+            if not supported(m) and not is_bn:
                 excluded.append(f"{name} ({type(m).__name__})")
                 continue
-            kind, d_in, d_out, conv = _REGISTRY[type(m)](name, m)
+            kind, d_in, d_out, conv = (_describe_batchnorm if is_bn else _REGISTRY[type(m)])(name, m)
             for p in own:
                 if id(p) in seen_params:
                     raise UnsupportedLayerError(f"layer '{name}': parameters shared with another module")
                 seen_params.add(id(p))
-            bias = getattr(m, "bias", None) is not None
+            has_bias = getattr(m, "bias", None) is not None
             spec = LayerSpec(
                 name=name,
                 kind=kind,
                 d_in=d_in,
                 d_out=d_out,
-                bias=bias,
+                bias=has_bias and not is_bn,  # BatchNorm: β is a row of W = [γ; β], not a column of ā
                 offset=offset,
                 torch_weight_offset=torch_pos[id(m.weight)],
-                torch_bias_offset=torch_pos[id(m.bias)] if bias else -1,
+                torch_bias_offset=torch_pos[id(m.bias)] if has_bias else -1,
                 weight_shape=tuple(m.weight.shape),
                 conv=conv,
             )
@@ -249,7 +285,8 @@ class Layout:
             offset += spec.numel
         if not layers:
             raise UnsupportedLayerError(
-                f"model {type(model).__name__} has no supported layer (nn.Linear, nn.Conv2d)"
+                f"model {type(model).__name__} has no supported layer (nn.Linear, nn.Conv2d"
+                + (", affine BatchNorm" if bn_in else "") + ")"
             )
         if excluded and warn:
             warnings.warn(
@@ -311,7 +348,8 @@ class Layout:
         )
 
     def layer_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``[weight | bias]`` as ``[d_out, d_in']``."""
+        """``[weight | bias]`` as ``[d_out, d_in']`` (a BatchNorm layer's ``[γ; β]`` ``[2C, 1]`` is
+        ``torch.cat([γ, β]).reshape(-1, 1)``)."""
         W = weight.reshape(weight.shape[0], -1)
         return W if bias is None else torch.cat([W, bias.reshape(-1, 1)], dim=1)
 
@@ -321,6 +359,10 @@ class Layout:
         """``idx [p]`` with ``torch_vector[idx] == fisherlab_vector``."""
         parts = []
         for s in self.layers:
+            if s.kind is LayerKind.BATCHNORM:  # W = [γ; β], one column: γ's entries, then β's
+                C = s.d_out // 2
+                parts.append(torch.cat([s.torch_weight_offset + torch.arange(C), s.torch_bias_offset + torch.arange(C)]))
+                continue
             # position in torch order of entry (r, c) of [W | b]; vec stacks columns.
             w = s.torch_weight_offset + torch.arange(s.d_out * s.d_in).reshape(s.d_out, s.d_in)
             if s.bias:

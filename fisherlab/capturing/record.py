@@ -306,7 +306,7 @@ class Capture:
                 else f"a {list(lc.a.shape)} g {list(lc.g.shape)}"  # type: ignore[union-attr]
             )
             lines.append(
-                f"  {s.name:<24} {s.kind.value:<7} d_out={s.d_out:<5} d_in'={s.d_in_bar:<6} T={lc.positions:<5} "
+                f"  {s.name:<24} {s.kind.value:<9} d_out={s.d_out:<5} d_in'={s.d_in_bar:<6} T={lc.positions:<5} "
                 f"p_i={s.numel:<10,} {lc.storage.value:<8} {shapes}"
             )
         if self.layout.excluded:

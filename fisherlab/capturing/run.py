@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
@@ -25,9 +26,9 @@ from torch import Tensor, nn
 
 from .._system import available_memory
 from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
-from ..layout import Layout, layer_modules
+from ..layout import LayerKind, Layout, check_batchnorm, layer_modules
 from . import losses as L
-from .layers import dense_from_factors, layer_inputs, layer_output_grads
+from .layers import batchnorm_normalized, dense_from_factors, layer_inputs, layer_output_grads, uses_batch_statistics
 from .record import (
     Capture,
     FisherMode,
@@ -101,6 +102,58 @@ def _refuse_batch_statistics(model: nn.Module) -> None:
                 "statistics even in eval mode, which couples the examples: the per-example Fisher would be "
                 "wrong; use track_running_stats=True (running statistics) or a per-example norm (GroupNorm, LayerNorm)"
             )
+
+
+@contextmanager
+def _training_statistics(model: nn.Module, on: bool) -> Iterator[list[str]]:
+    """With ``on``: the BatchNorm modules in train mode normalise by the batch's statistics during
+    the (eval-mode) capture, as the training forward does, without updating their running
+    averages (their running statistics are hidden, then put back). Yields the names of the
+    BatchNorm modules whose forward then uses batch statistics (none when ``on`` is false)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    hidden = []
+    if on:
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.training and m.running_mean is not None:
+                hidden.append((m, m.running_mean, m.running_var))
+                m.running_mean = m.running_var = None
+    try:
+        yield [n for n, m in model.named_modules() if on and isinstance(m, _BatchNorm)
+               and m.running_mean is None and m.running_var is None]
+    finally:
+        for m, mean, var in hidden:
+            m.running_mean, m.running_var = mean, var
+
+
+def _batchnorm_in_train_mode(model: nn.Module) -> list[str]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
+
+
+def _say_statistics(training: list[str], batch_statistics: bool, coupled: list[str], meta: dict) -> None:
+    """One line at capture time on which BatchNorm statistics the capture used (README: BatchNorm):
+    ``training`` are the BatchNorm modules in train mode, ``coupled`` those normalising by the batch."""
+    if batch_statistics and coupled:
+        meta["batch_statistics"] = True
+        warnings.warn(
+            f"fisherlab: capture with batch statistics (BatchNorm {', '.join(map(repr, coupled))}): the examples "
+            "are coupled, the per-example vectors are backpropagated ones and F is not a per-example Fisher; "
+            "recorded as batch_statistics=true",
+            UserWarning, stacklevel=3,
+        )
+    elif batch_statistics:
+        warnings.warn(
+            "fisherlab: batch_statistics=True, but no BatchNorm is in train mode: captured with the running "
+            "statistics (the eval forward)", UserWarning, stacklevel=3,
+        )
+    elif training:
+        warnings.warn(
+            f"fisherlab: BatchNorm {', '.join(map(repr, training))} in train mode captured in eval mode with "
+            "the running statistics (a per-example Fisher, not the training forward; batch_statistics=True "
+            "captures that one)", UserWarning, stacklevel=3,
+        )
 
 
 def _param_uses(z: Tensor) -> dict[int, int]:
@@ -233,6 +286,7 @@ def capture(
     meta: dict | None = None,
     memory: int | None = None,
     batch_statistics: bool = False,
+    batchnorm: str = "outside",
 ) -> Capture:
     """Record per-example layer Jacobians of one mini-batch (MATH.md §2).
 
@@ -261,6 +315,14 @@ def capture(
         memory: the bytes the capture may allocate after the forward pass (default: the memory
             available on ``device``); a capture estimated to need more is refused before it
             allocates, naming the size and the largest layer.
+        batch_statistics: capture the training forward of BatchNorm (below).
+        batchnorm: ``"outside"`` (default): BatchNorm parameters are left out of the Fisher and
+            listed; ``"fisher"``: the affine parameters ``[γ; β]`` of every ``BatchNorm1d/2d/3d``
+            join it as a layer of kind ``batchnorm`` (ā = [1], g = the per-example gradient row
+            w.r.t. ``[γ; β]``, :mod:`fisherlab.layout`), so KFAC's block of that layer is its exact
+            block. The default keeps the paper's and its released code's Fisher (Linear and
+            Conv2d only; the optimizers step BatchNorm by SGD), and the layout, ``p`` and the
+            files of earlier captures unchanged.
 
     Returns:
         A :class:`Capture` on the CPU in ``dtype``.
@@ -273,10 +335,17 @@ def capture(
         ``track_running_stats=False``), outputs that depend on the rest of the batch or change
         between two forward passes; :class:`MemoryBudgetError` when the estimate exceeds ``memory``.
 
-    ``batch_statistics=True`` lets BatchNorm normalise with the batch's statistics (the training
-    forward): the examples are then coupled and the per-example vectors are the backpropagated
-    ones, as in every KFAC implementation. The optimizers use it while the model trains (its ∇h
-    is then the training gradient); an analysis of the Fisher should not.
+    **BatchNorm statistics, a stated choice.** By default (eval mode) BatchNorm uses its running
+    statistics: every example's output depends on that example alone and the rows are true
+    per-example gradients. ``batch_statistics=True`` captures the training forward: BatchNorm
+    modules in train mode normalise by the batch's statistics (without updating their running
+    averages; modules without running statistics always do), the examples are then coupled, the
+    per-example vectors are the backpropagated ones (as in every KFAC implementation) and ∇h is
+    the training gradient. The optimizers use it while the model trains; an analysis of the
+    Fisher should not (README: BatchNorm). Each capture says which in one line (a
+    ``UserWarning``): the batch-statistics one also records ``meta["batch_statistics"] = True``
+    (stored with the checkpoint), and a model whose BatchNorm is in train mode, captured in eval
+    mode, is told so.
     """
     mode = _fisher(fisher)
     loss_enum = L.Loss.parse(loss)
@@ -295,7 +364,7 @@ def capture(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     budget = _budget(memory, device)
 
-    layout = Layout.from_model(model)
+    layout = Layout.from_model(model, batchnorm=check_batchnorm(batchnorm))
     if isinstance(storage, dict):
         unknown = sorted(set(storage) - set(layout.names))
         if unknown:
@@ -316,6 +385,7 @@ def capture(
     y = targets.to(device, dtype if targets.is_floating_point() else None)
     B = x.shape[0]
 
+    is_bn = [spec.kind is LayerKind.BATCHNORM for spec in layout.layers]
     recorded: list[dict] = [dict() for _ in modules]
     # In-place operations after a captured layer (ReLU(inplace=True) on its output, `out += identity`
     # of a residual block, an in-place op on its input) would change the tensors the hooks read:
@@ -333,7 +403,10 @@ def capture(
                     "(weight sharing is not supported)"
                 )
             inp = args[0]
-            kept = inp.detach().clone() if i in copy_in else inp.detach()
+            if is_bn[i]:  # x̂ with the statistics of this very forward (a new tensor: no copy needed)
+                kept = batchnorm_normalized(module, inp.detach())
+            else:
+                kept = inp.detach().clone() if i in copy_in else inp.detach()
             recorded[i].update(inp=kept, out=output, v_in=kept._version, v_out=output._version)
             return output.clone() if i in copy_out else None
 
@@ -346,7 +419,10 @@ def capture(
         )
 
     n_probe = min(2, max(1, B - 1))
-    with _prepared(work, layout), ExitStack() as stack:
+    meta = dict(meta or {})
+    training_bn = _batchnorm_in_train_mode(work)
+    with _training_statistics(work, batch_statistics) as coupled, _prepared(work, layout), ExitStack() as stack:
+        _say_statistics(training_bn, batch_statistics, coupled, meta)
         probe = None if batch_statistics else _probe(work, x, n_probe)
         for i, m in enumerate(modules):
             stack.callback(m.register_forward_hook(make_hook(i)).remove)
@@ -399,8 +475,11 @@ def capture(
         K = vectors.shape[0]
 
         outs = [r["out"] for r in recorded]
+        # (BatchNorm: T = 1, but its K backward results are [B, C, *S]; S/2 positions of d_out = 2C
+        # count them for the estimate)
         positions = [
-            r["out"].shape[-2] * r["out"].shape[-1] if spec.kind.value == "conv2d" else r["out"].numel() // (B * spec.d_out)
+            r["out"].shape[-2] * r["out"].shape[-1] if spec.kind is LayerKind.CONV2D
+            else max(1, r["out"].numel() // (B * spec.d_out))
             for r, spec in zip(recorded, layout.layers)
         ]
         need, worst = _estimate(layout, positions, B, K, storage, torch.tensor([], dtype=dtype).element_size())
@@ -430,7 +509,7 @@ def capture(
         def as_g(t: Tensor | None) -> Tensor:
             if t is None:  # the layer does not influence the output
                 return a.new_zeros(B, T, spec.d_out)
-            return layer_output_grads(spec, t)
+            return layer_output_grads(spec, t, xhat=recorded[i]["inp"] if is_bn[i] else None)
 
         g = torch.stack([as_g(gs[i]) for gs in g_k], dim=1)  # [B, K, T, d_out]
         gt = as_g(g_true[i]) if g_true is not None else g[:, 0]
@@ -466,5 +545,5 @@ def capture(
         sampled=None if sampled is None else sampled.detach().cpu(),
         seed=seed,
         model=dict(model_description or {}),
-        meta=dict(meta or {}),
+        meta=meta,
     )

@@ -72,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="stored dtype")
     p.add_argument("--storage", choices=["auto", "factored", "dense"], default="auto", help="per-layer storage")
+    p.add_argument("--batchnorm", choices=["outside", "fisher"], default="outside",
+                   help="BatchNorm's affine parameters: outside the Fisher (listed), or in it as dense "
+                   "per-example-gradient layers (eval mode: running statistics)")
     p.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none",
                    help="HDF5 filter (none is fastest; lzf/gzip are several times slower to write)")
     p.add_argument("--out", "-o", default=None, metavar="FILE",
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
         indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
         meta=meta, batches=args.batches, draws=args.draws, overwrite=args.overwrite, progress=progress_of(args),
+        batchnorm=args.batchnorm,
     )
     print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0

@@ -83,6 +83,7 @@ def capture_checkpoints(
     draws: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    batchnorm: str = "outside",
 ) -> list[str]:
     """Capture ``(inputs, targets)`` at each checkpoint of ``description``'s model into ``out``.
 
@@ -107,6 +108,9 @@ def capture_checkpoints(
         overwrite: capture checkpoints that are complete in ``out`` again and replace them
             (default: skip them, which resumes a stopped run).
         progress: show a progress bar.
+        batchnorm: ``"outside"`` or ``"fisher"`` (BatchNorm's γ, β join the Fisher), as in
+            :func:`fisherlab.capture`. The checkpoints are captured in eval mode (BatchNorm with
+            its running statistics: a per-example Fisher).
 
     Returns:
         The names of the checkpoints written now.
@@ -177,11 +181,12 @@ def capture_checkpoints(
         bar.set_postfix_str(stored)
         if loaded != name:
             model, loaded = load_into(models.build(description), path, description), name
+            model.eval()  # a checkpoint's Fisher: running statistics (capture's docstring)
         sample = {"of": name, "batch": b, "draw": d, "batches": batches, "draws": draws}
         cap = capture(
             model, inputs[rows(b)], targets[rows(b)], loss=loss, fisher=fisher, n_samples=n_samples,
             generator=torch.Generator().manual_seed(seed + d), device=device, dtype=dtype,
-            storage=storage, model_description=description,
+            storage=storage, model_description=description, batchnorm=batchnorm,
             meta={**(meta or {}), "checkpoint_file": str(path), **({"sample": sample} if len(samples) > len(names) else {})},
         )
         save(cap, out, checkpoint=stored, step=step, compression=compression, batch_indices=expected[stored],
