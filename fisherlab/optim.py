@@ -47,9 +47,19 @@ Design choices (documented here once, referred to by the classes):
 * **Monte-Carlo draws** (``fisher="mc"``, K = ``n_samples``) come from one CPU generator per
   optimizer (``generator``, or ``torch.Generator().manual_seed(seed)``), advanced step by step.
 
-Each step appends ``{"step", "loss", "gap", "ratio", "seconds", …}`` to :attr:`history`:
-``loss`` is h of the batch before the update; ``gap`` (``record_gap=True``) is
-𝔈(β) − 𝔈(0) of (4.6) for the two-level methods (0 for KFAC); ``ratio`` (``record_ratio=True``)
+* **Protocol** (``protocol="paper"`` default, or ``"released-code"``;
+  :class:`~fisherlab.operators.Protocol`, docs/PROTOCOL.md): the options in which the paper's
+  released code departs from its equations — damping variants (``damping_mode``,
+  ``fine_damping_mode``), ``factor_decay="auto"``, ``factor_update_period``,
+  ``fisher_subbatch``, and for the two-level optimizers ``coarse_rhs``, ``coarse_diagonal``,
+  ``coarse_normalization``, ``coefficient``, ``coarse_decay``, ``coarse_update_period``. The
+  paper's values are the defaults above; an explicit option overrides the preset.
+
+Each step appends ``{"step", "loss", "gap", "logged_gap", "ratio", "seconds", …}`` to :attr:`history`:
+``loss`` is h of the batch before the update; ``gap`` (``record_gap=True``) is the TRUE
+𝔈(β) − 𝔈(0) of (4.6) against F• and ζ of the batch for the two-level methods (0 for KFAC);
+``logged_gap`` the same with the coarse matrix β was solved with (the released code's log;
+equal to ``gap`` under the paper's protocol); ``ratio`` (``record_ratio=True``)
 is the reduction ratio 𝔈(β)/𝔈(0), 𝔈 of (4.1), which needs the exact ζ = F•⁻¹w (one more
 Woodbury solve). The paper's Fig. 5 is the ``gap`` column over training.
 
@@ -89,6 +99,15 @@ from .operators import (
 )
 from .operators.coarse import COARSE_SPACES
 from .operators.kfac import DampingMode
+from .operators.protocol import (
+    Protocol,
+    auto_decay,
+    check_coarse_diagonal,
+    check_coarse_normalization,
+    check_coarse_rhs,
+    check_coefficient,
+)
+from .operators.twolevel import coarse_matrix
 
 __all__ = [
     "FisherOptimizer",
@@ -378,6 +397,8 @@ class FisherOptimizer(torch.optim.Optimizer):
         rhs = cap.grad.to(torch.float64)
         if wd > 0:
             rhs = rhs + wd * self.layout.parameters_vector(self.model).to("cpu", torch.float64)
+        self._step_batch = (x, y)  # for a Fisher sub-batch (the KFAC-based optimizers)
+        self._sub_jac = None
         op = self._operator(jac, rhs, lam)
         zeta = op.solve(rhs)
         self.last_operator = op
@@ -386,6 +407,7 @@ class FisherOptimizer(torch.optim.Optimizer):
             "step": self._steps,
             "loss": float(cap.loss_value),
             "gap": None,
+            "logged_gap": None,
             "ratio": None,
             "seconds": 0.0,
             "method": self.method,
@@ -420,7 +442,7 @@ class FisherOptimizer(torch.optim.Optimizer):
                 p.add_(d, alpha=-lr)
         rec["seconds"] = time.perf_counter() - t0
         self.history.append(rec)
-        self.last_metrics = {k: rec[k] for k in ("gap", "ratio", "coarse_dim") if rec[k] is not None}
+        self.last_metrics = {k: rec[k] for k in ("gap", "logged_gap", "ratio", "coarse_dim") if rec[k] is not None}
         self.last_metrics["step_seconds"] = rec["seconds"]
         return closure_value if closure is not None else float(cap.loss_value)
 
@@ -460,43 +482,142 @@ class FisherOptimizer(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 
 
+def _decay(name: str, value: Any) -> float | str:
+    """A running-average weight ρ ∈ [0, 1) or ``"auto"`` (ρ_k = min(1 − 1/k, 0.95)); one-line error."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"{name} must be a number in [0, 1) or 'auto', got {value!r}")
+        return value
+    return _in_unit(name, value)
+
+
+def _subbatch(value: Any) -> int | float | None:
+    """``None``, a size ≥ 1 (int) or a fraction of the batch in (0, 1] (float); one-line error."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"fisher_subbatch must be None, a positive integer or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, int):
+        return _posint("fisher_subbatch", value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (0.0 < v <= 1.0):
+        raise ConfigError(f"fisher_subbatch must be None, a positive integer or a fraction in (0, 1], got {value!r}")
+    return v
+
+
+def _damping_mode(value: Any) -> str:
+    try:
+        return DampingMode.parse(value).value
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 class _KFACBased(FisherOptimizer):
     """Keeps the running factors and the one-level KFAC operator (module docstring).
 
-    Args (besides :class:`FisherOptimizer`'s):
-        damping_mode: ``"pi"`` (2.30) or ``"tikhonov"`` (A ⊗ G + λI).
-        factor_decay: ρ ∈ [0, 1): A ← ρA + (1 − ρ)A_batch, G likewise; 0 = batch factors.
+    Args (besides :class:`FisherOptimizer`'s); ``None`` takes the ``protocol``'s value:
+        damping_mode: ``"pi"`` (2.30), ``"tikhonov"`` (A ⊗ G + λI), ``"sqrt"``
+            ((A + √λI) ⊗ (G + √λI)) or ``"lambda"`` ((A + λI) ⊗ (G + λI)); for the two-level
+            optimizers the fine level's (unless ``fine_damping_mode`` is given).
+        factor_decay: ρ ∈ [0, 1): A ← ρA + (1 − ρ)A_batch, G likewise; 0 = batch factors;
+            ``"auto"``: ρ_k = min(1 − 1/k, 0.95) at the 0-based step k of the update (the released
+            code's schedule; the first update takes the batch factors).
+        factor_update_period: T_cov ≥ 1: the factors are updated on steps 1, 1 + T_cov, … only
+            (the released code: 100); in between they stay as they are.
         inverse_update_period: T_inv ≥ 1: the KFAC eigendecompositions are rebuilt every T_inv
             steps and reused in between.
+        fisher_subbatch: ``None`` (the batch), a size s or a fraction f of the batch: the factors
+            (and the two-level coarse matrix) of an update come from s (or ⌊fB⌋, at least 1)
+            examples drawn uniformly WITH replacement from the batch by the optimizer's generator,
+            captured again (their own Monte-Carlo draws); the gradient is the whole batch's.
+        protocol: ``"paper"`` (default: the values above are fisherlab's defaults, 0/1/None) or
+            ``"released-code"`` (:class:`~fisherlab.operators.Protocol`, docs/PROTOCOL.md); an
+            option given explicitly overrides it.
 
     Attributes:
         factors: the current ``[(A_i, G_i)]`` (float64, CPU), ``None`` before the first step.
         kfac: the one-level operator of the last step.
+        protocol: the resolved :class:`~fisherlab.operators.Protocol`.
+        last_subbatch: the indices of the last Fisher sub-batch (``None`` without one).
     """
+
+    two_level: bool = False
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        damping_mode: str = "pi",
-        factor_decay: float = 0.0,
-        inverse_update_period: int = 1,
+        damping_mode: str | None = None,
+        factor_decay: float | str | None = None,
+        inverse_update_period: int | None = None,
+        factor_update_period: int | None = None,
+        fisher_subbatch: int | float | None = None,
+        protocol: str | Protocol | None = None,
+        fine_damping_mode: str | None = None,
         **kw: Any,
     ) -> None:
         try:
-            self.damping_mode = DampingMode(damping_mode).value
-        except ValueError:
-            raise ConfigError(f"damping_mode must be 'pi' or 'tikhonov', got {damping_mode!r}") from None
-        self.factor_decay = _in_unit("factor_decay", factor_decay)
-        self.inverse_update_period = _posint("inverse_update_period", inverse_update_period)
+            proto = Protocol.parse(protocol)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.two_level:
+            fine = fine_damping_mode if fine_damping_mode is not None else damping_mode
+            proto = proto.with_options(fine_damping_mode=fine)
+        elif fine_damping_mode is not None:
+            raise ConfigError(f"{type(self).__name__} has one level: give damping_mode, not fine_damping_mode")
+        else:
+            proto = proto.with_options(damping_mode=damping_mode)
+        proto = proto.with_options(
+            factor_decay=factor_decay, inverse_update_period=inverse_update_period,
+            factor_update_period=factor_update_period, fisher_subbatch=fisher_subbatch,
+        )
+        self.damping_mode = _damping_mode(proto.fine_damping_mode if self.two_level else proto.damping_mode)
+        self.factor_decay = _decay("factor_decay", proto.factor_decay)
+        self.inverse_update_period = _posint("inverse_update_period", proto.inverse_update_period)
+        self.factor_update_period = _posint("factor_update_period", proto.factor_update_period)
+        self.fisher_subbatch = _subbatch(proto.fisher_subbatch)
+        self.protocol = proto
         super().__init__(model, **kw)
         self.factors: list[tuple[Tensor, Tensor]] | None = None
         self.kfac: KFAC | None = None
         self._kfac_built_at = 0
+        self.last_subbatch: Tensor | None = None
+        self._sub_jac: Jacobian | None = None
+
+    # ---- the Fisher sub-batch --------------------------------------------------------------
+    def _subbatch_size(self, B: int) -> int:
+        s = self.fisher_subbatch
+        return int(s) if isinstance(s, int) else max(1, int(s * B))  # type: ignore[operator]
+
+    def _fisher_jacobian(self, jac: Jacobian) -> Jacobian:
+        """The Jacobian the factors (and coarse matrix) of this step come from: the batch's, or
+        that of a sub-batch drawn with replacement (drawn once per step, on demand)."""
+        if self.fisher_subbatch is None:
+            return jac
+        if self._sub_jac is None:
+            x, y = self._step_batch
+            idx = torch.randint(0, x.shape[0], (self._subbatch_size(x.shape[0]),), generator=self.generator)
+            self.last_subbatch = idx
+            sub = idx.to(x.device)
+            self._sub_jac = Jacobian.from_capture(self._capture(x[sub], y[sub]), torch.float64)
+        return self._sub_jac
+
+    # ---- the running factors -----------------------------------------------------------------
+    def _rho(self, decay: float | str) -> float:
+        """ρ of an update at this step: the constant, or min(1 − 1/k, 0.95) at the 0-based step k."""
+        return auto_decay(self._steps - 1) if decay == "auto" else float(decay)
+
+    def _due(self, period: int) -> bool:
+        return (self._steps - 1) % period == 0
 
     def _update_factors(self, jac: Jacobian) -> list[tuple[Tensor, Tensor]]:
-        batch = [lj.kfac_factors for lj in jac.layers]
-        rho = self.factor_decay
+        if self.factors is not None and not self._due(self.factor_update_period):
+            return self.factors
+        batch = [lj.kfac_factors for lj in self._fisher_jacobian(jac).layers]
+        rho = self._rho(self.factor_decay)
         if self.factors is None or rho == 0.0:
             self.factors = [(A.clone(), G.clone()) for A, G in batch]
         else:
@@ -509,7 +630,7 @@ class _KFACBased(FisherOptimizer):
         """F•KFAC for this step: rebuilt from the current factors every T_inv steps (and when λ
         changes); otherwise the previous operator's blocks, bound to this step's Jacobian."""
         factors = self._update_factors(jac)
-        due = self.kfac is None or (self._steps - 1) % self.inverse_update_period == 0
+        due = self.kfac is None or self._due(self.inverse_update_period)
         if due or self.kfac.damping != damping:  # type: ignore[union-attr]
             self.kfac = KFAC.from_factors(factors, damping, self.damping_mode)
             self._kfac_built_at = self._steps
@@ -534,6 +655,7 @@ class _KFACBased(FisherOptimizer):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     rec["gap"] = float(op.gap())
+                    rec["logged_gap"] = float(op.logged_gap())
             if self.record_ratio:
                 exact = op.exact
                 z = exact.solve(rhs)
@@ -543,6 +665,7 @@ class _KFACBased(FisherOptimizer):
         else:  # one-level KFAC: β = 0
             if self.record_gap:
                 rec["gap"] = 0.0
+                rec["logged_gap"] = 0.0
             if self.record_ratio:
                 rec["ratio"] = 1.0
 
@@ -551,18 +674,112 @@ class KFACOptimizer(_KFACBased):
     """KFAC (2.31): θ ← θ − α F•KFAC⁻¹(∇h + ωθ), F•KFAC = blockdiag(Ã_i ⊗ G̃_i) (2.30).
 
     Args: see :class:`FisherOptimizer` and :class:`_KFACBased` (``damping_mode``,
-    ``factor_decay``, ``inverse_update_period``).
+    ``factor_decay``, ``factor_update_period``, ``inverse_update_period``, ``fisher_subbatch``,
+    ``protocol``: ``"released-code"`` is the released code's KFAC baseline, (A + √λI) ⊗ (G + √λI)).
     """
 
     def __init__(self, model: nn.Module, **kw: Any) -> None:
         super().__init__(model, **kw)
-        self.method = "kfac" if self.damping_mode == "pi" else "kfac-tikhonov"
+        self.method = "kfac" if self.damping_mode == "pi" else f"kfac-{self.damping_mode}"
 
     def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
         return self._one_level(jac, damping)
 
 
-class TwoLevelKFACOptimizer(_KFACBased):
+class _CoarseBased(_KFACBased):
+    """The two-level optimizers' shared state: the coarse matrix F̃ that β is solved with.
+
+    Args (besides :class:`_KFACBased`'s; ``None`` takes the ``protocol``'s value):
+        coarse_diagonal: ``"exact"`` (λR_0R_0ᵀ) or ``"layer-size"`` (λ·p_i per coarse column).
+        coarse_normalization: ``"orthonormal"`` or ``"max-abs"`` (the released code's R_0).
+        coefficient: c in ζ = ζ_KFAC + c·R_0ᵀβ.
+        coarse_decay: ρ ∈ [0, 1) or ``"auto"``: F̃ ← ρF̃ + (1 − ρ)F_new on the refresh steps.
+        coarse_update_period: T_c ≥ 1: F_new (the coarse matrix R_0F•R_0ᵀ, with the chosen
+            diagonal, of the Fisher sub-batch or the batch, in the basis of that step) is computed
+            on steps 1, 1 + T_c, …; in between F̃ is reused as it is with the basis of the current
+            step — what the released code does (its basis is rebuilt every step, its F_coarse⁻¹
+            kept). A basis whose coarse dimension changed refreshes F̃ at once.
+
+    With the defaults (decay 0, T_c = 1, no sub-batch) β is solved with the exact F_coarse of the
+    batch, as the paper's equations. :attr:`history` records ``gap`` (the true error change,
+    against F• and ζ of the batch) and ``logged_gap`` (with F̃, as the released code logs it).
+
+    Attributes:
+        coarse_average: the current F̃ ``[m, m]`` (``None`` before the first step or when the
+            exact batch matrix is used).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        coarse_diagonal: str | None = None,
+        coarse_normalization: str | None = None,
+        coefficient: float | None = None,
+        coarse_decay: float | str | None = None,
+        coarse_update_period: int | None = None,
+        coarse_rhs: str | None = None,
+        protocol: str | Protocol | None = None,
+        **kw: Any,
+    ) -> None:
+        try:
+            proto = Protocol.parse(protocol).with_options(
+                coarse_diagonal=coarse_diagonal, coarse_normalization=coarse_normalization,
+                coefficient=coefficient, coarse_decay=coarse_decay, coarse_update_period=coarse_update_period,
+                coarse_rhs=coarse_rhs,
+            )
+            check_coarse_diagonal(proto.coarse_diagonal)
+            check_coarse_normalization(proto.coarse_normalization)
+            check_coefficient(proto.coefficient)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.coarse_decay = _decay("coarse_decay", proto.coarse_decay)
+        self.coarse_update_period = _posint("coarse_update_period", proto.coarse_update_period)
+        super().__init__(model, protocol=proto, **kw)
+        self.coarse_average: Tensor | None = None
+
+    @property
+    def _approximate_coarse(self) -> bool:
+        return self.coarse_decay != 0.0 or self.coarse_update_period > 1 or self.fisher_subbatch is not None
+
+    def _operator_options(self) -> dict:
+        p = self.protocol
+        return dict(
+            coarse_diagonal=p.coarse_diagonal, coarse_normalization=p.coarse_normalization, coefficient=p.coefficient,
+        )
+
+    def _coarse_matrix(self, pieces: dict, jac: Jacobian, damping: float) -> Tensor | None:
+        """F̃ for this step (``None``: the exact batch matrix, the paper's)."""
+        if not self._approximate_coarse:
+            return None
+        basis = pieces["basis"]
+        due = self._due(self.coarse_update_period)
+        if self.coarse_average is None or self.coarse_average.shape != (basis.m, basis.m):
+            due, fresh = True, True
+        else:
+            fresh = False
+        if not due:
+            return self.coarse_average
+        new = self._coarse_matrix_of(self._fisher_jacobian(jac), pieces, damping)
+        rho = 0.0 if fresh else self._rho(self.coarse_decay)
+        self.coarse_average = new if rho == 0.0 else rho * self.coarse_average + (1 - rho) * new
+        return self.coarse_average
+
+    def _coarse_matrix_of(self, jac: Jacobian, pieces: dict, damping: float) -> Tensor:
+        return coarse_matrix(jac, pieces["basis"], damping=damping, diagonal=self.protocol.coarse_diagonal)
+
+    def _extra_state(self) -> dict:
+        d = super()._extra_state()
+        d["coarse_average"] = None if self.coarse_average is None else self.coarse_average.clone()
+        return d
+
+    def _load_extra_state(self, d: dict) -> None:
+        super()._load_extra_state(d)
+        c = d.get("coarse_average")
+        self.coarse_average = None if c is None else c.clone()
+
+
+class TwoLevelKFACOptimizer(_CoarseBased):
     """Two-level KFAC (Algorithm 1): ζ = ζ_KFAC + R_0ᵀβ*, β* = F_coarse⁻¹R_0(w − F•ζ_KFAC) (3.9)–(3.11).
 
     Args:
@@ -570,10 +787,14 @@ class TwoLevelKFACOptimizer(_KFACBased):
             ``"krylov-nicolaides"`` (3.29, ``m`` columns), ``"residuals"`` (3.32),
             ``"krylov-residuals"`` (``m``), ``"taylor"`` (3.37)–(3.38), ``q`` columns.
         k, m, q: sizes of the spectral, Krylov and Taylor spaces.
-        Others: see :class:`FisherOptimizer` and :class:`_KFACBased`.
+        coarse_rhs: ``"residual"`` (R_0r, (3.11)) or ``"gradient"`` (R_0w, the released code's).
+        fine_damping_mode: the fine level's damping mode (``damping_mode`` is accepted for it).
+        Others: see :class:`FisherOptimizer`, :class:`_KFACBased` and :class:`_CoarseBased`.
 
-    The gap (4.6) of each step is ≤ 0 (``record_gap=True``).
+    With the paper's options the gap (4.6) of each step is ≤ 0 (``record_gap=True``).
     """
+
+    two_level = True
 
     def __init__(self, model: nn.Module, *, coarse: str = "nicolaides", k: int = 1, m: int = 2, q: int = 2, **kw: Any) -> None:
         if coarse not in COARSE_SPACES:
@@ -581,15 +802,27 @@ class TwoLevelKFACOptimizer(_KFACBased):
         self.coarse = coarse
         self.k, self.m, self.q = _posint("k", k), _posint("m", m), _posint("q", q)
         super().__init__(model, **kw)
+        try:
+            self.coarse_rhs = check_coarse_rhs(self.protocol.coarse_rhs)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.method = coarse
 
     def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
         kfac = self._one_level(jac, damping)
         exact = ExactFisher(jac, damping)
-        return TwoLevelKFAC(jac, damping, self.coarse, kfac=kfac, exact=exact, rhs=rhs, k=self.k, m=self.m, q=self.q)
+        opts = self._operator_options()
+        pieces = TwoLevelKFAC._pieces_from_capture(
+            jac, damping, self.coarse, kfac=kfac, exact=exact, rhs=rhs, k=self.k, m=self.m, q=self.q,
+            coarse_normalization=opts.pop("coarse_normalization"),
+        )
+        pieces["protocol"] = self.protocol
+        return TwoLevelKFAC(
+            **pieces, **opts, coarse_rhs=self.coarse_rhs, coarse_matrix=self._coarse_matrix(pieces, jac, damping)
+        )
 
 
-class TKOOptimizer(_KFACBased):
+class TKOOptimizer(_CoarseBased):
     """The additive two-level KFAC of Tselepidis, Kohler and Orvieto (PREVIOUS, (4.7), (3.17)).
 
     ζ = F•KFAC⁻¹w + R_0ᵀF_coarse⁻¹R_0w with F_coarse exact (3.12) or, as published, from the
@@ -598,15 +831,20 @@ class TKOOptimizer(_KFACBased):
     Args:
         coarse_operator: ``"exact"`` or ``"kronecker"``.
         coarse: the coarse space (default Nicolaides, as published); k, m, q as in
-            :class:`TwoLevelKFACOptimizer`. Others: see :class:`_KFACBased`.
+            :class:`TwoLevelKFACOptimizer`. Others: see :class:`_KFACBased` and
+            :class:`_CoarseBased` (the right-hand side is R_0w by definition).
 
     Its gap (4.6) may be positive.
     """
 
+    two_level = True
+
     def __init__(
         self, model: nn.Module, *, coarse_operator: str = "exact", coarse: str = "nicolaides",
-        k: int = 1, m: int = 2, q: int = 2, **kw: Any,
+        k: int = 1, m: int = 2, q: int = 2, coarse_rhs: str | None = None, **kw: Any,
     ) -> None:
+        if coarse_rhs not in (None, "gradient"):
+            raise ConfigError(f"TKO's coarse right-hand side is R_0w by definition (4.7b); coarse_rhs={coarse_rhs!r} is not an option")
         if coarse_operator not in ("exact", "kronecker"):
             raise ConfigError(f"coarse_operator must be 'exact' or 'kronecker', got {coarse_operator!r}")
         if coarse not in COARSE_SPACES:
@@ -620,10 +858,23 @@ class TKOOptimizer(_KFACBased):
     def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
         kfac = self._one_level(jac, damping)
         exact = ExactFisher(jac, damping)
-        return TKO(
-            jac, damping, self.coarse_operator, coarse=self.coarse, kfac=kfac, exact=exact, rhs=rhs,
-            k=self.k, m=self.m, q=self.q,
+        opts = self._operator_options()
+        pieces = TKO._pieces_from_capture(
+            jac, damping, self.coarse, kfac=kfac, exact=exact, rhs=rhs, k=self.k, m=self.m, q=self.q,
+            coarse_normalization=opts.pop("coarse_normalization"),
         )
+        pieces["protocol"] = self.protocol
+        return TKO(
+            **pieces, **opts, coarse_operator=self.coarse_operator,
+            coarse_matrix=self._coarse_matrix(pieces, jac, damping),
+        )
+
+    def _coarse_matrix_of(self, jac: Jacobian, pieces: dict, damping: float) -> Tensor:
+        if self.coarse_operator == "exact":
+            return super()._coarse_matrix_of(jac, pieces, damping)
+        sub = TKO(pieces["base"], ExactFisher(jac, damping), pieces["basis"], coarse_operator="kronecker",
+                  coarse_diagonal=self.protocol.coarse_diagonal)
+        return sub.F_tko
 
 
 class NaturalGradient(FisherOptimizer):
