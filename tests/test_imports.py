@@ -27,8 +27,9 @@ PACKAGE = ROOT / "fisherlab"
 # fisherlab.operators and fisherlab.operators.kfac).
 FLOORS: list[tuple[str, ...]] = [
     # 0: no fisherlab knowledge. io (tables, number formatting) imports nothing of fisherlab, so
-    #    that metrics, structure and spectra can write their tables with it.
-    ("_version", "_system", "errors", "_validate", "layout", "io", "intervals"),
+    #    that metrics, structure and spectra can write their tables with it. distributed runs the
+    #    pure tasks that higher modules define (fisherlab.metrics, the drivers) on Dask workers.
+    ("_version", "_system", "errors", "_validate", "layout", "io", "intervals", "distributed"),
     # 1: pure factor maths and the capture; testing: the dense references built from the formulas
     ("kernels", "record", "capturing", "capture", "testing"),
     ("store",),
