@@ -162,6 +162,29 @@ def test_sub_blocks_are_the_masked_exact_blocks(case_id, size, path):
     assert close(op.solve(op @ v), v)
 
 
+@pytest.mark.parametrize("size", [None, 3])
+def test_woodbury_sub_blocks_on_active_examples_are_exact(size):
+    """Units whose w_{b,r} vanish for some examples (ReLU) factorise only their active examples."""
+    from fisherlab.operators.unitwise import SubBlockLayer
+
+    g = torch.Generator().manual_seed(5)
+    B, d_in, d_out = 40, 7, 5
+    a = torch.randn(B, d_in, generator=g, dtype=torch.float64)
+    w = torch.rand(B, d_out, generator=g, dtype=torch.float64)
+    w[torch.rand(B, d_out, generator=g) < 0.5] = 0.0
+    w[:, 0] = 0.0  # a dead unit
+    w[:, 1] = 1.0  # every example active
+    s = d_in if size is None else size
+    nc = math.ceil(d_in / s)
+    Ap = torch.nn.functional.pad(a, (0, nc * s - d_in)).reshape(B, nc, s)
+    ref = SubBlockLayer.dense(torch.einsum("br,bci,bcj->rcij", w, Ap, Ap), d_in, DAMPING)
+    op = SubBlockLayer.woodbury(a, w, s, DAMPING)
+    assert len(op.groups) > 1  # several active-set sizes
+    v = torch.randn(op.p, 3, generator=g, dtype=torch.float64)
+    assert close(op.to_dense(), ref.to_dense())
+    assert close(op.solve(v), ref.solve(v))
+
+
 def test_mini_block_of_size_one_is_the_diagonal():
     cap = cap_of("cnn")
     assert close(methods.build("mini-block", cap, DAMPING, size=1).to_dense(), methods.build("diagonal", cap, DAMPING).to_dense())
@@ -236,6 +259,16 @@ def test_kpsvd_is_the_truncated_kronecker_svd(case_id, r):
     assert close(op.to_dense(), ref + DAMPING * eye(cap.p), 1e-9)
     w = cap.grad.double()
     assert close(op @ op.solve(w), w, 1e-9)  # r = 1: eigenbases; r ≥ 2: CG
+
+
+@pytest.mark.parametrize("cg_path", ["rows", "dense"])
+def test_kpsvd_cg_paths_solve_the_same_operator(cg_path):
+    """CG in the (A_1, G_1) eigenbasis, terms k ≥ 2 by the factor rows or the rotated d × d terms."""
+    cap = cap_of("mlp", "mc")
+    op = KPSVD.from_capture(cap, DAMPING, r=3, cg_path=cg_path)
+    assert all(b.path == cg_path for b in op.blocks)
+    w = torch.stack([cap.grad.double(), torch.randn(cap.p, dtype=torch.float64, generator=torch.Generator().manual_seed(3))], 1)
+    assert close(op.solve(w), torch.linalg.solve(op.to_dense(), w), 1e-9)
 
 
 def test_kpsvd_r1_is_tikhonov_kfoc():

@@ -34,6 +34,7 @@ F_ii is itself a Kronecker product).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ from .algebra import BlockDiagonal
 from .base import check_damping
 from .kfac import DampingMode, KroneckerBlock
 
-__all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "DENSE_REARRANGEMENT_NUMEL"]
+__all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "top_pair_eigh", "DENSE_REARRANGEMENT_NUMEL"]
 
 DENSE_REARRANGEMENT_NUMEL = 2**22
 """``"auto"`` forms R densely when ``d_in'²·d_out²`` is at most this (32 MiB in float64)."""
@@ -70,6 +71,10 @@ class KroneckerSVD:
     A: Tensor
     G: Tensor
     solver: str
+    rows: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    """``"factors"`` only: ``(a [B, d_in'], α [B, r], g [N, d_out], β [N, r])`` with
+    ``A[k] = aᵀ diag(α[:, k]) a`` and ``G[k] = gᵀ diag(β[:, k]) g`` (rank ≤ B), for products
+    that never touch the d × d factors (:class:`~fisherlab.operators.kpsvd.KPSVDBlock`)."""
 
     @property
     def r(self) -> int:
@@ -112,10 +117,11 @@ def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> Kronec
     linear = lj.a is not None and lj.g is not None and lj.T == 1
     if solver == "auto":
         solver = "factors" if linear else ("dense" if d_in**2 * d_out**2 <= DENSE_REARRANGEMENT_NUMEL else "lanczos")
+    rows = None
     if solver == "factors":
         if not linear:
             raise ValueError(f"layer '{lj.spec.name}': the 'factors' Kronecker SVD needs a factored layer with one position")
-        sigma, A, G = _svd_from_factors(lj, r)
+        sigma, A, G, rows = _svd_from_factors(lj, r)
     elif solver == "dense":
         if lj.a is not None and lj.g is not None and lj.T == 1:
             a, g = lj.a[:, 0], lj.g[:, :, 0]
@@ -136,12 +142,34 @@ def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> Kronec
     sign = torch.where(torch.diagonal(A, dim1=1, dim2=2).sum(1) < 0, -1.0, 1.0).to(A.dtype)
     scale = sigma.clamp_min(0).sqrt() * sign
     A = A * scale[:, None, None]
-    G = G * (sigma.clamp_min(0).sqrt() * sign)[:, None, None]
-    return KroneckerSVD(sigma, A, G, solver)
+    G = G * scale[:, None, None]
+    if rows is not None:
+        a, alpha, g, beta = rows
+        rows = (a, alpha * scale, g, beta * scale)
+    return KroneckerSVD(sigma, A, G, solver, rows)
 
 
-def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact SVD of ``R = PᵀQ/B`` through the ``[B, B]`` Grams (Linear, T = 1)."""
+_TOP_PAIR_EIGH: "weakref.WeakKeyDictionary[LayerJacobian, tuple]" = weakref.WeakKeyDictionary()
+
+
+def top_pair_eigh(lj: LayerJacobian, ks: KroneckerSVD) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(s_A, Q_A, s_G, Q_G)`` of the symmetrised top pair ``(A_1, G_1)`` of ``ks`` (layer ``lj``).
+
+    Computed once per layer and top pair: KFOC and KPSVD of one Jacobian (a ``compare``) share the
+    two eigendecompositions, reused only when the pair is bit-for-bit the one decomposed before.
+    """
+    A1, G1 = _symmetric(ks.A[0]), _symmetric(ks.G[0])
+    hit = _TOP_PAIR_EIGH.get(lj)
+    if hit is not None and torch.equal(hit[0], A1) and torch.equal(hit[1], G1):
+        return hit[2]
+    eigh = factor_eigh(A1, G1)
+    _TOP_PAIR_EIGH[lj] = (A1, G1, eigh)
+    return eigh
+
+
+def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Exact SVD of ``R = PᵀQ/B`` through the ``[B, B]`` Grams (Linear, T = 1); also the rows
+    ``(a, α, g, β)`` of the unit singular pairs (see :attr:`KroneckerSVD.rows`)."""
     a = lj.a[:, 0]  # type: ignore[index]  # [B, d_in']
     g = lj.g[:, :, 0]  # type: ignore[index]  # [B, K, d_out]
     B, K, d_out = g.shape
@@ -159,11 +187,13 @@ def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor
     core = (lp.sqrt()[:, None] * (Vp.T @ Vq) * lq.sqrt()[None, :]) / B
     Us, S, Vsh = torch.linalg.svd(core, full_matrices=False)
     k = min(r, S.shape[0])
-    alpha = Vp @ (Us[:, :k] / lp.sqrt()[:, None])  # [B, k]: vec(U_k) = Pᵀ α_k
-    beta = Vq @ (Vsh[:k].T / lq.sqrt()[:, None])  # [B, k]: vec(V_k) = Qᵀ β_k
-    A = torch.einsum("bi,bk,bj->kij", a, alpha, a)
-    G = torch.einsum("bqr,bk,bqs->krs", g, beta, g)
-    return S[:k], A, G
+    # term by term, so that each term's numbers do not depend on r (KFOC and KPSVD share the top pair)
+    alpha = torch.stack([Vp @ (Us[:, j] / lp.sqrt()) for j in range(k)], 1)  # [B, k]: vec(U_k) = Pᵀ α_k
+    beta = torch.stack([Vq @ (Vsh[j] / lq.sqrt()) for j in range(k)], 1)  # [B, k]: vec(V_k) = Qᵀ β_k
+    beta_rows = beta.repeat_interleave(K, dim=0)  # [N, k]
+    A = torch.stack([(a * alpha[:, j, None]).T @ a for j in range(k)])
+    G = torch.stack([(gf * beta_rows[:, j, None]).T @ gf for j in range(k)])
+    return S[:k], A, G, (a, alpha, gf, beta_rows)
 
 
 def _svd_lanczos(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,7 +258,7 @@ class KFOC(BlockDiagonal):
         for lj in jac.layers:
             ks = kronecker_svd(lj, 1, solver)
             A, G = _symmetric(ks.A[0]), _symmetric(ks.G[0])
-            blocks.append(KroneckerBlock(factor_eigh(A, G), lam, damping_mode, factors=(A, G)))
+            blocks.append(KroneckerBlock(top_pair_eigh(lj, ks), lam, damping_mode, factors=(A, G)))
             svds.append(ks)
         op = cls(blocks)
         op.svd = svds

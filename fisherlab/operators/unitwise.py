@@ -66,18 +66,20 @@ class SubBlockLayer(FisherOperator):
         d_out, d_in = lj.spec.d_out, lj.spec.d_in_bar
         s = d_in if size is None else max(1, min(int(size), d_in))
         linear = lj.a is not None and lj.g is not None and lj.T == 1
-        if path == "auto":
-            path = "woodbury" if linear and lj.B < s else "dense"
+        w = lj.g[:, :, 0].pow(2).sum(1) / lj.B if linear else None  # type: ignore[index]  # [B, d_out]
+        if path == "auto":  # the cheaper factorisation: d_out·nc blocks s × s, or Σ_r nc·m_r³
+            path = "dense"
+            if linear:
+                m = _active_sizes((w > 0).sum(0), lj.B).double()  # type: ignore[operator]
+                path = "woodbury" if float(m.pow(3).sum()) < d_out * s**3 else "dense"
         if path == "woodbury":
             if not linear:
                 raise ValueError(f"layer '{lj.spec.name}': the Woodbury path needs a factored layer with one position")
-            w = lj.g[:, :, 0].pow(2).sum(1) / lj.B  # type: ignore[index]
-            return cls.woodbury(lj.a[:, 0], w, s, damping, lj.spec.name)  # type: ignore[index]
+            return cls.woodbury(lj.a[:, 0], w, s, damping, lj.spec.name)  # type: ignore[index,arg-type]
         if path != "dense":
             raise ValueError(f"path must be 'auto', 'dense' or 'woodbury', got {path!r}")
         nc = math.ceil(d_in / s)
         if linear:
-            w = lj.g[:, :, 0].pow(2).sum(1) / lj.B  # type: ignore[index]  # [B, d_out]
             Ap = _pad(lj.a[:, 0], nc * s).reshape(lj.B, nc, s)  # type: ignore[index]
             blocks = torch.einsum("br,bci,bcj->rcij", w, Ap, Ap)
         else:
@@ -98,7 +100,12 @@ class SubBlockLayer(FisherOperator):
 
     @classmethod
     def woodbury(cls, a: Tensor, w: Tensor, size: int, damping: float, name: str = "layer") -> "SubBlockLayer":
-        """From ``Ā [B, d_in']`` and ``w [B, d_out]`` (Linear, T = 1): block (r, j) = Ā_jᵀdiag(w_r)Ā_j + λI."""
+        """From ``Ā [B, d_in']`` and ``w [B, d_out]`` (Linear, T = 1): block (r, j) = Ā_jᵀdiag(w_r)Ā_j + λI.
+
+        Unit r's Woodbury matrix is restricted to its examples with ``w_{b,r} > 0`` (the others
+        give rows λe_b that decouple: a ReLU layer's inactive examples), padded with inactive ones
+        to a multiple of :data:`ACTIVE_SET_STEP`; units of one padded size are factorised together.
+        """
         B, d_in = a.shape
         d_out = w.shape[1]
         op = cls(d_out, d_in, size, damping, a.dtype, name)
@@ -106,9 +113,25 @@ class SubBlockLayer(FisherOperator):
         op.Ap = _pad(a, op.nc * size).reshape(B, op.nc, size)  # [B, nc, s]
         op.sw = w.clamp_min(0).sqrt()  # [B, d_out]
         Ga = torch.einsum("bci,eci->cbe", op.Ap, op.Ap)  # [nc, B, B]
-        M = op.sw.T[:, None, :, None] * Ga[None] * op.sw.T[:, None, None, :]  # [d_out, nc, B, B]
-        M.diagonal(dim1=-2, dim2=-1).add_(op.damping)
-        op._chol = _batched_cholesky(M.reshape(-1, B, B), f"the Woodbury matrices of the sub-blocks of '{name}'")
+        swT = op.sw.T  # [d_out, B]
+        active = swT > 0
+        order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)  # each unit's active examples first
+        m = _active_sizes(active.sum(1), B)  # [d_out]
+        op.groups = []
+        for mg in torch.unique(m).tolist():
+            units = torch.nonzero(m == mg).flatten()
+            if mg == B:  # every example: no gather
+                idx, sw = None, swT[units]
+                M = (sw[:, :, None] * sw[:, None, :]).unsqueeze(1)
+                M = M.mul_(Ga) if op.nc == 1 else M * Ga  # [u, nc, B, B]
+            else:
+                idx = order[units, :mg]  # [u, m]
+                sw = swT[units].gather(1, idx)  # [u, m] (0 at the padding)
+                M = Ga[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)  # Ā_jĀ_jᵀ restricted: [u, nc, m, m]
+                M = M.mul_(sw[:, None, :, None] * sw[:, None, None, :])
+            M.diagonal(dim1=-2, dim2=-1).add_(op.damping)
+            L = _batched_cholesky(M.reshape(-1, mg, mg), f"the Woodbury matrices of the sub-blocks of '{name}'")
+            op.groups.append((units, idx, sw, L))
         return op
 
     # ---- products ----------------------------------------------------------------------------
@@ -138,13 +161,18 @@ class SubBlockLayer(FisherOperator):
         c = X.shape[0]
         if self.path == "dense":
             rhs = X.permute(1, 2, 3, 0).reshape(-1, self.size, c)
-            Y = torch.cholesky_solve(rhs, self._chol).reshape(self.d_out, self.nc, self.size, c).permute(3, 0, 1, 2)
+            Y = _cholesky_solve(self._chol, rhs).reshape(self.d_out, self.nc, self.size, c).permute(3, 0, 1, 2)
             return self._join(Y)
-        sw = self.sw.T[None, :, None, :]  # [1, d_out, 1, B]
-        Z = torch.einsum("bci,xrci->xrcb", self.Ap, X) * sw  # C X  [c, d_out, nc, B]
-        B = Z.shape[-1]
-        Zs = torch.cholesky_solve(Z.permute(1, 2, 3, 0).reshape(-1, B, c), self._chol)
-        Zs = Zs.reshape(self.d_out, self.nc, B, c).permute(3, 0, 1, 2) * sw
+        Z = torch.einsum("bci,xrci->xrcb", self.Ap, X)  # Ā_j x_(r,j)  [c, d_out, nc, B]
+        Zs = torch.zeros_like(Z)
+        for units, idx, sw, L in self.groups:  # C X, (λI + CCᵀ)⁻¹, Cᵀ on each unit's active examples
+            u, mg = sw.shape
+            at = None if idx is None else idx[None, :, None, :].expand(c, u, self.nc, mg)
+            z = Z[:, units] if at is None else Z[:, units].gather(-1, at)
+            z = z * sw[None, :, None, :]  # [c, u, nc, m]
+            y = _cholesky_solve(L, z.permute(1, 2, 3, 0).reshape(-1, mg, c))
+            y = y.reshape(u, self.nc, mg, c).permute(3, 0, 1, 2) * sw[None, :, None, :]
+            Zs[:, units] = y if at is None else Z.new_zeros(c, u, self.nc, Z.shape[-1]).scatter_(-1, at, y)
         Y = (X - torch.einsum("bci,xrcb->xrci", self.Ap, Zs)) / self.damping
         return self._join(Y)
 
@@ -178,10 +206,26 @@ class SubBlockFisher(BlockDiagonal):
         return cls(layers, name="unit-wise" if size is None else "mini-block")
 
 
+ACTIVE_SET_STEP = 8
+"""The Woodbury path pads each unit's active examples to a multiple of this (fewer batched factorisations)."""
+
+
+def _active_sizes(n_active: Tensor, B: int) -> Tensor:
+    """Each unit's Woodbury size: its active examples rounded up to :data:`ACTIVE_SET_STEP`, at most B."""
+    step = ACTIVE_SET_STEP
+    return ((n_active.clamp_min(1) + step - 1) // step * step).clamp_max(B)
+
+
 def _pad(X: Tensor, n: int) -> Tensor:
     """Zero-pad the last axis of ``X`` to ``n``."""
     extra = n - X.shape[-1]
     return X if extra == 0 else torch.nn.functional.pad(X, (0, extra))
+
+
+def _cholesky_solve(L: Tensor, rhs: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` for a batch ``L [n, s, s]``, ``rhs [n, s, c]``: two batched triangular solves
+    (on the CPU ~10× faster than ``torch.cholesky_solve``, which calls LAPACK once per matrix)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True)
 
 
 def _batched_cholesky(M: Tensor, what: str) -> Tensor:
