@@ -132,13 +132,18 @@ def _batchnorm_in_train_mode(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.training]
 
 
+def _names(names: list[str], at_most: int = 3) -> str:
+    shown = ", ".join(map(repr, names[:at_most]))
+    return shown if len(names) <= at_most else f"{shown}, … ({len(names)} modules)"
+
+
 def _say_statistics(training: list[str], batch_statistics: bool, coupled: list[str], meta: dict) -> None:
     """One line at capture time on which BatchNorm statistics the capture used (README: BatchNorm):
     ``training`` are the BatchNorm modules in train mode, ``coupled`` those normalising by the batch."""
     if batch_statistics and coupled:
         meta["batch_statistics"] = True
         warnings.warn(
-            f"fisherlab: capture with batch statistics (BatchNorm {', '.join(map(repr, coupled))}): the examples "
+            f"fisherlab: capture with batch statistics (BatchNorm {_names(coupled)}): the examples "
             "are coupled, the per-example vectors are backpropagated ones and F is not a per-example Fisher; "
             "recorded as batch_statistics=true",
             UserWarning, stacklevel=3,
@@ -150,7 +155,7 @@ def _say_statistics(training: list[str], batch_statistics: bool, coupled: list[s
         )
     elif training:
         warnings.warn(
-            f"fisherlab: BatchNorm {', '.join(map(repr, training))} in train mode captured in eval mode with "
+            f"fisherlab: BatchNorm {_names(training)} in train mode captured in eval mode with "
             "the running statistics (a per-example Fisher, not the training forward; batch_statistics=True "
             "captures that one)", UserWarning, stacklevel=3,
         )
