@@ -432,12 +432,33 @@ def _audit_top(f: h5py.File, path: Path) -> None:
         _check_links(path, g, f"/{n}")
 
 
+def _recovery_links(g: Any) -> int:
+    """How many ``/.stale-checkpoints-<n>`` groups (left by :func:`_fresh_checkpoints`) hold a
+    hard link to checkpoint group ``g``: the one other place a fisherlab file links it from."""
+    f, n = g.file, 0
+    addr = h5py.h5o.get_info(g.id).addr
+    for top in _safe_keys(f):
+        if not top.startswith(f"{_STALE}checkpoints-"):
+            continue
+        try:
+            old = f[top]
+            for k in _safe_keys(old):
+                try:
+                    if isinstance(old.get(k, getlink=True), h5py.HardLink) and h5py.h5o.get_info(old[k].id).addr == addr:
+                        n += 1
+                except Exception:  # its damaged entries
+                    continue
+        except Exception:
+            continue
+    return n
+
+
 def _audit_checkpoint(path: Path, g: Any, prefix: str) -> None:
     """One checkpoint's whole tree (see :func:`_audit_tree`), its member names as save() writes them."""
     if not isinstance(g, h5py.Group):
         raise _Refused(f"{path}: {prefix} is not a group; the file is corrupted")
     rc = _refcount(g)
-    if rc != 1:
+    if rc != 1 and rc != 1 + _recovery_links(g):
         raise _Refused(f"{path}: {prefix} is linked from {rc} places (fisherlab links every object once); refusing to use it")
     names = _safe_keys(g)
     odd = [n for n in names if n not in _CKPT_MEMBERS]
@@ -841,7 +862,10 @@ class CaptureFile:
                 if _attr(ckpts[n], "complete", False) is True:
                     complete.append(n)
             except Exception as err:
-                raise StoreError(f"{_where(self.path, n)} is damaged: cannot read it ({_first_line(err)})") from None
+                # (a writer killed inside its commit's flush damages only its own checkpoint:
+                # the others stay loadable)
+                if checkpoint is None or str(checkpoint) == n:
+                    raise StoreError(f"{_where(self.path, n)} is damaged: cannot read it ({_first_line(err)})") from None
         if checkpoint is None:
             if not complete:
                 staged = _safe_keys(f["staging"]) if "staging" in f else []
@@ -1290,17 +1314,19 @@ def save(
     if checkpoint is not None:
         checkpoint = _check_name(checkpoint)  # before anything touches the file
     run = _run_attrs(capture)
-    _check_free_space(path, capture, dtype)
+    need = _check_free_space(path, capture, dtype)
+    reserved = False
     try:
-        if not path.exists() and _create(path, run, capture, checkpoint, step, batch_indices, compression, dtype, fsync):
+        if not path.exists() and _create(path, run, capture, checkpoint, step, batch_indices, compression, dtype, fsync, need):
             return
+        reserved = _reserve(path, need)
         with _open(path, "a") as f:
             _audit_all(f, path)
             _check_run(f, path, run)
             ckpts = f["checkpoints"] if "checkpoints" in f else f.create_group("checkpoints")
             names = list(ckpts.keys())
             name = _check_name(checkpoint if checkpoint is not None else f"checkpoint-{len(names)}")
-            if name in ckpts and _attr(ckpts[name], "complete", False) is True and not overwrite:
+            if name in ckpts and _readably_complete(ckpts, name) and not overwrite:
                 raise StoreError(f"{_where(path, name)} exists already (pass overwrite=True, or --overwrite to fisherlab capture, to replace it)")
             _clear_staging(f, path)
             _write_checkpoint(f, path, capture, name, step, batch_indices, compression, dtype, fsync)
@@ -1311,6 +1337,18 @@ def save(
         raise StoreError(
             f"{path}: cannot write the checkpoint: {cause}; checkpoints committed before are intact"
         ) from None
+    finally:
+        if reserved:
+            _release(path)
+
+
+def _readably_complete(ckpts: Any, name: str) -> bool:
+    """Whether ``/checkpoints/<name>`` is complete; an unreadable one (its writer killed inside
+    the commit's flush) is not, and is replaced (moved aside when it cannot be deleted)."""
+    try:
+        return _attr(ckpts[name], "complete", False) is True
+    except (KeyError, OSError, RuntimeError, StoreError):
+        return False
 
 
 def _free_bytes(directory: Path) -> int | None:
@@ -1321,9 +1359,10 @@ def _free_bytes(directory: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _check_free_space(path: Path, capture: Capture, dtype: torch.dtype | None) -> None:
+def _check_free_space(path: Path, capture: Capture, dtype: torch.dtype | None) -> int:
     """Refuse before writing when the file system cannot hold the checkpoint (a disk filling up
-    half-way through HDF5 writes leaves the library in states it does not always survive)."""
+    half-way through HDF5 writes leaves the library in states it does not always survive); the
+    bytes the checkpoint needs, which :func:`_reserve` then allocates."""
     if not path.parent.is_dir():
         raise StoreError(f"{path}: directory {path.parent} does not exist")
     scale = 1.0
@@ -1337,6 +1376,73 @@ def _check_free_space(path: Path, capture: Capture, dtype: torch.dtype | None) -
             f"{path}: cannot write the checkpoint: the disk is full ({need / 2**20:.1f} MiB needed, "
             f"{free / 2**20:.1f} MiB free on {path.parent})"
         )
+    return need
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _fallocate_keep_size(fd: int, offset: int, length: int) -> int:
+    """Linux ``fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)``: 0, or the errno (ENOSYS
+    where there is no such call)."""
+    import ctypes
+    import errno as _errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return _errno.ENOSYS
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):  # pragma: no cover
+        return _errno.ENOSYS
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return 0 if fn(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0 else ctypes.get_errno()
+
+
+def _reserve_fd(fd: int, path: Path, need: int) -> bool:
+    """Allocate ``need`` bytes past the end of the open file ``fd`` (its size unchanged), so that
+    HDF5's writes of the checkpoint cannot meet a full disk half-way (another process filling it
+    after the free-space check): the disk-full case is then refused here, before HDF5 writes
+    anything, with one line. ``False`` where the file system cannot reserve (the check stands)."""
+    import errno as _errno
+
+    code = _fallocate_keep_size(fd, os.fstat(fd).st_size, need)
+    if code in (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG):
+        free = _free_bytes(path.parent)
+        raise StoreError(
+            f"{path}: cannot write the checkpoint: {_os_cause(OSError(code, os.strerror(code)))}; "
+            f"{need / 2**20:.1f} MiB needed"
+            + (f", {free / 2**20:.1f} MiB free on {path.parent}" if free is not None else "")
+            + "; checkpoints committed before are intact"
+        )
+    return code == 0
+
+
+def _reserve(path: Path, need: int) -> bool:
+    """:func:`_reserve_fd` on ``path`` (an existing file about to be appended to); ``False``
+    when it cannot be opened for writing (the HDF5 open then reports why, in one line)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return _reserve_fd(fd, path, need)
+    finally:
+        os.close(fd)
+
+
+def _release(path: Path | int) -> None:
+    """Give back what :func:`_reserve` allocated and HDF5 did not use (a truncation to the
+    file's own size frees the blocks past its end)."""
+    try:
+        if isinstance(path, int):
+            os.ftruncate(path, os.fstat(path).st_size)
+        else:
+            os.truncate(path, path.stat().st_size)
+    except OSError:  # pragma: no cover - read-only or gone: nothing to give back
+        pass
 
 
 def _lock_partial(path: Path, partial: Path) -> int:
@@ -1392,9 +1498,11 @@ def _create(
     compression: str | None,
     dtype: torch.dtype | None,
     fsync: bool,
+    need: int = 0,
 ) -> bool:
-    """Write a new file with its first checkpoint through ``<path>.partial`` (exclusively locked)
-    and publish it. ``False`` when another writer published ``path`` first: append instead."""
+    """Write a new file with its first checkpoint through ``<path>.partial`` (exclusively locked,
+    ``need`` bytes reserved) and publish it. ``False`` when another writer published ``path``
+    first: append instead."""
     partial = path.with_name(path.name + ".partial")
     name = _check_name(checkpoint if checkpoint is not None else "checkpoint-0")
     fd = _lock_partial(path, partial)
@@ -1403,6 +1511,8 @@ def _create(
         if path.exists():  # another creator finished between our check and the lock
             return False
         with h5py.File(partial, "w", libver=_LIBVER, locking=False) as f:
+            if need:
+                _reserve_fd(fd, path, need)  # (a disk-full refusal here unlinks the partial file)
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["fisherlab_version"] = _version()
@@ -1413,6 +1523,8 @@ def _create(
             f.create_group("checkpoints")
             f.create_group("staging")
             _write_checkpoint(f, partial, capture, name, step, batch_indices, compression, dtype, fsync)
+        if need:
+            _release(fd)
         if fsync:
             _fsync(partial)
         published = _publish(partial, path)
@@ -1445,6 +1557,37 @@ def _fresh_staging(f: h5py.File, path: Path, why: BaseException) -> Any:
         ) from None
     f.flush()
     return staging
+
+
+def _fresh_checkpoints(f: h5py.File, path: Path, drop: str, why: BaseException) -> Any:
+    """A new ``/checkpoints`` holding hard links to every readable checkpoint of the old one but
+    ``drop``, the old one kept as ``/.stale-checkpoints-<n>``: the recovery when a writer killed
+    inside its commit's flush left a link in ``/checkpoints`` that HDF5 can neither delete nor
+    move ('message not aligned'). The committed checkpoints' data are not touched."""
+    n = 0
+    while f"{_STALE}checkpoints-{n}" in f:
+        n += 1
+    tmp = f"{_STALE}checkpoints-new"
+    try:
+        if tmp in f:
+            del f[tmp]
+        old, new = f["checkpoints"], f.create_group(tmp)
+        for k in _safe_keys(old):
+            if k == drop or k.startswith(_STALE):
+                continue
+            try:
+                new[k] = old[k]  # a second hard link to the same group
+            except Exception:  # unreadable: stays in the stale group only
+                continue
+        f.move("checkpoints", f"{_STALE}checkpoints-{n}")
+        f.move(tmp, "checkpoints")
+    except Exception as err:
+        raise StoreError(
+            f"{path}: cannot replace the damaged checkpoint '{drop}' ({_first_line(why)}) nor rebuild "
+            f"/checkpoints ({_first_line(err)}); copy the complete checkpoints out with h5copy or h5repack"
+        ) from None
+    f.flush()
+    return f["checkpoints"]
 
 
 def _clear_staging(f: h5py.File, path: Path) -> None:
@@ -1643,7 +1786,12 @@ def _write_checkpoint(
             n = 0
             while f"{_STALE}checkpoint-{name}-{n}" in f:
                 n += 1
-            f.move(f"checkpoints/{name}", f"{_STALE}checkpoint-{name}-{n}")
+            try:
+                f.move(f"checkpoints/{name}", f"{_STALE}checkpoint-{name}-{n}")
+            except (KeyError, OSError, RuntimeError, ValueError) as err2:
+                if _os_cause(err2) is not None:
+                    raise
+                ckpts = _fresh_checkpoints(f, path, name, err2)
     f.move(f"staging/{name}", f"checkpoints/{name}")
     _hook(name, "moved")
     ckpts[name].attrs["complete"] = True
