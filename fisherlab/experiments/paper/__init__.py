@@ -69,6 +69,8 @@ from .config import (
     Problem,
     ReproConfig,
     default_config,
+    paper_config,
+    summed_units,
     fig4a_data,
     gap_method_of,
     legend,
@@ -77,7 +79,10 @@ from .report import plot_gaps, plot_training, render_report, write_outputs
 from .results import ProblemResult, ReproResult, RunResult
 from .runner import reproduce, run_problem, run_training
 from .verdicts import (
+    Cell,
+    Claim,
     Verdict,
+    compute_claims,
     baseline_verdict,
     compute_verdicts,
     final_loss,
@@ -101,7 +106,12 @@ __all__ = [
     "ProblemResult",
     "ReproResult",
     "Verdict",
+    "Cell",
+    "Claim",
+    "compute_claims",
     "default_config",
+    "paper_config",
+    "summed_units",
     "fig4a_data",
     "legend",
     "gap_method_of",
