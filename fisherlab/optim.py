@@ -98,7 +98,7 @@ from .operators import (
     check_damping,
 )
 from .operators.coarse import COARSE_SPACES
-from .operators.kfac import DampingMode
+from .operators.kfac import DampingMode, layer_positions
 from .operators.protocol import (
     Protocol,
     auto_decay,
@@ -529,6 +529,9 @@ class _KFACBased(FisherOptimizer):
             (the released code: 100); in between they stay as they are.
         inverse_update_period: T_inv ≥ 1: the KFAC eigendecompositions are rebuilt every T_inv
             steps and reused in between.
+        conv_damping: ``"literal"`` or ``"released-code"``: ``"sqrt"``/``"lambda"`` on conv layers as
+            the released code normalises them (:func:`fisherlab.operators.kfac.released_code_shifts`;
+            the capture is then factored; ignored for ``"pi"``/``"tikhonov"``).
         fisher_subbatch: ``None`` (the batch), a size s or a fraction f of the batch: the factors
             (and the two-level coarse matrix) of an update come from s (or ⌊fB⌋, at least 1)
             examples drawn uniformly WITH replacement from the batch by the optimizer's generator,
@@ -557,6 +560,7 @@ class _KFACBased(FisherOptimizer):
         fisher_subbatch: int | float | None = None,
         protocol: str | Protocol | None = None,
         fine_damping_mode: str | None = None,
+        conv_damping: str | None = None,
         **kw: Any,
     ) -> None:
         try:
@@ -571,6 +575,7 @@ class _KFACBased(FisherOptimizer):
         else:
             proto = proto.with_options(damping_mode=damping_mode)
         proto = proto.with_options(
+            conv_damping=conv_damping,
             factor_decay=factor_decay, inverse_update_period=inverse_update_period,
             factor_update_period=factor_update_period, fisher_subbatch=fisher_subbatch,
         )
@@ -579,7 +584,13 @@ class _KFACBased(FisherOptimizer):
         self.inverse_update_period = _posint("inverse_update_period", proto.inverse_update_period)
         self.factor_update_period = _posint("factor_update_period", proto.factor_update_period)
         self.fisher_subbatch = _subbatch(proto.fisher_subbatch)
+        if proto.conv_damping not in ("literal", "released-code"):
+            raise ConfigError(f"conv_damping must be 'literal' or 'released-code', got {proto.conv_damping!r}")
+        self.conv_damping = proto.conv_damping
         self.protocol = proto
+        scaled = self.conv_damping == "released-code" and self.damping_mode in ("sqrt", "lambda")
+        if scaled and any(isinstance(mod, nn.Conv2d) for mod in model.modules()):
+            self.storage = "factored"  # the conv positions T (dense rows do not record them)
         super().__init__(model, **kw)
         self.factors: list[tuple[Tensor, Tensor]] | None = None
         self.kfac: KFAC | None = None
@@ -632,7 +643,8 @@ class _KFACBased(FisherOptimizer):
         factors = self._update_factors(jac)
         due = self.kfac is None or self._due(self.inverse_update_period)
         if due or self.kfac.damping != damping:  # type: ignore[union-attr]
-            self.kfac = KFAC.from_factors(factors, damping, self.damping_mode)
+            positions = layer_positions(jac, self.conv_damping) if self.conv_damping == "released-code" else None
+            self.kfac = KFAC.from_factors(factors, damping, self.damping_mode, positions=positions, conv_damping=self.conv_damping)
             self._kfac_built_at = self._steps
         # otherwise the previous operator as it is: KFAC is independent of the Jacobian
         return self.kfac  # type: ignore[return-value]
@@ -789,6 +801,7 @@ class TwoLevelKFACOptimizer(_CoarseBased):
         k, m, q: sizes of the spectral, Krylov and Taylor spaces.
         coarse_rhs: ``"residual"`` (R_0r, (3.11)) or ``"gradient"`` (R_0w, the released code's).
         fine_damping_mode: the fine level's damping mode (``damping_mode`` is accepted for it).
+        conv_damping: ``"literal"`` or ``"released-code"`` (see :class:`_KFACBased`).
         Others: see :class:`FisherOptimizer`, :class:`_KFACBased` and :class:`_CoarseBased`.
 
     With the paper's options the gap (4.6) of each step is ≤ 0 (``record_gap=True``).

@@ -35,7 +35,8 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
 
 
 def capture(case: str):
-    return cached_capture(case, "cross_entropy", "mc")
+    """Factored storage: conv_damping="released-code" (in the preset) needs the positions T."""
+    return cached_capture(case, "cross_entropy", "mc", storage="factored")
 
 
 def energy(Fb: torch.Tensor, g: torch.Tensor):
@@ -90,6 +91,24 @@ def test_damping_variants_match_dense(case, mode):
         shift = math.sqrt(LAM) if mode == "sqrt" else LAM
         b = K.blocks[0]
         assert close(b.A_damped, b.A + shift * eye(b.d_in)) and close(b.G_damped, b.G + shift * eye(b.d_out))
+
+
+@pytest.mark.parametrize("mode", ["sqrt", "lambda"])
+def test_released_code_conv_damping(mode):
+    """The released code's conv normalisation (factors A/T and G, step / T): on fisherlab's
+    factors (A + TλI) ⊗ (G + λI) for "lambda", (A + √(λT)I) ⊗ (G + √(λ/T)I) for "sqrt";
+    Linear layers (T = 1) as the literal mode."""
+    cap = capture("cnn")
+    K = KFAC.from_capture(cap, LAM, mode, conv_damping="released-code")
+    blocks = []
+    for (A, G), lc in zip(kfac_factors_reference(cap), cap.layers):
+        T = lc.a.shape[1] if lc.spec.kind.value == "conv2d" else 1
+        sa, sg = (T * LAM, LAM) if mode == "lambda" else (math.sqrt(LAM * T), math.sqrt(LAM / T))
+        blocks.append(torch.kron(A + sa * eye(A.shape[0]), G + sg * eye(G.shape[0])))
+    assert [b.positions for b in K.blocks] == [9, 4, 1]
+    assert close(K.to_dense(), torch.block_diag(*blocks))
+    with pytest.raises(fisherlab.errors.FisherlabError, match="storage='factored'"):
+        KFAC.from_capture(cached_capture("cnn", "cross_entropy", "mc"), LAM, mode, conv_damping="released-code")
 
 
 def test_damping_mode_parse_names_all_four():

@@ -15,6 +15,12 @@ inverses, spectra and the spectral coarse space all reuse them. With ``X = MAT(v
   the released code's two-level optimizer (docs/PROTOCOL.md).
 
 ``(A ⊗ G) vec(X) = vec(G X Aᵀ)``, so every block product is ``Q_G (D ∘ X̂) Q_Aᵀ``.
+
+``conv_damping="released-code"`` applies ``"sqrt"``/``"lambda"`` as the released code does on a
+layer with T > 1 positions: its factors are A/T and G (both averaged over B·T) and its step is
+divided by T, so on fisherlab's factors its fine level is (A + TλI) ⊗ (G + λI) and its KFAC
+baseline (whose λ it divides by T) is (A + √(λT) I) ⊗ (G + √(λ/T) I) (:func:`released_code_shifts`;
+the same as ``"literal"`` for T = 1).
 """
 
 from __future__ import annotations
@@ -28,11 +34,31 @@ from torch import Tensor
 
 from ..capturing.record import Capture
 from ..damping import resolve_damping
+from ..errors import FisherlabError
 from ..jacobian import Jacobian, factor_eigh
+from ..layout import LayerKind
 from .algebra import BlockDiagonal
 from .base import FisherOperator, check_damping
 
-__all__ = ["KFAC", "DampingMode", "KroneckerBlock", "factor_eigh", "pi_damping", "pi_from_traces"]
+__all__ = [
+    "KFAC",
+    "CONV_DAMPING",
+    "DampingMode",
+    "KroneckerBlock",
+    "factor_eigh",
+    "pi_damping",
+    "pi_from_traces",
+    "released_code_shifts",
+]
+
+CONV_DAMPING = ("literal", "released-code")
+"""How a factored damping mode meets a layer with T > 1 positions (module docstring)."""
+
+
+def check_conv_damping(value: str) -> str:
+    if value not in CONV_DAMPING:
+        raise ValueError(f"conv_damping must be 'literal' or 'released-code', got {value!r}")
+    return value
 
 
 class DampingMode(str, Enum):
@@ -73,6 +99,21 @@ class DampingMode(str, Enum):
         return 0.0, 0.0
 
 
+def released_code_shifts(mode: "str | DampingMode", damping: float, positions: int) -> tuple[float, float]:
+    """The shifts ``(a, g)`` on fisherlab's factors that reproduce the released code on a layer
+    with T = ``positions``: (Tλ, λ) for ``"lambda"``, (√(λT), √(λ/T)) for ``"sqrt"`` (module
+    docstring); other modes are not in that code (a one-line error)."""
+    mode = DampingMode.parse(mode)
+    T = int(positions)
+    if T < 1:
+        raise ValueError(f"positions must be >= 1, got {positions!r}")
+    if mode is DampingMode.LAMBDA:
+        return T * damping, damping
+    if mode is DampingMode.SQRT:
+        return math.sqrt(damping * T), math.sqrt(damping / T)
+    raise ValueError(f"conv_damping='released-code' is defined for the 'sqrt' and 'lambda' modes, not {mode.value!r}")
+
+
 def pi_from_traces(trace_A: float, dim_A: int, trace_G: float, dim_G: int) -> float:
     """π = √[(tr A / dim A) / (tr G / dim G)] (2.30); 1 when either trace vanishes."""
     ta, tg = trace_A / dim_A, trace_G / dim_G
@@ -97,6 +138,9 @@ class KroneckerBlock(FisherOperator):
         damping: λ > 0.
         mode: :class:`DampingMode`.
         factors: the undamped ``(A, G)`` when at hand (otherwise rebuilt from ``eigh`` on demand).
+        positions: T, the positions the layer sees (1 for Linear); used by ``conv_damping``.
+        conv_damping: ``"literal"`` (the mode's shifts on these factors) or ``"released-code"``
+            (:func:`released_code_shifts` for ``"sqrt"``/``"lambda"``; the other modes are literal).
 
     Attributes:
         sA, QA, sG, QG: the eigenpairs (negative round-off eigenvalues clipped to 0).
@@ -112,6 +156,8 @@ class KroneckerBlock(FisherOperator):
         mode: str | DampingMode = DampingMode.PI,
         *,
         factors: tuple[Tensor, Tensor] | None = None,
+        positions: int = 1,
+        conv_damping: str = "literal",
     ) -> None:
         sA, QA, sG, QG = eigh
         self.d_in, self.d_out = QA.shape[0], QG.shape[0]
@@ -127,8 +173,14 @@ class KroneckerBlock(FisherOperator):
             self.pi = pi_from_traces(float(sA.sum()), self.d_in, float(sG.sum()), self.d_out)
         else:
             self.pi = 1.0
+        self.positions = int(positions)
+        self.conv_damping = check_conv_damping(conv_damping)
+        if self.conv_damping == "released-code" and self.mode in (DampingMode.SQRT, DampingMode.LAMBDA):
+            self.shifts = released_code_shifts(self.mode, self.damping, self.positions)
+        else:
+            self.shifts = self.mode.factor_shifts(self.damping, self.pi)
         if self.mode.factored:
-            a, g = self.mode.factor_shifts(self.damping, self.pi)
+            a, g = self.shifts
             self.sA_damped = self.sA + a
             self.sG_damped = self.sG + g
             self.eig = torch.outer(self.sG_damped, self.sA_damped)
@@ -138,9 +190,12 @@ class KroneckerBlock(FisherOperator):
         self.name = "kronecker-block"
 
     @classmethod
-    def from_factors(cls, A: Tensor, G: Tensor, damping: float, mode: str | DampingMode = DampingMode.PI) -> "KroneckerBlock":
+    def from_factors(
+        cls, A: Tensor, G: Tensor, damping: float, mode: str | DampingMode = DampingMode.PI, *,
+        positions: int = 1, conv_damping: str = "literal",
+    ) -> "KroneckerBlock":
         """Eigendecompose ``A [d_in', d_in']`` and ``G [d_out, d_out]`` (2.25)–(2.27) and build the block."""
-        return cls(factor_eigh(A, G), damping, mode, factors=(A, G))
+        return cls(factor_eigh(A, G), damping, mode, factors=(A, G), positions=positions, conv_damping=conv_damping)
 
     @property
     def A(self) -> Tensor:
@@ -162,13 +217,13 @@ class KroneckerBlock(FisherOperator):
     @property
     def A_damped(self) -> Tensor:
         """Ã = A + π√λ I (``pi``), A + √λ I (``sqrt``), A + λI (``lambda``); A itself for ``tikhonov``."""
-        shift = self.mode.factor_shifts(self.damping, self.pi)[0]
+        shift = self.shifts[0]
         return self.A + shift * torch.eye(self.d_in, dtype=self.A.dtype, device=self.A.device)
 
     @property
     def G_damped(self) -> Tensor:
         """G̃ = G + (√λ/π) I (``pi``), G + √λ I (``sqrt``), G + λI (``lambda``); G itself for ``tikhonov``."""
-        shift = self.mode.factor_shifts(self.damping, self.pi)[1]
+        shift = self.shifts[1]
         return self.G + shift * torch.eye(self.d_out, dtype=self.G.dtype, device=self.G.device)
 
     # ---- eigenbasis transforms of [p_i, c] blocks -----------------------------------------
@@ -251,16 +306,31 @@ class KFAC(BlockDiagonal):
         self.name = "kfac" if self.damping_mode is DampingMode.PI else f"kfac-{self.damping_mode.value}"
 
     @classmethod
-    def from_capture(cls, source: Capture | Jacobian, damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":
+    def from_capture(
+        cls, source: Capture | Jacobian, damping: float, damping_mode: str | DampingMode = "pi", *,
+        dtype: torch.dtype = torch.float64, conv_damping: str = "literal",
+    ) -> "KFAC":
         """KFAC from a capture's factors (2.25)–(2.27); the eigendecompositions are the
-        Jacobian's, computed once and shared by every KFAC built on it."""
+        Jacobian's, computed once and shared by every KFAC built on it. ``conv_damping``: module
+        docstring (``"released-code"`` needs the positions of conv layers: factored storage)."""
         jac = Jacobian.coerce(source, dtype)
-        return cls(_blocks_of(jac, resolve_damping(damping, jac), damping_mode, dtype))
+        return cls(_blocks_of(jac, resolve_damping(damping, jac), damping_mode, dtype, conv_damping))
 
     @classmethod
-    def from_factors(cls, factors: Sequence[tuple[Tensor, Tensor]], damping: float, damping_mode: str | DampingMode = "pi", *, dtype: torch.dtype = torch.float64) -> "KFAC":
-        """KFAC from given factors ``[(A_i [d_in', d_in'], G_i [d_out, d_out])]`` (e.g. running averages)."""
-        return cls([KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, damping_mode) for A, G in factors])
+    def from_factors(
+        cls, factors: Sequence[tuple[Tensor, Tensor]], damping: float, damping_mode: str | DampingMode = "pi", *,
+        dtype: torch.dtype = torch.float64, positions: Sequence[int] | None = None, conv_damping: str = "literal",
+    ) -> "KFAC":
+        """KFAC from given factors ``[(A_i [d_in', d_in'], G_i [d_out, d_out])]`` (e.g. running
+        averages); ``positions`` ``[T_i]`` for ``conv_damping="released-code"``."""
+        factors = list(factors)
+        T = [1] * len(factors) if positions is None else list(positions)
+        if len(T) != len(factors):
+            raise ValueError(f"KFAC.from_factors: {len(T)} positions for {len(factors)} layers")
+        return cls([
+            KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, damping_mode, positions=t, conv_damping=conv_damping)
+            for (A, G), t in zip(factors, T)
+        ])
 
     @property
     def factors(self) -> list[tuple[Tensor, Tensor]]:
@@ -304,13 +374,32 @@ def _check_factors(factors: Sequence[tuple[Tensor, Tensor]], jac: Jacobian) -> N
             )
 
 
-def _blocks_of(jac: Jacobian, damping: float, mode: str | DampingMode, dtype: torch.dtype) -> list[KroneckerBlock]:
-    """The capture's Kronecker blocks, reusing each layer's cached eigendecomposition."""
-    blocks = []
+def layer_positions(jac: Jacobian, conv_damping: str = "released-code") -> list[int]:
+    """T per conv layer (1 for every other) for ``conv_damping="released-code"``; a one-line error for a conv layer stored
+    as dense rows (which do not record T)."""
+    out = []
     for lj in jac.layers:
+        if conv_damping == "released-code" and lj.spec.kind is LayerKind.CONV2D and not lj.factored:
+            raise FisherlabError(
+                f"conv_damping='released-code' needs the positions T of conv layer '{lj.spec.name}', "
+                "stored as dense rows: capture with storage='factored'"
+            )
+        out.append(lj.T if lj.spec.kind is LayerKind.CONV2D else 1)  # the code's Linear layers see one position
+    return out
+
+
+def _blocks_of(
+    jac: Jacobian, damping: float, mode: str | DampingMode, dtype: torch.dtype, conv_damping: str = "literal"
+) -> list[KroneckerBlock]:
+    """The capture's Kronecker blocks, reusing each layer's cached eigendecomposition."""
+    check_conv_damping(conv_damping)
+    T = layer_positions(jac, conv_damping) if conv_damping == "released-code" else [1] * len(jac.layers)
+    blocks = []
+    for lj, t in zip(jac.layers, T):
         A, G = lj.kfac_factors
+        kw = dict(positions=t, conv_damping=conv_damping)
         if A.dtype == dtype:
-            blocks.append(KroneckerBlock(lj.kfac_eigh, damping, mode, factors=(A, G)))
+            blocks.append(KroneckerBlock(lj.kfac_eigh, damping, mode, factors=(A, G), **kw))
         else:
-            blocks.append(KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, mode))
+            blocks.append(KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, mode, **kw))
     return blocks

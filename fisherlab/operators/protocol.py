@@ -16,6 +16,7 @@ behaviour before the protocol existed, so existing results do not change.
 | ``coefficient`` | 1 | 1 (stored runs used ``two_level_coeff``; set it explicitly) |
 | ``damping_mode`` (KFAC baseline) | ``"pi"`` (2.30) | ``"sqrt"``: (A + √λI) ⊗ (G + √λI) |
 | ``fine_damping_mode`` (two-level) | ``"pi"`` | ``"lambda"``: (A + λI) ⊗ (G + λI) |
+| ``conv_damping`` | ``"literal"`` | ``"released-code"``: on conv layers (A + TλI) ⊗ (G + λI), baseline (A + √(λT)I) ⊗ (G + √(λ/T)I) |
 | ``factor_decay`` | 0 (batch factors) | ``"auto"``: ρ_k = min(1 − 1/k, 0.95) |
 | ``coarse_decay`` | 0 (batch coarse matrix) | ``"auto"`` |
 | ``factor_update_period`` | 1 | 100 |
@@ -108,6 +109,8 @@ class Protocol:
         coefficient: c in ζ = ζ_KFAC + c·R_0ᵀβ.
         damping_mode: the one-level KFAC's :class:`~fisherlab.operators.kfac.DampingMode`.
         fine_damping_mode: the fine level's mode in the two-level methods.
+        conv_damping: ``"literal"`` or ``"released-code"``: how ``"sqrt"``/``"lambda"`` meet a conv
+            layer with T positions (:func:`fisherlab.operators.kfac.released_code_shifts`).
         factor_decay, coarse_decay: running-average weight ρ ∈ [0, 1) or ``"auto"`` (ρ_k).
         factor_update_period, inverse_update_period, coarse_update_period: refresh periods T ≥ 1.
         fisher_subbatch: the factors and coarse matrix from a random sub-batch drawn with
@@ -121,6 +124,7 @@ class Protocol:
     coefficient: float = 1.0
     damping_mode: str = "pi"
     fine_damping_mode: str = "pi"
+    conv_damping: str = "literal"
     factor_decay: Decay = 0.0
     coarse_decay: Decay = 0.0
     factor_update_period: int = 1
@@ -147,6 +151,7 @@ class Protocol:
             coefficient=1.0,
             damping_mode="sqrt",
             fine_damping_mode="lambda",
+            conv_damping="released-code",
             factor_decay="auto",
             coarse_decay="auto",
             factor_update_period=100,

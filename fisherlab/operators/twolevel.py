@@ -314,18 +314,20 @@ class CoarseCorrection(FisherOperator):
         dtype: torch.dtype = torch.float64,
         protocol: str | Protocol | None = None,
         coarse_normalization: str | None = None,
+        conv_damping: str | None = None,
         **options,
     ) -> dict:
         if kfac is not None and base is not None:
             raise TypeError("give the one-level operator as base= or kfac=, not both")
-        proto = Protocol.parse(protocol).with_options(coarse_normalization=coarse_normalization)
+        proto = Protocol.parse(protocol).with_options(coarse_normalization=coarse_normalization, conv_damping=conv_damping)
         if damping_mode is None:
             damping_mode = proto.fine_damping_mode
         normalization = check_coarse_normalization(proto.coarse_normalization)
         base = base if base is not None else kfac
         jac = exact.jac if exact is not None else Jacobian.coerce(source, dtype)
         lam = resolve_damping(damping, jac)
-        base = base if base is not None else KFAC.from_capture(jac, lam, damping_mode, dtype=dtype)
+        if base is None:
+            base = KFAC.from_capture(jac, lam, damping_mode, dtype=dtype, conv_damping=proto.conv_damping)
         exact = exact if exact is not None else ExactFisher(jac, lam, dtype=dtype)
         for op, nm in ((base, "kfac"), (exact, "exact")):
             if abs(op.damping - lam) > 1e-15 * lam:
@@ -356,7 +358,8 @@ class CoarseCorrection(FisherOperator):
 
         Protocol keywords (module docstring, docs/PROTOCOL.md): ``protocol`` (``"paper"`` default,
         ``"released-code"``) sets the defaults of ``damping_mode`` (the fine level's, when KFAC is
-        built here: the preset's ``fine_damping_mode``), ``coarse_normalization``
+        built here: the preset's ``fine_damping_mode``) and ``conv_damping`` (how it meets conv
+        layers, :mod:`~fisherlab.operators.kfac`), ``coarse_normalization``
         (``"orthonormal"`` | ``"max-abs"``: how the raw coarse columns become R_0),
         ``coarse_diagonal``, ``coefficient`` and (TwoLevelKFAC) ``coarse_rhs``; ``coarse_matrix``
         gives a ready F̂. An explicit keyword overrides the preset."""
