@@ -199,6 +199,7 @@ def test_kfac_batchnorm_block_is_the_exact_block(case):
     F = dense_fisher_from_capture(cap)
     factors = dense_kfac_factors(cap)
     tik = KFAC.from_capture(cap, DAMPING, "tikhonov")
+    pi_op = KFAC.from_capture(cap, DAMPING, "pi")
     for i in bn_layers(cap):
         s = cap.layout.layers[i]
         block = F[s.offset : s.stop, s.offset : s.stop]
@@ -207,6 +208,10 @@ def test_kfac_batchnorm_block_is_the_exact_block(case):
         assert rel_err(torch.kron(A, G), block) <= EXACT_RTOL  # A ⊗ G = the exact block
         damped = block + DAMPING * torch.eye(s.numel, dtype=torch.float64)
         assert rel_err(tik.blocks[i].to_dense(), damped) <= EXACT_RTOL
+        # π-damping (2.30) with A = 1: (1 + π√λ)F_ii + (√λ/π + λ)I, π² = 1/(tr F_ii / 2C)
+        pi, sq = math.sqrt(s.numel / float(torch.trace(block))), math.sqrt(DAMPING)
+        expect = (1 + pi * sq) * block + (sq / pi + DAMPING) * torch.eye(s.numel, dtype=torch.float64)
+        assert rel_err(pi_op.blocks[i].to_dense(), expect) <= EXACT_RTOL
 
 
 # ---- the store ---------------------------------------------------------------------------------
