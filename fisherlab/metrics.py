@@ -251,6 +251,11 @@ class ComparisonTable:
         for r in rows:
             if r.get("note"):
                 lines.append(f"  {r['legend']}: {r['note']}")
+        setups = {(r.get("checkpoint"), r.get("sample")): r["setup_s"] for r in self.rows if r.get("setup_s") is not None}
+        if setups:
+            mean = sum(setups.values()) / len(setups)
+            lines.append(f"  time s: each method's own; the setup they share (Grams, K's eigenpairs, KFAC's factor eigenpairs, "
+                         f"λ): {mean:.3f} s" + (f" per sample ({len(setups)})" if len(setups) > 1 else ""))
         lines.append("  (* exact reference, not a practical method; ZERO: the zero step)")
         return "\n".join(lines)
 
@@ -345,6 +350,8 @@ def compare(
     device: torch.device | str | None = None,
     precision: str = "float64",
     memory: int | str | None = None,
+    cache=None,
+    sample: Mapping | None = None,
 ) -> ComparisonTable:
     """Each method's increment against the exact ζ = F•⁻¹∇h, in isolation (§4.4).
 
@@ -373,6 +380,14 @@ def compare(
         memory: a budget in bytes or ``"8GiB"`` (:mod:`fisherlab.planning`): the big allocations
             are planned before anything is computed, and a plan that does not fit is refused
             with one line naming ``memory=`` (CLI ``--memory``). ``None``: no check.
+        cache: a :class:`fisherlab.cache.CacheEntry` (what :func:`compare_file` passes): the
+            Grams, K's eigendecomposition, the KFAC eigenpairs and the Woodbury factor are taken
+            from it when cached and written to it when computed here.
+        sample: the sample's context for the rows (default: the capture's ``meta["sample"]``).
+
+    The setup shared by the methods (Jacobian, Grams, the exact solve, the span basis, KFAC) is
+    timed apart: ``meta["setup_s"]`` and the rows' ``setup_s``; each row's ``seconds`` is the
+    method's own time (KFAC's and the exact row's include building their operator).
 
     The gap 𝔈 − 𝔈_KFAC is computed without ζ, by the method's family: (4.6) for coarse
     corrections, xᵀF•x − yᵀF•y − 2⟨x − y, ∇h⟩ otherwise (0 for the reference KFAC itself). The
@@ -386,7 +401,7 @@ def compare(
         for i, cap in enumerate(capture):
             t = compare(cap, damping, methods, rhs=rhs, exact=exact, k=k, m=m, q=q, options=options,
                         top_modes=top_modes, anatomy_of_errors=anatomy_of_errors, progress=progress,
-                        device=device, precision=precision, memory=memory)
+                        device=device, precision=precision, memory=memory, cache=cache, sample=sample)
             for rows in (t.rows, t.layers, t.modes):
                 for r in rows:
                     r.setdefault("sample", i)
@@ -401,6 +416,11 @@ def compare(
     jac = Jacobian.coerce(capture, device=device, precision=precision)
     if memory is not None:
         plan_compare(jac, names, memory=memory).check()
+    if progress is not None:
+        progress("setup")
+    t_setup = time.perf_counter()
+    if cache is not None:
+        cache.seed(jac)
     lam = resolve_damping(damping, jac)
     if rhs is None:
         if not isinstance(capture, Capture):
@@ -411,9 +431,13 @@ def compare(
         raise FisherlabError("compare: the gradient ∇h contains NaN/Inf")
     if float(w.norm()) == 0.0:
         raise FisherlabError("compare: the gradient ∇h is zero; every increment is zero")
-    sample = dict(capture.meta.get("sample", {})) if isinstance(capture, Capture) else {}
+    if sample is None:
+        sample = capture.meta.get("sample", {}) if isinstance(capture, Capture) else {}
+    sample = dict(sample)
 
     exact = exact if exact is not None else ExactFisher(jac, lam)
+    if cache is not None and exact.solver == "woodbury" and exact._chol is None:
+        exact._chol = cache.woodbury(lam, jac.N)  # the Cholesky factor of λI + K, when cached
     t0 = time.perf_counter()
     zeta = exact.apply_inverse(w)
     t_exact = time.perf_counter() - t0
@@ -441,6 +465,9 @@ def compare(
     E_kfac = float(exact.fisher_norm2(zK - zeta)[0])
     zKFzK = float((zK * exact.apply(zK)).sum())
     pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
+    if cache is not None:
+        cache.save(jac, woodbury=(lam, exact._chol) if exact._chol is not None else None)
+    setup_s = time.perf_counter() - t_setup - t_kfac - t_exact  # KFAC's and ζ's own time go to their rows
     sizes = {"k": k, "m": m, "q": q}
     per_method = dict(options or {})
 
@@ -521,6 +548,7 @@ def compare(
             "note": note,
             "zeta_null_share": za.null / zeta_norm2 if za is not None and zeta_norm2 > 0 else None,
             "rhs_outside_span": rhs_outside,
+            "setup_s": setup_s,
         })
         if an is not None and za is not None:
             for i, (spec, (en, ef), (zn, zf)) in enumerate(zip(jac.layout.layers, an.layers, za.layers)):
@@ -530,6 +558,8 @@ def compare(
                 table.modes.append({**sample, "method": name, "mode": j, "eigenvalue": float(basis.mu[j]) + lam,
                                     "coefficient": c, "zeta_coefficient": cz,
                                     "relative": abs(c) / abs(cz) if cz != 0 else float("nan")})
+    if cache is not None:  # what the methods computed beyond the setup (e.g. KFAC eigenpairs)
+        cache.save(jac)
     if worse:
         notes.append("worse than the zero step: " + ", ".join(worse))
     if notes:
@@ -553,6 +583,8 @@ def compare(
         "energy_error_kfac": E_kfac,
         "solver": exact.report(),
         "exact_seconds": t_exact,
+        "setup_s": setup_s,
+        **({"cache": cache.summary()} if cache is not None else {}),
         "exact_residual": residual,
         "notes": notes,
         **({"sample": sample} if sample else {}),
@@ -577,38 +609,169 @@ def compare_file(
     *,
     checkpoints: Sequence[str] | None = None,
     progress: bool = True,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    stream: bool | None = None,
+    on_checkpoint: Callable[[ComparisonTable], None] | None = None,
+    scheduler=None,
+    retries: int | None = None,
     **kw,
 ) -> ComparisonTable:
     """:func:`compare` for every complete checkpoint of a capture file (or those named).
 
     A checkpoint captured with several batches / draws (``fisherlab capture --batches B --draws D``)
     is compared over all its samples. Rows gain ``checkpoint``, ``step`` and ``damping`` (the
-    resolved λ of each sample); a tqdm bar runs over samples × methods.
-    """
-    from .io.progress import tqdm
+    resolved λ of each sample); a tqdm bar runs over samples × (setup + methods).
 
-    from .store import load, select_checkpoints
+    Args:
+        cache: use the setup cache beside the file (:mod:`fisherlab.cache`; ``False``: neither
+            read nor written, CLI ``--no-cache``); ``cache_dir``: where it lives (``--cache-dir``).
+        stream: ``None`` (default): the layers are streamed from the file, one at a time, when the
+            in-memory plan does not fit ``memory=`` (:func:`fisherlab.planning.jacobian_from_file`);
+            ``True``/``False`` forces it.
+        on_checkpoint: called with each checkpoint's table as soon as it is complete (the drivers
+            write their CSV files there, so a stopped run keeps what it finished).
+        scheduler: ``"local:4"``, ``"tcp://host:8786"`` or a ``distributed.Client``
+            (:mod:`fisherlab.distributed`): the samples run as tasks on Dask workers that read
+            them from ``path`` (at the same path on every worker); with fewer samples than workers
+            each sample's methods are split over several tasks sharing one Gram K = Σ_i K_i,
+            computed by one task per layer and reduced on the client. Same rows in the same order
+            as the serial run (``seconds`` and ``setup_s`` aside); the workers neither read nor
+            write the setup cache. ``retries``: of a task that raised.
+        **kw: the options of :func:`compare` (``memory``, ``device``, ``precision``, sizes, …).
+    """
+    from .cache import SetupCache
+    from .io.progress import tqdm
+    from .planning import jacobian_from_file
+    from .store import select_checkpoints
 
     if not isinstance(damping, Damping):
         resolve_damping(damping)  # a bad number fails before any file is read
     infos = select_checkpoints(path, checkpoints)
     names = list(methods) if methods is not None else registry.default_keys()
-    bar = tqdm(total=len(infos) * len(names), desc="compare", unit="method", disable=not progress, leave=False)
+    if scheduler is not None:  # the same tables, computed on Dask workers
+        return _compare_file_on(scheduler, path, infos, damping, names, progress=progress, retries=retries,
+                                on_checkpoint=on_checkpoint, options=kw)
+    store = SetupCache(path, cache_dir=cache_dir) if cache else None
+    bar = tqdm(total=len(infos) * (len(names) + 1), desc="compare", unit="step", disable=not progress, leave=False)
     tables = []
     try:
         for info in infos:
-            cap = load(path, info.name)
-            group = cap.meta.get("sample", {}).get("of", info.name)
-            table = compare(cap, damping, names, progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **kw)
+            fj = jacobian_from_file(path, info.name, methods=names, memory=kw.get("memory"), device=kw.get("device"),
+                                    precision=kw.get("precision", "float64"), stream=stream)
+            try:
+                entry = store.entry(info.name, fj.fingerprint, kw.get("precision", "float64")) if store is not None else None
+                group = fj.sample.get("of", info.name)
+                opts = {k: v for k, v in kw.items() if k != "memory"}  # planned above, for the path chosen
+                table = compare(fj.jac, damping, names, rhs=fj.grad, sample=fj.sample, cache=entry,
+                                progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **opts)
+            finally:
+                fj.close()
             for rows in (table.rows, table.layers, table.modes):
                 for r in rows:
                     r.update(checkpoint=group, step=info.step, damping=table.meta["damping"])
-            table.meta.update(checkpoint=group, step=info.step)
+            table.meta.update(checkpoint=group, step=info.step, streamed=fj.streamed)
             tables.append(table)
+            if on_checkpoint is not None:
+                on_checkpoint(table)
     finally:
         bar.close()
     out = ComparisonTable.concat(tables)
     out.meta = {"damping": tables[0].meta["damping"] if tables else None,
                 "damping_input": tables[0].meta["damping_input"] if tables else str(damping),
                 "checkpoints": [t.meta for t in tables], "notes": out.meta.get("notes", [])}
+    return out
+
+
+# ---- compare_file on a Dask cluster: pure tasks of (path, sample, damping, methods, options) ---
+
+
+def sample_table(path: str, name: str, step: int | None, damping: float | Damping, methods: Sequence[str],
+                 options: Mapping, gram: Tensor | None = None) -> ComparisonTable:
+    """A task of ``compare_file(scheduler=…)``: :func:`compare` of the sample ``name`` of ``path``
+    (read here, read-only), rows gaining ``checkpoint`` (the sample's group), ``step`` and
+    ``damping``; ``gram``: its K = UᵀU ``[N, N]`` when already reduced (:func:`reduced_gram`).
+    Its MeasurementWarnings stay in the notes (the client warns them, as the serial run does)."""
+    from .store import load
+
+    cap = load(path, name)
+    sample = dict(cap.meta.get("sample", {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeasurementWarning)
+        if gram is None:
+            table = compare(cap, damping, methods, **options)
+        else:
+            jac = Jacobian.coerce(cap, device=options.get("device"), precision=options.get("precision", "float64"))
+            jac.gram = gram.to(device=jac.device, dtype=jac.dtype)  # the cached property, given
+            table = compare(jac, damping, methods, rhs=cap.grad, **options)
+            for rows in (table.rows, table.layers, table.modes):  # the context compare(cap) prepends
+                rows[:] = [{**sample, **r} for r in rows]
+            if sample:
+                table.meta["sample"] = sample
+    group = sample.get("of", name)
+    for rows in (table.rows, table.layers, table.modes):
+        for r in rows:
+            r.update(checkpoint=group, step=step, damping=table.meta["damping"])
+    table.meta.update(checkpoint=group, step=step)
+    return table
+
+
+def layer_gram(path: str, name: str, layer: int, options: Mapping) -> Tensor:
+    """A task: the Gram K_i ``[N, N]`` of one layer of checkpoint ``name`` (only that layer read),
+    on the CPU, as :attr:`Jacobian.grams` computes it (``device``, ``precision`` of ``options``)."""
+    from .store import load
+
+    jac = Jacobian.coerce(load(path, name, layers=[layer]), device=options.get("device"), precision=options.get("precision", "float64"))
+    return jac.grams[0].cpu()
+
+
+def reduced_gram(grams: Sequence[Tensor]) -> Tensor:
+    """K = Σ_i K_i of per-layer Grams, in layer order and summed as :attr:`Jacobian.gram` sums them."""
+    return torch.stack(list(grams)).sum(0) if len(grams) > 1 else grams[0]
+
+
+def _compare_file_on(scheduler, path, infos, damping, names, *, progress, retries, on_checkpoint, options) -> ComparisonTable:
+    """:func:`compare_file`'s table computed on a Dask cluster (:mod:`fisherlab.distributed`)."""
+    from . import distributed as dd
+
+    path = str(Path(path).resolve())  # the workers may run elsewhere
+    retries = dd.DEFAULT_RETRIES if retries is None else retries
+    with dd.connect(scheduler) as client:
+        parts = dd.chunks(names, max(1, dd.n_workers(client) // len(infos)))
+        grams: list = [None] * len(infos)
+        if len(parts) > 1:  # several tasks per sample share its Gram, split by layer
+            counts = [len(info.layers) for info in infos]
+            tasks = [dd.Task(layer_gram, (path, info.name, i, options), label=f"{info.name}: layer {i}") for info, n in zip(infos, counts) for i in range(n)]
+            per_layer = dd.run_tasks(client, tasks, desc="grams", progress=progress, retries=retries)
+            starts = [sum(counts[:j]) for j in range(len(infos))]
+            grams = [client.scatter(reduced_gram(per_layer[s:s + n]), broadcast=True) for s, n in zip(starts, counts)]
+        tasks = [dd.Task(sample_table, (path, info.name, info.step, damping, part, options), {"gram": g}, label=f"{info.name}: {part[0]}")
+                 for info, g in zip(infos, grams) for part in parts]
+        tables: list[ComparisonTable] = []
+        pending: list[ComparisonTable] = []
+
+        def part_done(_: int, part: ComparisonTable) -> None:  # in task order: a sample is done with its last part
+            pending.append(part)
+            if len(pending) == len(parts):
+                tables.append(_merge_parts(pending[:]))
+                pending.clear()
+                if tables[-1].meta.get("notes"):
+                    warnings.warn("compare: " + "; ".join(tables[-1].meta["notes"]), MeasurementWarning, stacklevel=1)
+                if on_checkpoint is not None:
+                    on_checkpoint(tables[-1])
+
+        dd.run_tasks(client, tasks, desc="compare", progress=progress, retries=retries, in_order=part_done)
+    out = ComparisonTable.concat(tables)
+    out.meta = {"damping": tables[0].meta["damping"], "damping_input": tables[0].meta["damping_input"],
+                "checkpoints": [t.meta for t in tables], "notes": out.meta.get("notes", [])}
+    return out
+
+
+def _merge_parts(parts: list[ComparisonTable]) -> ComparisonTable:
+    """One sample's table from its method parts, in method order: rows, layers and modes joined;
+    the first part's meta with every part's notes."""
+    if len(parts) == 1:
+        return parts[0]
+    out = ComparisonTable.concat(parts)
+    out.meta = {**parts[0].meta, "notes": list(dict.fromkeys(out.meta.get("notes", [])))}
     return out

@@ -227,20 +227,25 @@ class FileJacobian:
 
 def _streamed_skeleton(path, info, layout, loss: str | None, *, device, precision: str, files: list) -> Jacobian:
     """A Jacobian of :class:`StreamedLayerJacobian` layers reading ``info``'s layers from ``path``
-    (each layer's CRC-32 checked on its first read; later reads skip the checksum)."""
+    (each layer's CRC-32 checked on its first read: :meth:`fisherlab.store.CaptureFile.layer_reader`)."""
     from .store import CaptureFile
 
-    checked, fast = CaptureFile(path), CaptureFile(path, verify=False)
-    files += [checked, fast]
+    cf = CaptureFile(path)
+    files.append(cf)
+    reader: list = []
+
+    def read(i: int):
+        if not reader:
+            reader.append(cf.layer_reader(info.name))
+        return reader[0](i)
+
     B, K = int(info.batch_size), int(info.n_vectors)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     slot = _Slot()
-    seen: set[int] = set()
 
     def loader(i: int):
         def load() -> LayerJacobian:
-            lc = (fast if i in seen else checked).read_layer(info.name, i)
-            seen.add(i)
+            lc = read(i)
             if precision == "mixed":
                 cv = [None if t is None else t.to(device=dev, dtype=torch.float32) for t in (lc.a, lc.g, lc.dense, lc.A, lc.G)]
                 return MixedLayerJacobian(lc.spec, B, K, *cv, out_dtype=torch.float64)

@@ -995,6 +995,32 @@ class CaptureFile:
             return LayerCapture(spec, int(row["positions"]), dense=arrays["J"], A=arrays.get("A"), G=arrays.get("G"))
         return LayerCapture(spec, int(row["positions"]), a=arrays["a"], g=arrays["g"])
 
+    @_guarded
+    def layer_reader(self, checkpoint: str | None = None) -> Callable[[int], LayerCapture]:
+        """``read(i)``: layer ``i`` of a checkpoint, read and verified as by :meth:`read_layer`,
+        with the checkpoint's group, layout and layer table checked once, here, and each layer's
+        checksums on its first read (a committed checkpoint is never rewritten): for readers that
+        come back to the layers many times (the streamed Jacobian, :mod:`fisherlab.planning`)."""
+        name, g = self._group(checkpoint)
+        layout = self.layout
+        rows = self._layer_rows(name, g, layout)
+        known: dict[int, dict] = {}  # layer → its datasets (handles, no arrays), once verified
+
+        def read(_self: Any, i: int) -> LayerCapture:
+            if i not in known:  # the first read: every check of read_layer
+                lc = self._read_layer(name, g, layout, rows, i)
+                lg = g[f"layers/{i}"]
+                known[i] = {k: lg[k] for k in rows[i]["shapes"]}
+                return lc
+            arrays = {k: torch.from_numpy(np.asarray(ds[()])) for k, ds in known[i].items()}  # verified before
+            spec, T = layout.layers[i], int(rows[i]["positions"])
+            if rows[i]["storage"] == Storage.DENSE.value:
+                return LayerCapture(spec, T, dense=arrays["J"], A=arrays.get("A"), G=arrays.get("G"))
+            return LayerCapture(spec, T, a=arrays["a"], g=arrays["g"])
+
+        guarded = _guarded(read)
+        return lambda i: guarded(self, i)
+
     def iter_layers(self, checkpoint: str | None = None) -> Iterator[LayerCapture]:
         """Yield the layers of a checkpoint one at a time (only one layer in memory)."""
         name, g = self._group(checkpoint)

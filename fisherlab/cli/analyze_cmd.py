@@ -7,6 +7,8 @@ comparison table of §4.4 for every checkpoint, printed, written as ``errors.csv
 Every subcommand takes the same common options: ``--out`` (default: a folder named after the
 file, ``runs/ae.h5`` → ``runs/ae.analysis/``), ``--quiet`` (no progress bar and no tables),
 ``--progress/--no-progress`` (default: a bar only when stderr is a terminal), ``--no-figures``;
+``--scheduler local:4`` / ``--scheduler tcp://host:8786`` (with ``--retries``) runs the work as
+tasks on Dask workers (:mod:`fisherlab.distributed`; ``pip install "fisherlab[distributed]"``);
 ``errors`` and ``spectra`` share ``--damping 1e-3 --damping-scale max``.
 
 The options of each driver (``add_*_arguments``) and its command (``*_main``) are here; the
@@ -21,7 +23,7 @@ from pathlib import Path
 from .._validate import parse_enum, positive_int
 from ..errors import ConfigError
 from ..io.tables import fmt
-from ._common import FORMATTER, progress_of
+from ._common import FORMATTER, check_device, check_out_folder, progress_of
 
 __all__ = [
     "SUBCOMMANDS",
@@ -103,12 +105,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="force the progress bar on or off (default: on when stderr is a terminal, unless --quiet)")
     parser.add_argument("--no-figures", dest="figures", action="store_false", help="write CSV files only")
+    parser.add_argument("--scheduler", default=None,
+                        help="run the tasks on Dask: local:N (a local cluster of N worker processes) or the address of a running "
+                             "scheduler, tcp://host:8786, whose workers see FILE at the same path (needs fisherlab[distributed])")
+    parser.add_argument("--retries", type=_nonnegative, default=None,
+                        help="with --scheduler: retries of a task that raised (default: 2; a task whose worker died is rescheduled anyway)")
+
+
+def _nonnegative(s: str) -> int:
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"--retries must be an integer ≥ 0, got {s!r}")
+    return int(s)
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Path, bool]:
     """``(out, progress)`` of the common options."""
     out = args.out if args.out is not None else default_out(args.file)
-    args.out = out
+    args.out = out = check_out_folder(out)
+    check_device(getattr(args, "device", None))
+    if getattr(args, "scheduler", None) is not None:  # a bad value, or no dask, fails before any work
+        from ..distributed import check
+
+        check(args.scheduler)
     return out, progress_of(args)
 
 
@@ -119,7 +137,17 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device of the offline algebra, e.g. cuda or cpu (default: cpu; float64)")
     parser.add_argument("--memory", default=None,
-                        help="memory budget, e.g. 8GiB: the analysis is planned first and refused in one line if it cannot fit")
+                        help="memory budget, e.g. 8GiB: the analysis is planned first; the layers are streamed from FILE one at a "
+                             "time when only that fits, and it is refused in one line when neither fits")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="neither read nor write the setup cache (Grams, eigendecompositions) beside FILE")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep the setup cache under this folder instead of beside FILE (FILE.cache/)")
+
+
+def _resources(args: argparse.Namespace) -> dict:
+    """``device``, ``memory``, ``cache``, ``cache_dir`` of :func:`_add_resources` for the drivers."""
+    return dict(device=args.device, memory=args.memory, cache=args.cache, cache_dir=args.cache_dir)
 
 
 def add_error_reduction_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -154,6 +182,7 @@ def add_spectra_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def add_interactions_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``interactions``: FILE [--checkpoints c1,c2] --out DIR."""
     _add_common(parser)
+    _add_resources(parser)
     parser.add_argument("--checkpoints", type=_csv_list, default=None, help="comma-separated checkpoint names (default: all)")
     return parser
 
@@ -161,6 +190,7 @@ def add_interactions_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
 def add_damping_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``damping-sweep``: FILE --dampings 1e-4,1e-3,… [--checkpoint c] [--methods …] --out DIR."""
     _add_common(parser)
+    _add_resources(parser)
     parser.add_argument("--dampings", type=_dampings, default=None,
                         help="comma-separated damping values in --damping-scale (default: λ/λ_max = 1e-8, 1e-7, …, 1)")
     parser.add_argument("--damping-scale", default="max", choices=["absolute", "max", "mean", "mean-loss"],
@@ -182,7 +212,7 @@ def error_reduction_main(args: argparse.Namespace) -> int:
     rows = run_error_reduction(
         args.file, damping, out, methods=args.methods, checkpoints=args.checkpoints,
         progress=progress, figures=args.figures, k=args.spectral_k, m=args.krylov_m, q=args.taylor_q,
-        device=args.device, memory=args.memory,
+        scheduler=args.scheduler, retries=args.retries, **_resources(args),
     )
     if not args.quiet:
         for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
@@ -204,7 +234,7 @@ def spectra_main(args: argparse.Namespace) -> int:
         args.file, _damping_of(args), out, checkpoints=args.checkpoints, operators=operators, coarse=coarse,
         method=parse_enum(args.method, SPECTRUM_METHODS, "--method"), k=args.k, n_probes=args.n_probes,
         n_steps=args.n_steps, seed=args.seed, progress=progress, figures=args.figures,
-        device=args.device, memory=args.memory,
+        scheduler=args.scheduler, retries=args.retries, **_resources(args),
     )
     if not args.quiet:
         for ck, sp in res.items():
@@ -218,7 +248,8 @@ def interactions_main(args: argparse.Namespace) -> int:
     from ..workflows.analysis import run_interactions
 
     out, progress = _resolve(args)
-    res = run_interactions(args.file, out, checkpoints=args.checkpoints, progress=progress, figures=args.figures)
+    res = run_interactions(args.file, out, checkpoints=args.checkpoints, progress=progress, figures=args.figures,
+                           scheduler=args.scheduler, retries=args.retries, **_resources(args))
     for ck, (li, ke) in res.items():
         if args.quiet:
             continue
@@ -233,7 +264,8 @@ def damping_sweep_main(args: argparse.Namespace) -> int:
 
     out, progress = _resolve(args)
     rows = run_damping_sweep(args.file, args.dampings, out, scale=args.damping_scale, checkpoint=args.checkpoint, methods=args.methods,
-                             progress=progress, figures=args.figures)
+                             progress=progress, figures=args.figures, scheduler=args.scheduler, retries=args.retries,
+                             **_resources(args))
     print(f"{len(rows)} rows → {args.out / 'damping_sweep.csv'}")
     return 0
 
