@@ -213,10 +213,18 @@ class FisherOptimizer(torch.optim.Optimizer):
         seed: seed of a fresh generator when ``generator`` is ``None`` (random when both are).
         record_gap: record the gap (4.6) of each step in :attr:`history`.
         record_ratio: record the reduction ratio 𝔈(β)/𝔈(0) (4.1) (one extra exact solve).
+        weight_decay_mode: ``"preconditioned"`` (default: ζ = op⁻¹(∇h + ωθ)) or ``"after"``
+            (ζ = op⁻¹∇h, then ωθ added to the Fisher's parameters' direction — what
+            ``torch.optim.SGD(weight_decay=ω)`` does in the released scripts).
+        kl_clip: c > 0 rescales ζ by min(1, √(c / Σ_p|⟨ζ_p, ∇h_p⟩|)) over the Fisher's parameter
+            tensors (the released code's ``constraint_norm=True, clipping=c``); ``None``: off.
+            The gap and ratio are those of the unscaled ζ; the scale is recorded as ``kl_scale``.
+        protocol: ``"paper"`` / ``"released-code"`` (:class:`~fisherlab.operators.Protocol`): the
+            defaults of ``weight_decay_mode``, ``kl_clip`` (and, in subclasses, of their options).
 
     Attributes:
-        history: one dict per step: ``step``, ``loss``, ``gap``, ``ratio``, ``seconds``,
-            ``method``, ``coarse_dim``.
+        history: one dict per step: ``step``, ``loss``, ``gap``, ``logged_gap``, ``ratio``,
+            ``seconds``, ``method``, ``coarse_dim`` (``kl_scale`` with ``kl_clip``).
         last_metrics: the recorded ``gap``/``ratio``/``coarse_dim`` and ``step_seconds`` of the
             last step (the training loop adds them to its metrics CSV).
         layout: the :class:`Layout` of the model.
@@ -243,6 +251,9 @@ class FisherOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         record_gap: bool = False,
         record_ratio: bool = False,
+        weight_decay_mode: str | None = None,
+        kl_clip: float | None = None,
+        protocol: str | Protocol | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -268,6 +279,15 @@ class FisherOptimizer(torch.optim.Optimizer):
         self.generator = generator
         self.record_gap = bool(record_gap)
         self.record_ratio = bool(record_ratio)
+        try:
+            proto = Protocol.parse(protocol).with_options(weight_decay_mode=weight_decay_mode, kl_clip=kl_clip)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if proto.weight_decay_mode not in ("preconditioned", "after"):
+            raise ConfigError(f"weight_decay_mode must be 'preconditioned' or 'after', got {proto.weight_decay_mode!r}")
+        self.weight_decay_mode = proto.weight_decay_mode
+        self.kl_clip = None if proto.kl_clip is None else _positive("kl_clip", proto.kl_clip)
+        self.protocol = proto
 
         self.model = model
         self.layout = Layout.from_model(model, warn=False)
@@ -304,6 +324,28 @@ class FisherOptimizer(torch.optim.Optimizer):
     def steps(self) -> int:
         """Number of steps taken."""
         return self._steps
+
+    # ---- the Fisher sub-batch --------------------------------------------------------------
+    def _subbatch_size(self, B: int) -> int:
+        s = self.fisher_subbatch
+        return int(s) if isinstance(s, int) else max(1, int(s * B))  # type: ignore[operator]
+
+    def _fisher_jacobian(self, jac: Jacobian) -> Jacobian:
+        """The Jacobian this step's curvature comes from: the batch's, or that of ``fisher_subbatch``
+        examples drawn uniformly with replacement by the generator and captured again (their own
+        Monte-Carlo draws), drawn once per step, on demand."""
+        if self.fisher_subbatch is None:
+            return jac
+        if self._sub_jac is None:
+            x, y = self._step_batch
+            idx = torch.randint(0, x.shape[0], (self._subbatch_size(x.shape[0]),), generator=self.generator)
+            self.last_subbatch = idx
+            sub = idx.to(x.device)
+            self._sub_jac = Jacobian.from_capture(self._capture(x[sub], y[sub]), torch.float64)
+        return self._sub_jac
+
+    fisher_subbatch: int | float | None = None
+    last_subbatch: Tensor | None = None
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:  # pragma: no cover
@@ -394,8 +436,9 @@ class FisherOptimizer(torch.optim.Optimizer):
 
         jac = Jacobian.from_capture(cap, torch.float64)
         lam = resolve_damping(lam_spec, jac)  # absolute λ, or α·λ_max(F) / … of this batch
-        rhs = cap.grad.to(torch.float64)
-        if wd > 0:
+        grad = cap.grad.to(torch.float64)
+        rhs = grad
+        if wd > 0 and self.weight_decay_mode == "preconditioned":
             rhs = rhs + wd * self.layout.parameters_vector(self.model).to("cpu", torch.float64)
         self._step_batch = (x, y)  # for a Fisher sub-batch (the KFAC-based optimizers)
         self._sub_jac = None
@@ -415,6 +458,8 @@ class FisherOptimizer(torch.optim.Optimizer):
             "damping": lam,
         }
         self._record(op, rhs, zeta, rec)
+        if self.kl_clip is not None:
+            zeta, rec["kl_scale"] = self._kl_clipped(zeta, grad)
 
         direction = self.layout.to_torch_order(zeta)
         outside = {id(p): g for p, g in zip(self._outside, outside_grads)}
@@ -431,6 +476,8 @@ class FisherOptimizer(torch.optim.Optimizer):
                         d = d + wd * p
                 else:
                     d = direction[off : off + p.numel()].view_as(p).to(p.device, p.dtype)
+                    if wd > 0 and self.weight_decay_mode == "after":
+                        d = d + wd * p
                 if mom > 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
@@ -445,6 +492,18 @@ class FisherOptimizer(torch.optim.Optimizer):
         self.last_metrics = {k: rec[k] for k in ("gap", "logged_gap", "ratio", "coarse_dim") if rec[k] is not None}
         self.last_metrics["step_seconds"] = rec["seconds"]
         return closure_value if closure is not None else float(cap.loss_value)
+
+    def _kl_clipped(self, zeta: Tensor, grad: Tensor) -> tuple[Tensor, float]:
+        """ζ·min(1, √(c / Σ_p|⟨ζ_p, ∇h_p⟩|)) over the Fisher's parameter tensors p (weight and
+        bias apart), c = ``kl_clip`` (the released code's ``constraint_norm``); the scale too."""
+        z, g = self.layout.to_torch_order(zeta), self.layout.to_torch_order(grad)
+        inside = {id(p) for p in self._params} - {id(p) for p in self._outside}
+        total = 0.0
+        for p, off in zip(self._params, self._offsets):
+            if id(p) in inside:
+                total += abs(float(z[off : off + p.numel()] @ g[off : off + p.numel()]))
+        scale = 1.0 if total <= 0 else min(1.0, math.sqrt(self.kl_clip / total))  # type: ignore[operator]
+        return zeta * scale, scale
 
     # ---- state ---------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -587,34 +646,14 @@ class _KFACBased(FisherOptimizer):
         if proto.conv_damping not in ("literal", "released-code"):
             raise ConfigError(f"conv_damping must be 'literal' or 'released-code', got {proto.conv_damping!r}")
         self.conv_damping = proto.conv_damping
-        self.protocol = proto
         scaled = self.conv_damping == "released-code" and self.damping_mode in ("sqrt", "lambda")
         if scaled and any(isinstance(mod, nn.Conv2d) for mod in model.modules()):
             self.storage = "factored"  # the conv positions T (dense rows do not record them)
-        super().__init__(model, **kw)
+        super().__init__(model, protocol=proto, **kw)
         self.factors: list[tuple[Tensor, Tensor]] | None = None
         self.kfac: KFAC | None = None
         self._kfac_built_at = 0
-        self.last_subbatch: Tensor | None = None
         self._sub_jac: Jacobian | None = None
-
-    # ---- the Fisher sub-batch --------------------------------------------------------------
-    def _subbatch_size(self, B: int) -> int:
-        s = self.fisher_subbatch
-        return int(s) if isinstance(s, int) else max(1, int(s * B))  # type: ignore[operator]
-
-    def _fisher_jacobian(self, jac: Jacobian) -> Jacobian:
-        """The Jacobian the factors (and coarse matrix) of this step come from: the batch's, or
-        that of a sub-batch drawn with replacement (drawn once per step, on demand)."""
-        if self.fisher_subbatch is None:
-            return jac
-        if self._sub_jac is None:
-            x, y = self._step_batch
-            idx = torch.randint(0, x.shape[0], (self._subbatch_size(x.shape[0]),), generator=self.generator)
-            self.last_subbatch = idx
-            sub = idx.to(x.device)
-            self._sub_jac = Jacobian.from_capture(self._capture(x[sub], y[sub]), torch.float64)
-        return self._sub_jac
 
     # ---- the running factors -----------------------------------------------------------------
     def _rho(self, decay: float | str) -> float:
@@ -896,6 +935,9 @@ class NaturalGradient(FisherOptimizer):
 
     Args:
         block_diagonal: use blockdiag([F•]_11, …, [F•]_ℓℓ) instead of F•.
+        fisher_subbatch: ``None`` (the batch) or the Fisher of a sub-batch drawn with replacement
+            (a size, or a fraction of B; :class:`_KFACBased`); the released code's exact NG used
+            64 examples (``ExactNG(batch_size=64)``) — not read from ``protocol``.
         solver: for the full F•: ``"auto"`` (Woodbury unless the N × N matrix is too large, then
             KFAC-preconditioned CG), ``"woodbury"`` or ``"cg"``.
         Others: see :class:`FisherOptimizer`.
@@ -904,15 +946,20 @@ class NaturalGradient(FisherOptimizer):
     𝔈(ζ_block)/𝔈(ζ_KFAC) (π-damped batch KFAC) for the block diagonal.
     """
 
-    def __init__(self, model: nn.Module, *, block_diagonal: bool = False, solver: str = "auto", **kw: Any) -> None:
+    def __init__(
+        self, model: nn.Module, *, block_diagonal: bool = False, solver: str = "auto",
+        fisher_subbatch: int | float | None = None, **kw: Any,
+    ) -> None:
         if solver not in ("auto", "woodbury", "cg"):
             raise ConfigError(f"solver must be 'auto', 'woodbury' or 'cg', got {solver!r}")
         self.block_diagonal = bool(block_diagonal)
         self.solver = solver
+        self.fisher_subbatch = _subbatch(fisher_subbatch)
         super().__init__(model, **kw)
         self.method = "block-diagonal" if self.block_diagonal else "exact"
 
     def _operator(self, jac: Jacobian, rhs: Tensor, damping: float) -> FisherOperator:
+        jac = self._fisher_jacobian(jac)
         if self.block_diagonal:
             return BlockDiagonalFisher(jac, damping)
         return ExactFisher(jac, damping, solver=self.solver)  # type: ignore[arg-type]

@@ -273,6 +273,7 @@ def test_presets_set_what_they_say():
     assert (code.damping_mode, code.fine_damping_mode) == ("sqrt", "lambda")
     assert (code.factor_decay, code.coarse_decay, code.fisher_subbatch) == ("auto", "auto", 0.25)
     assert (code.factor_update_period, code.inverse_update_period, code.coarse_update_period) == (100, 100, 100)
+    assert (code.weight_decay_mode, code.kl_clip, code.conv_damping) == ("after", None, "released-code")
     assert code.with_options(coefficient=1e-3).coefficient == 1e-3 and code.with_options(coefficient=1e-3).name == "custom"
     with pytest.raises(ValueError, match="'paper' or 'released-code'"):
         Protocol.parse("code")
@@ -283,7 +284,7 @@ def test_presets_set_what_they_say():
     two = TwoLevelKFACOptimizer(model, protocol="released-code", **kw)
     assert (two.damping_mode, two.coarse_rhs, two.factor_decay, two.fisher_subbatch) == ("lambda", "gradient", "auto", 0.25)
     assert (two.factor_update_period, two.inverse_update_period, two.coarse_update_period) == (100, 100, 100)
-    assert KFACOptimizer(model, protocol="released-code", **kw).damping_mode == "sqrt"
+    assert KFACOptimizer(model, protocol="released-code", **kw).damping_mode == "sqrt" and two.weight_decay_mode == "after"
     assert TKOOptimizer(model, protocol="released-code", fine_damping_mode="pi", **kw).damping_mode == "pi"
     paper_opt = TwoLevelKFACOptimizer(model, **kw)
     assert (paper_opt.damping_mode, paper_opt.coarse_rhs, paper_opt.factor_decay, paper_opt.fisher_subbatch) == ("pi", "residual", 0.0, None)
@@ -388,3 +389,68 @@ def test_state_dict_restores_the_running_state():
     assert close(opt2.last_operator.F_hat, opt.last_operator.F_hat)
     assert torch.allclose(torch.nn.utils.parameters_to_vector(clone.parameters()),
                           torch.nn.utils.parameters_to_vector(model.parameters()), rtol=1e-10, atol=1e-12)
+
+
+# ---- the training-loop departures: weight decay after preconditioning, KL clipping ------------
+
+
+def _one_step(opt_cls, model, x, y, **kw):
+    opt = opt_cls(model, lr=0.1, loss="cross_entropy", fisher="exact", seed=0, damping=LAM, **kw)
+    opt.step(inputs=x, targets=y)
+    return opt
+
+
+@pytest.mark.parametrize("mode", ["preconditioned", "after"])
+def test_weight_decay_mode(mode):
+    """"preconditioned": θ ← θ − α K⁻¹(∇h + ωθ); "after" (torch SGD's, the released scripts):
+    θ ← θ − α(K⁻¹∇h + ωθ)."""
+    case, wd = MODELS["mlp"], 0.3
+    x, y = make_batch(case, "cross_entropy", B=4, seed=5)
+    model = build_model(case)
+    theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    cap = fisherlab.capture(build_model(case), x, y, loss="cross_entropy", fisher="exact", dtype=torch.float64)
+    K = KFAC.from_capture(cap, LAM, "pi")
+    th = cap.layout.parameters_vector(build_model(case)).double()
+    zeta = K.solve(cap.grad.double() + wd * th) if mode == "preconditioned" else K.solve(cap.grad.double()) + wd * th
+    opt = _one_step(KFACOptimizer, model, x, y, weight_decay=wd, weight_decay_mode=mode)
+    assert opt.weight_decay_mode == mode
+    expected = theta0 - 0.1 * cap.layout.to_torch_order(zeta)
+    assert close(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), expected)
+
+
+def test_kl_clip_rescales_the_step():
+    """ζ·min(1, √(c / Σ_p|⟨ζ_p, ∇h_p⟩|)) over the weight and bias tensors (constraint_norm)."""
+    case, c = MODELS["mlp"], 1e-4
+    x, y = make_batch(case, "cross_entropy", B=4, seed=5)
+    model = build_model(case)
+    theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    cap = fisherlab.capture(build_model(case), x, y, loss="cross_entropy", fisher="exact", dtype=torch.float64)
+    z = cap.layout.to_torch_order(KFAC.from_capture(cap, LAM, "sqrt").solve(cap.grad.double()))
+    g = cap.layout.to_torch_order(cap.grad.double())
+    total, off = 0.0, 0
+    for p in build_model(case).parameters():
+        total += abs(float(z[off : off + p.numel()] @ g[off : off + p.numel()]))
+        off += p.numel()
+    scale = min(1.0, math.sqrt(c / total))
+    assert scale < 1
+    opt = _one_step(KFACOptimizer, model, x, y, kl_clip=c, damping_mode="sqrt")
+    assert opt.history[-1]["kl_scale"] == pytest.approx(scale, rel=1e-10)
+    assert close(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), theta0 - 0.1 * scale * z)
+    with pytest.raises(ConfigError, match="kl_clip"):
+        KFACOptimizer(build_model(case), lr=0.1, loss="cross_entropy", damping=LAM, kl_clip=-1.0)
+
+
+def test_natural_gradient_fisher_subbatch():
+    """ζ = (F_sub + λI)⁻¹∇h: the Fisher of the drawn sub-batch, the gradient of the batch."""
+    from fisherlab.optim import NaturalGradient
+
+    case = MODELS["cnn"]
+    x, y = make_batch(case, "cross_entropy", B=5, seed=6)
+    model = build_model(case)
+    theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    opt = _one_step(NaturalGradient, model, x, y, fisher_subbatch=3)
+    idx = opt.last_subbatch
+    full = fisherlab.capture(build_model(case), x, y, loss="cross_entropy", fisher="exact", dtype=torch.float64)
+    sub = fisherlab.capture(build_model(case), x[idx], y[idx], loss="cross_entropy", fisher="exact", dtype=torch.float64)
+    zeta = torch.linalg.solve(dense_fbullet(sub, LAM), full.grad.double())
+    assert close(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), theta0 - 0.1 * full.layout.to_torch_order(zeta))

@@ -23,6 +23,8 @@ behaviour before the protocol existed, so existing results do not change.
 | ``inverse_update_period`` | 1 | 100 |
 | ``coarse_update_period`` | 1 | 100 |
 | ``fisher_subbatch`` | ``None`` (the batch) | 0.25: ⌊B/4⌋ examples drawn with replacement |
+| ``weight_decay_mode`` | ``"preconditioned"``: ζ = op⁻¹(∇h + ωθ) | ``"after"``: ζ = op⁻¹∇h + ωθ (torch SGD's) |
+| ``kl_clip`` | ``None`` | ``None`` (the code's ``clipping`` is per run: set it) |
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ class Protocol:
         factor_update_period, inverse_update_period, coarse_update_period: refresh periods T ≥ 1.
         fisher_subbatch: the factors and coarse matrix from a random sub-batch drawn with
             replacement: a size (int), a fraction of the batch (float in (0, 1]) or ``None``.
+        weight_decay_mode: ω inside the preconditioned vector (``"preconditioned"``, fisherlab's)
+            or added after preconditioning (``"after"``, as ``torch.optim.SGD(weight_decay=ω)``
+            does in the released scripts).
+        kl_clip: c of the step rescaling min(1, √(c / Σ|⟨ζ_p, ∇h_p⟩|)) over the Fisher's parameter
+            tensors (the released code's ``constraint_norm=True, clipping=c``), or ``None``.
     """
 
     name: str = "paper"
@@ -131,6 +138,8 @@ class Protocol:
     inverse_update_period: int = 1
     coarse_update_period: int = 1
     fisher_subbatch: int | float | None = None
+    weight_decay_mode: str = "preconditioned"
+    kl_clip: float | None = None
 
     OPERATOR_FIELDS = ("coarse_rhs", "coarse_diagonal", "coarse_normalization", "coefficient")
     """The fields the operators take (the rest are the optimizers')."""
@@ -158,6 +167,7 @@ class Protocol:
             inverse_update_period=100,
             coarse_update_period=100,
             fisher_subbatch=0.25,
+            weight_decay_mode="after",
         )
 
     @classmethod
