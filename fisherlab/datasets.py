@@ -7,6 +7,7 @@
 | ``curves``       | ``[n, 784]`` in [0, 1]  | autoencoder      | x itself                            | generated: CURVES-style, seeded |
 | ``random-vectors``| ``[n, 10]`` N(0, I)    | regression       | ``[n, 10]`` = x W*ᵀ (or argmax class) | generated: Tselepidis et al.'s planted linear teacher, seeded |
 | ``cifar-standin``| ``[n, 3, 32, 32]``      | classification   | int64 class in 0..9                 | generated: CIFAR-shaped synthetic stand-in (**not CIFAR**), seeded |
+| ``tiny-text``    | int64 tokens ``[n, 32]`` | next-token      | int64 next tokens ``[n, 32]``       | ``data/tiny_text.txt`` (18.8 KB of English written for fisherlab), one token per character |
 
 **Your own data** (:func:`load` with a name that is not in the table, also ``fisherlab train
 --data`` / ``fisherlab capture --data``): ``"mymodule:function"`` or ``"path/to/file.py:function"``
@@ -15,6 +16,13 @@
 with ``torch.load(..., weights_only=True)``: nothing is unpickled). :func:`from_tensors` wraps
 tensors already in memory. The task is inferred from the targets (int64 ``[n]``: classification;
 the flattened inputs: autoencoder; else regression).
+
+``tiny-text`` (for ``tiny-gpt``): the characters of ``data/tiny_text.txt`` (68 distinct: letters,
+digits, space, newline, punctuation; :func:`vocabulary`), token i = the i-th character in sorted
+order; example s is the window of 32 tokens starting at character s and its targets are the same
+window shifted by one (the next character at every position), so ``batch(indices)`` gives
+``(tokens [B, 32], next tokens [B, 32])``, both int64. ``n=None``: every window in text order;
+``n``: a seeded random subset of windows.
 
 Images are flattened row-major (``x.reshape(n, 28, 28)`` gives the picture); the autoencoder
 target is the flattened input. ``data/README.md`` states sources and licences.
@@ -68,6 +76,7 @@ __all__ = [
     "from_tensors",
     "is_user_data",
     "load",
+    "vocabulary",
 ]
 
 FASHION_MNIST_ENV = "FISHERLAB_FASHION_MNIST_DIR"
@@ -81,7 +90,7 @@ FASHION_MNIST_DIRS: list[str] = [
 the system folder (``apt-get install``, as root), then the checkout's ``data/debian/`` into which
 ``make setup`` (``data/install_fashion_mnist.sh``) unpacks the package without root."""
 
-TASKS = ("autoencoder", "classification", "regression")
+TASKS = ("autoencoder", "classification", "regression", "next-token")
 
 
 class DatasetUnavailableError(FisherlabError, FileNotFoundError):
@@ -93,11 +102,12 @@ class Dataset:
     """A data set held in memory.
 
     Attributes:
-        x: inputs, float32 ``[n, *input_shape]``.
+        x: inputs, float32 ``[n, *input_shape]`` (int64 tokens ``[n, T]`` for ``next-token``).
         y: targets: ``x`` flattened (``[n, d]``, float32) for autoencoders, int64 classes ``[n]``
-            for classifiers, float32 ``[n, d_y]`` for regression.
+            for classifiers, float32 ``[n, d_y]`` for regression, int64 next tokens ``[n, T]``
+            for ``next-token`` (one class per position: ``cross_entropy`` summed over positions).
         name: the name given to :func:`load`.
-        task: ``"autoencoder"``, ``"classification"`` or ``"regression"``.
+        task: ``"autoencoder"``, ``"classification"``, ``"regression"`` or ``"next-token"``.
         source: where the numbers come from.
         licence: their licence.
         labels: int64 class labels ``[n]`` where the set has them (also for autoencoder use).
@@ -434,6 +444,49 @@ def _load_cifar_standin(n: int | None, seed: int, task: str, split: str) -> Data
 # --------------------------------------------------------------------------------------------
 # the registry
 # --------------------------------------------------------------------------------------------
+# tiny-text (data/tiny_text.txt, character tokens)
+# --------------------------------------------------------------------------------------------
+
+TINY_TEXT_FILE = Path(__file__).resolve().parent.parent / "data" / "tiny_text.txt"
+TINY_TEXT_CONTEXT = 32
+"""Tokens per ``tiny-text`` example (the context of ``tiny-gpt``)."""
+_TINY_TEXT_LICENCE = "written for fisherlab; the project's licence (MIT), free for any use"
+
+
+@lru_cache(maxsize=1)
+def _tiny_text() -> str:
+    if not TINY_TEXT_FILE.is_file():
+        raise DatasetUnavailableError(f"dataset 'tiny-text': {TINY_TEXT_FILE} is missing (it ships with the checkout)")
+    return TINY_TEXT_FILE.read_text(encoding="utf-8")
+
+
+_TEXT_SETS = ("tiny-text",)
+
+
+def vocabulary(name: str = "tiny-text") -> str:
+    """The characters of a text data set in token order (token i is ``vocabulary(name)[i]``)."""
+    if name not in _TEXT_SETS:
+        raise ConfigError(f"dataset {name!r} has no vocabulary (text data sets: {', '.join(_TEXT_SETS)})")
+    return "".join(sorted(set(_tiny_text())))
+
+
+def _load_tiny_text(n: int | None, seed: int, task: str, split: str) -> Dataset:
+    if split != "train":
+        raise ConfigError(f"dataset 'tiny-text': only split='train' exists, got {split!r}")
+    text, vocab = _tiny_text(), vocabulary("tiny-text")
+    ids = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)  # [L]
+    T = TINY_TEXT_CONTEXT
+    idx = _subset(ids.numel() - T, n, seed, "tiny-text")
+    starts = torch.arange(ids.numel() - T) if idx is None else torch.from_numpy(idx)
+    window = starts[:, None] + torch.arange(T)  # [n, T]
+    info = {"n": int(starts.numel()), "seed": seed, "split": split, "context": T, "vocab_size": len(vocab),
+            "n_classes": len(vocab), "vocabulary": vocab}
+    return Dataset(ids[window], ids[window + 1], "tiny-text", task,
+                   f"data/tiny_text.txt ({len(text):,} characters of English written for fisherlab), one token per character",
+                   _TINY_TEXT_LICENCE, None, info)
+
+
+# --------------------------------------------------------------------------------------------
 
 _Loader = Callable[[int | None, int, str, str], Dataset]
 
@@ -444,6 +497,7 @@ _DATASETS: dict[str, tuple[_Loader, tuple[str, ...]]] = {
     "curves": (_load_curves, ("autoencoder",)),
     "random-vectors": (_load_random_vectors, ("regression", "classification")),
     "cifar-standin": (_load_cifar_standin, ("classification",)),
+    "tiny-text": (_load_tiny_text, ("next-token",)),
 }
 
 
@@ -567,8 +621,8 @@ def load(
         n: number of examples. Real data: a seeded random subset (``None``: all, in file
             order). Generated data: the number generated (``None``: 5,000).
         seed: seeds the subset (real data) or the generator (generated data).
-        task: ``"autoencoder"`` (y = flattened x), ``"classification"`` (y = int64 class) or
-            ``"regression"``; ``None`` picks the set's default (see the module table).
+        task: ``"autoencoder"`` (y = flattened x), ``"classification"`` (y = int64 class),
+            ``"regression"`` or ``"next-token"`` (``tiny-text``); ``None`` picks the set's default (see the module table).
         split: ``"train"``; ``fashion-mnist`` also has ``"test"``.
 
     Returns:

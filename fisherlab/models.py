@@ -15,6 +15,7 @@ that the store records with every capture; :func:`build` rebuilds the same netwo
 | ``resnet34``    | CIFAR-style ResNet, BasicBlock [3, 4, 6, 3], base 64 channels, BN       | cross_entropy |
 | ``deep-linear-64`` | 64 Linear layers of width 10, BatchNorm after all but the last       | cross_entropy (input 784) / mse (input 10) |
 | ``deep-linear-14`` | 784-1000-900-…-50-20-10, BatchNorm after all but the last            | cross_entropy |
+| ``tiny-gpt``    | character transformer: embeddings, 2 pre-norm blocks (attention + MLP), d = 48, context 32 | cross_entropy per position |
 
 Choices (documented, following the authors' public code, ``Abdoulaye-Koroko/natural-gradients``,
 ``apps/mlp_cnn/models.py``, unless stated):
@@ -35,6 +36,18 @@ Choices (documented, following the authors' public code, ``Abdoulaye-Koroko/natu
   Linear but the last, as in the authors' code and Tselepidis et al.
 * BatchNorm parameters are not part of the Fisher: :meth:`fisherlab.Layout.from_model` lists them
   in a warning, which is expected for the ResNets, cuda-convnet and the deep linear networks.
+* **tiny-gpt** (a test bed for layers shared over positions, not a usable language model): token
+  and position embeddings (``nn.Embedding``), ``n_blocks`` pre-norm blocks
+  ``x + attn(LN(x))``, ``x + mlp(LN(x))`` — causal multi-head self-attention with ``nn.Linear``
+  projections ``q``, ``k``, ``v``, ``out`` and an MLP ``fc1``-GELU-``fc2`` (4·d), every one applied
+  over the sequence axis (T positions per example) — a final LayerNorm and a ``nn.Linear`` head to
+  the vocabulary; inputs int64 tokens ``[B, T]``, outputs logits ``[B, T, V]``, trained with
+  ``cross_entropy`` on next-token targets ``[B, T]`` (summed over positions,
+  :mod:`fisherlab.capturing.losses`). The embeddings and the LayerNorms are **outside the Fisher**
+  (listed in ``Layout.excluded``); the Fisher is that of the 6·n_blocks + 1 Linear layers. Its
+  description records its data set under ``"dataset"`` (``tiny-text``) and V under ``"vocab_size"``
+  (its 68 characters);
+  ``width`` scales d = 48 (kept a multiple of ``n_heads``).
 * Every activation is out of place (in-place ones after a captured layer are handled too).
 
 **Your own models.** :func:`register` adds a factory under a name (``available()`` lists it);
@@ -271,6 +284,87 @@ def _deep_linear_14(width: float = 1.0, input_dim: int = 784, n_outputs: int = 1
 
 
 # --------------------------------------------------------------------------------------------
+# tiny-gpt
+# --------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with ``nn.Linear`` projections ``q``, ``k``, ``v``, ``out``
+    applied over the positions: ``[B, T, d] -> [B, T, d]``."""
+
+    def __init__(self, d_model: int, n_heads: int, context: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q, self.k, self.v = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.register_buffer("mask", torch.ones(context, context, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        h = self.n_heads
+        q, k, v = (m(x).reshape(B, T, h, d // h).transpose(1, 2) for m in (self.q, self.k, self.v))  # [B, h, T, d/h]
+        att = (q @ k.transpose(-2, -1)) / float(d // h) ** 0.5
+        att = torch.softmax(att.masked_fill(~self.mask[:T, :T], float("-inf")), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(B, T, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(LN(x))``, then ``x + fc2(GELU(fc1(LN(x))))``."""
+
+    def __init__(self, d_model: int, n_heads: int, context: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, context)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A character-level transformer (see the module docstring): tokens ``[B, T]`` (int64, T ≤
+    ``context``) → logits ``[B, T, vocab]``.
+
+    Args:
+        vocab: vocabulary size V; context: the longest sequence (position embeddings);
+        d_model: width d (a multiple of ``n_heads``); n_heads; n_blocks.
+    """
+
+    def __init__(self, vocab: int, context: int = 32, d_model: int = 48, n_heads: int = 4, n_blocks: int = 2) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ConfigError(f"tiny-gpt: d_model={d_model} must be a multiple of n_heads={n_heads}")
+        self.context = context
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.Sequential(*[TransformerBlock(d_model, n_heads, context) for _ in range(n_blocks)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[1]
+        if T > self.context:
+            raise ValueError(f"tiny-gpt: sequences of {T} tokens exceed the context of {self.context}")
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
+        return self.head(self.ln_f(self.blocks(x)))
+
+
+TINY_TEXT_VOCAB = 68
+"""V of ``tiny-gpt``: the characters of its data set ``tiny-text`` (``len(fisherlab.datasets.vocabulary("tiny-text"))``,
+checked by the tests; models does not import datasets, which imports models)."""
+
+
+def _tiny_gpt(width: float = 1.0, context: int = 32, n_heads: int = 4, n_blocks: int = 2,
+              vocab_size: int = TINY_TEXT_VOCAB, dataset: str = "tiny-text") -> nn.Module:
+    """:class:`TinyGPT` with V = ``vocab_size`` (the characters of ``dataset``), d = 48·width."""
+    d_model = n_heads * max(1, int(round(48 * width / n_heads)))
+    return TinyGPT(vocab_size, context, d_model, n_heads, n_blocks)
+
+
+# --------------------------------------------------------------------------------------------
 # the registry
 # --------------------------------------------------------------------------------------------
 
@@ -317,6 +411,10 @@ _MODELS: dict[str, _Entry] = {
     ),
     "deep-linear-14": _Entry(
         _deep_linear_14, lambda d: (d["input_dim"],), lambda d: d["n_outputs"], _const("cross_entropy"), "mnist"
+    ),
+    "tiny-gpt": _Entry(  # n_outputs: T·V logits per example (cross_entropy per position)
+        _tiny_gpt, lambda d: (d["context"],), lambda d: d["context"] * d["vocab_size"],
+        _const("cross_entropy"), "tiny-text",
     ),
 }
 
@@ -618,11 +716,30 @@ def build(description: dict | str, *, seed: int | None = None) -> nn.Module:
         ConfigError: unknown name or option (one line listing the valid ones; a ValueError).
     """
     d = _normalise(description)
+    _check_size(d)
     if seed is None:
         return _make(d)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return _make(d)
+
+
+def _check_size(d: dict) -> None:
+    """Refuse, before allocating, a model whose float32 parameters exceed the memory available
+    (a ``width`` of 300 asked for 180 GB): one line naming the size and the option to change."""
+    from ._system import available_memory
+    from .errors import MemoryBudgetError
+
+    n = d.get("n_params")
+    free = available_memory()
+    if n is None or free is None or 4 * n <= free:
+        return
+    opts = ", ".join(f"{k}={d[k]}" for k in ("width",) if k in d)
+    raise MemoryBudgetError(
+        f"model '{d['name']}'{' (' + opts + ')' if opts else ''} has {n:,} parameters, about "
+        f"{4 * n / 2**30:.3g} GiB in float32, more than the {free / 2**30:.3g} GiB available; "
+        f"choose a smaller {'width (--width)' if 'width' in d else 'model'}"
+    )
 
 
 def n_params(description: dict | str) -> int | None:
@@ -665,6 +782,8 @@ def default_data(name: str | dict) -> str | None:
     d = _normalise(name)
     if d["name"] == "deep-linear-64" and d["input_dim"] == 10:
         return "random-vectors"
+    if d["name"] == "tiny-gpt":
+        return d["dataset"]
     return _MODELS[d["name"]].data if d["name"] in _MODELS else None
 
 

@@ -25,15 +25,18 @@ def name(request):
 def test_available_lists_the_papers_models():
     assert set(models.available()) == {
         "curves-ae", "mnist-ae", "faces-ae", "cuda-convnet", "resnet18", "resnet34",
-        "deep-linear-64", "deep-linear-14",
+        "deep-linear-64", "deep-linear-14", "tiny-gpt",
     }
 
 
 def test_forward_shape(name):
     d = models.describe(name, width=SMALL)
     model = models.build(d, seed=0)
-    x = torch.randn(3, *models.input_shape(d))
-    out = model(x)
+    if name == "tiny-gpt":  # int64 tokens in, logits [B, T, V] out
+        x = torch.randint(0, d["n_outputs"] // d["context"], (3, *models.input_shape(d)))
+    else:
+        x = torch.randn(3, *models.input_shape(d))
+    out = model(x).reshape(3, -1)
     assert out.shape == (3, d["n_outputs"])
     assert torch.isfinite(out).all()
 

@@ -304,7 +304,9 @@ def capture(
             (``ReLU(inplace=True)``, ``out += identity``) are handled: a second forward pass
             copies the tensors they would overwrite.
         inputs: ``[B, ...]`` network inputs.
-        targets: true targets: class indices ``[B]`` (``cross_entropy``) or ``[B, d_y]``.
+        targets: true targets: class indices ``[B]`` (``cross_entropy``; ``[B, T]``: one per
+            position of a sequence model's ``[B, T, V]`` outputs, the loss summed over positions)
+            or ``[B, d_y]``.
         loss: ``"cross_entropy"``, ``"mse"`` (½‖y−z‖²) or ``"bce_logits"``; the model output is
             flattened to ``z [B, d_y]``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (:class:`FisherMode`).
@@ -473,10 +475,10 @@ def capture(
                 generator = torch.Generator().manual_seed(seed)
             else:
                 seed = int(generator.initial_seed())
-            sampled = L.sample_targets(loss_enum, zd, n_samples, generator)
+            sampled = L.sample_targets(loss_enum, zd, n_samples, generator, positions=L.target_positions(loss_enum, y))
             vectors = L.output_gradient(loss_enum, zd.expand(n_samples, *zd.shape), sampled) / math.sqrt(n_samples)
         else:
-            vectors = L.hessian_sqrt(loss_enum, zd).permute(2, 0, 1)  # [K = d_y, B, d_y]
+            vectors = L.hessian_sqrt(loss_enum, zd, positions=L.target_positions(loss_enum, y)).permute(2, 0, 1)  # [K = d_y, B, d_y]
         K = vectors.shape[0]
 
         outs = [r["out"] for r in recorded]

@@ -50,7 +50,14 @@ from .kfac import DampingMode, KroneckerBlock
 __all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "top_pair_eigh", "DENSE_REARRANGEMENT_NUMEL"]
 
 DENSE_REARRANGEMENT_NUMEL = 2**22
-"""``"auto"`` forms R densely when ``d_in'²·d_out²`` is at most this (32 MiB in float64)."""
+"""``"auto"`` forms R densely when ``d_in'²·d_out²`` is at most this (32 MiB in float64) and its
+full SVD is cheap (:data:`DENSE_SVD_FLOPS`) or every term is asked for."""
+DENSE_SVD_FLOPS = 10**8
+"""``"auto"`` takes ``"lanczos"`` instead of a full SVD of R whose ~4·m·n·min(m, n) flops exceed this
+and the ~:data:`LANCZOS_MATVECS` implicit products' (a 625 × 4624 R, tiny-gpt's head at width 0.5:
+12 s by SVD, 0.2 s by Lanczos)."""
+LANCZOS_MATVECS = 60
+"""Products by R or Rᵀ the ``"auto"`` rule expects ARPACK to need for the top few triplets (43 measured)."""
 
 _RANK_RTOL = 1e-13
 """Gram eigenvalues under this fraction of the largest are dropped (round-off directions)."""
@@ -97,12 +104,13 @@ def _rearranged_maps(lj: LayerJacobian):
 
         return R, RT
     M = lj.per_example_matrices()  # [N, d_out, d_in']
+    Mt = M.mT
 
-    def R(X: Tensor) -> Tensor:
-        return torch.einsum("nri,crs,nsj->cij", M, X, M) / lj.B
+    def R(X: Tensor) -> Tensor:  # (1/B) Σ_n M_nᵀ X M_n by batched GEMMs (a 3-operand einsum plans every call)
+        return (Mt.unsqueeze(0) @ X.unsqueeze(1) @ M.unsqueeze(0)).sum(1) / lj.B
 
-    def RT(Y: Tensor) -> Tensor:
-        return torch.einsum("nri,cij,nsj->crs", M, Y, M) / lj.B
+    def RT(Y: Tensor) -> Tensor:  # (1/B) Σ_n M_n Y M_nᵀ
+        return (M.unsqueeze(0) @ Y.unsqueeze(1) @ Mt.unsqueeze(0)).sum(1) / lj.B
 
     return R, RT
 
@@ -116,7 +124,7 @@ def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> Kronec
     d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
     linear = lj.a is not None and lj.g is not None and lj.T == 1
     if solver == "auto":
-        solver = "factors" if linear else ("dense" if d_in**2 * d_out**2 <= DENSE_REARRANGEMENT_NUMEL else "lanczos")
+        solver = "factors" if linear else _dense_or_lanczos(lj, r)
     rows = None
     if solver == "factors":
         if not linear:
@@ -165,6 +173,18 @@ def top_pair_eigh(lj: LayerJacobian, ks: KroneckerSVD) -> tuple[Tensor, Tensor, 
     eigh = factor_eigh(A1, G1)
     _TOP_PAIR_EIGH[lj] = (A1, G1, eigh)
     return eigh
+
+
+def _dense_or_lanczos(lj: LayerJacobian, r: int) -> str:
+    """``"dense"`` when R fits (:data:`DENSE_REARRANGEMENT_NUMEL`) and either every term is asked
+    for or its full SVD costs less than :data:`DENSE_SVD_FLOPS` or the Lanczos products; else ``"lanczos"``."""
+    d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
+    m, n = d_in**2, d_out**2
+    if m * n > DENSE_REARRANGEMENT_NUMEL:
+        return "lanczos"
+    svd = 4 * m * n * min(m, n)
+    lanczos = LANCZOS_MATVECS * lj.N * d_in * d_out * (d_in + d_out)
+    return "dense" if r >= min(m, n) - 1 or svd <= max(DENSE_SVD_FLOPS, lanczos) else "lanczos"
 
 
 def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
