@@ -302,8 +302,8 @@ def _grid_table(pr: ProblemResult) -> str:
     if not pr.grid:
         return "_No grid (one value per hyper-parameter)._"
     return _md_table(
-        ["method", "lr", "λ", f"final loss after {pr.problem.grid_steps} steps"],
-        [[g["legend"], _fmt(g["lr"], "g"), _fmt(g["damping"], "g"), _fmt(g["final"])] for g in pr.grid],
+        ["method", "protocol", "lr", "λ", f"final loss after {pr.problem.grid_steps} steps"],
+        [[g["legend"], g.get("protocol", "paper"), _fmt(g["lr"], "g"), _fmt(g["damping"], "g"), _fmt(g["final"])] for g in pr.grid],
     )
 
 
@@ -364,13 +364,15 @@ def _iv_text(vals: Sequence[float], spec: str = ".4g") -> str:
 
 def _seed_table(pr: ProblemResult, protocols: Sequence[str]) -> str:
     ref = {p: pr.finals_by_seed(p).get(REFERENCE, {}) for p in protocols}
-    header = ["method", "lr", "λ"]
+    header = ["method", "lr, λ (paper)"] + [f"lr, λ ({p})" for p in protocols if p != "paper"]
     for p in protocols:
         header += [f"final loss, {p}", f"vs KFAC, {p}"]
     body = []
     for o in pr.problem.optimizers:
-        lr, lam = pr.selected.get(o, (math.nan, None))
-        cells = [legend(o), _fmt(lr, "g"), _fmt(lam, "g")]
+        cells = [legend(o)]
+        for p in ["paper", *[q for q in protocols if q != "paper"]]:
+            lr, lam = pr.selected.get(o if p == "paper" else f"{o} ({p})", (math.nan, None))
+            cells.append(f"{_fmt(lr, 'g')}, {_fmt(lam, 'g')}")
         for p in protocols:
             fin = pr.finals_by_seed(p).get(o, {})
             same = p != "paper" and o not in RELEASED_CODE_OPTIMIZERS

@@ -328,6 +328,17 @@ def _grid_plan(problem: Problem, tune: str) -> list[tuple[str, float, float | No
     return plan
 
 
+def _grid_plan_protocols(problem: Problem, cfg: ReproConfig, tune: str) -> list[tuple[str, float, float | None, str]]:
+    """:func:`_grid_plan` under the paper's protocol, plus KFAC's own grid under each other
+    protocol of the problem (the released code's KFAC baseline is another optimizer; the
+    two-level methods and TKO of that protocol reuse its values)."""
+    plan = [(o, lr, lam, "paper") for o, lr, lam in _grid_plan(problem, tune)]
+    for protocol in cfg.problem_protocols(problem):
+        if protocol != "paper":
+            plan += [(o, lr, lam, protocol) for o, lr, lam, _ in plan if o == REFERENCE and _ == "paper"]
+    return plan
+
+
 def _needs_grid(problem: Problem, optimizer: str) -> bool:
     n = len(problem.lrs[_grid_key(problem, optimizer)]) * (len(problem.dampings) if optimizer in DAMPED else 1)
     return n > 1
@@ -394,30 +405,32 @@ def run_problem(problem: Problem, cfg: ReproConfig, bar: Any = None, *, pool: An
     tune = resolved_tune(problem, cfg)
     seed0 = cfg.problem_seeds(problem)[0]
     grid: list[dict] = []
-    best: dict[str, tuple[float, float, float | None]] = {}
+    best: dict[tuple[str, str], tuple[float, float, float | None]] = {}
     jobs, labels, keys = [], [], []
-    for o, lr, lam in _grid_plan(problem, tune):
+    for o, lr, lam, protocol in _grid_plan_protocols(problem, cfg, tune):
         if not _needs_grid(problem, o):
-            best[o] = (math.nan, lr, lam)
+            best[(o, protocol)] = (math.nan, lr, lam)
             continue
-        jobs.append(((problem, o, lr, lam, problem.grid_steps, cfg), {"window": max(1, problem.grid_steps // 4), "seed": seed0}))
-        labels.append(f"{problem.key} grid {legend(o)} {_hp(lr, lam)}")
-        keys.append((o, lr, lam))
-    for (o, lr, lam), r in zip(keys, _execute(jobs, cfg, bar, labels, pool)):
-        grid.append({"problem": problem.key, "optimizer": o, "legend": r.legend, "lr": lr, "damping": lam,
+        jobs.append(((problem, o, lr, lam, problem.grid_steps, cfg),
+                     {"window": max(1, problem.grid_steps // 4), "seed": seed0, "protocol": protocol}))
+        labels.append(f"{problem.key} grid {legend(o)} {protocol} {_hp(lr, lam)}")
+        keys.append((o, lr, lam, protocol))
+    for (o, lr, lam, protocol), r in zip(keys, _execute(jobs, cfg, bar, labels, pool)):
+        grid.append({"problem": problem.key, "optimizer": o, "legend": r.legend, "protocol": protocol, "lr": lr, "damping": lam,
                      "steps": problem.grid_steps, "final": r.final, "diverged": r.diverged, "seconds": r.seconds})
-        if o not in best or r.final < best[o][0]:
-            best[o] = (r.final, lr, lam)
+        if (o, protocol) not in best or r.final < best[(o, protocol)][0]:
+            best[(o, protocol)] = (r.final, lr, lam)
     selected: dict[str, tuple[float, float | None]] = {}
-    for o in problem.optimizers:
-        src = o if o in best else REFERENCE
-        if src not in best:
-            raise ValueError(f"no hyper-parameters for {o!r}: KFAC must be among the optimizers when tune='kfac'")
-        selected[o] = (best[src][1], best[src][2])
+    for protocol in ("paper", *[p for p in cfg.problem_protocols(problem) if p != "paper"]):
+        for o in problem.optimizers:
+            src = next((k for k in ((o, protocol), (REFERENCE, protocol), (o, "paper"), (REFERENCE, "paper")) if k in best), None)
+            if src is None:
+                raise ValueError(f"no hyper-parameters for {o!r}: KFAC must be among the optimizers when tune='kfac'")
+            selected[o if protocol == "paper" else f"{o} ({protocol})"] = (best[src][1], best[src][2])
     released = "released-code" in cfg.problem_protocols(problem)
     jobs, labels = [], []
     for o, seed, protocol in _final_plan(problem, cfg):
-        lr, lam = selected[o]
+        lr, lam = selected[o if protocol == "paper" else f"{o} ({protocol})"]
         on_kfac = o == REFERENCE and protocol == "paper"
         jobs.append(((problem, o, lr, lam, problem.steps, cfg),
                      {"gap_every": problem.gap_every if on_kfac else None, "seed": seed, "protocol": protocol,
@@ -431,7 +444,7 @@ def run_problem(problem: Problem, cfg: ReproConfig, bar: Any = None, *, pool: An
 def n_runs(problem: Problem, cfg: ReproConfig) -> int:
     """The training runs :func:`run_problem` makes for ``problem`` (grid runs + final runs)."""
     tune = resolved_tune(problem, cfg)
-    return sum(_needs_grid(problem, o) for o, _, _ in _grid_plan(problem, tune)) + len(_final_plan(problem, cfg))
+    return sum(_needs_grid(problem, o) for o, _, _, _ in _grid_plan_protocols(problem, cfg, tune)) + len(_final_plan(problem, cfg))
 
 
 # ---- the whole reproduction -------------------------------------------------------------------
