@@ -161,3 +161,76 @@ def test_sigkill_inside_the_commit_flush_then_append(tmp_path, caps, stage, ever
         assert _same(fisherlab.load(path, "c2"), caps[1]) and _same(fisherlab.load(path, "c3"), caps[2])
         path.unlink()
     print(f"\n{stage}: {sum(outcomes.values())} SIGKILLs of {n} writes in the flush; c2 afterwards: {outcomes}")
+
+
+# ---- disk full inside HDF5's writes ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (root only); skipped with the reason elsewhere."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+FULL_WRITER = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import fisherlab
+from fisherlab import store
+from cases import MODELS, make_capture
+
+store._free_bytes = lambda d: None   # no free-space check: the disk is full when HDF5 would write
+big, *_ = make_capture(MODELS["cnn"], "mse", "mc")
+for attempt in range(3):             # failing again and again must not damage the file
+    for target, name in ((sys.argv[1], "c2"), (sys.argv[2], "c1")):  # an append, a new file
+        try:
+            fisherlab.save(big, target, checkpoint=name, fsync=False)
+            print("saved")
+        except Exception as err:
+            print(type(err).__name__ + ": " + str(err), flush=True)
+"""
+
+
+def test_disk_full_inside_hdf5_writes_exits_cleanly_and_the_file_stays_appendable(small_fs, tmp_path):
+    """The writer's space is reserved (fallocate) before HDF5 writes: a full disk is a one-line
+    error before any HDF5 write, the process exits 0 (it used to segfault at exit, and repeated
+    failed appends left 'corrupted' files), and the file takes the append once space is free."""
+    big, *_ = make_capture(MODELS["cnn"], "mse", "mc")
+    path = small_fs / "run.h5"
+    fisherlab.save(big, path, checkpoint="c1", fsync=False)
+    filler = small_fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096) > 0:
+            pass
+    except OSError:  # ENOSPC: the disk is full
+        pass
+    finally:
+        os.close(fd)
+    script = tmp_path / "full.py"
+    script.write_text(FULL_WRITER.format(tests=str(TESTS)))
+    r = subprocess.run([sys.executable, str(script), str(path), str(small_fs / "new.h5")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "", (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        assert line.startswith("StoreError: ") and "cannot write the checkpoint: the disk is full" in line, line
+        assert "corrupt" not in line
+    assert not (small_fs / "new.h5").exists() and not (small_fs / "new.h5.partial").exists()
+    filler.unlink()
+    assert _same(fisherlab.load(path, "c1"), big)
+    fisherlab.save(big, path, checkpoint="c2", fsync=False)
+    assert [(c.name, c.complete) for c in store.list_checkpoints(path)] == [("c1", True), ("c2", True)]
+    st = path.stat()
+    assert st.st_blocks * 512 <= st.st_size + 64 * 1024  # the unused reservation was given back

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError, MissingFileError
 
-__all__ = ["FORMATTER", "add_quiet_progress", "progress_of", "model_arg", "model_description"]
+__all__ = [
+    "FORMATTER", "add_quiet_progress", "progress_of", "model_arg", "model_description",
+    "check_device", "check_out_folder", "check_out_file",
+]
 
 
 class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,3 +74,72 @@ def model_description(spec: str, width: float | None = None, options: dict | Non
     if not isinstance(desc, dict) or "name" not in desc:
         raise ConfigError(f"--model {spec}: a model description is a JSON object with a 'name'")
     return models.describe(desc["name"], **{**{k: v for k, v in desc.items() if k != "name"}, **opts})
+
+
+def check_device(device: str | None, flag: str = "--device") -> str | None:
+    """``--device``: a torch device that exists here (one line otherwise, e.g. ``cuda`` on a
+    machine without a GPU), checked before any work."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {device}: not a torch device (cpu, cuda, cuda:1, mps …)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{flag} {device}: MPS is not available on this machine; use {flag} cpu")
+    return device
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written into (a read-only file system, permissions), else ``None``."""
+    import os
+
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "a read-only file system"
+    except (OSError, AttributeError):  # pragma: no cover
+        pass
+    return None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> Path:
+    """``--out`` naming a folder (made if missing): refused in one line when it is an existing
+    file, lies under a file, or cannot be written (permissions, a read-only file system)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: an existing file, not a folder; name a folder (it is made if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {out}: {parent} is a file, not a folder")
+    why = _unwritable(parent)
+    if why:
+        raise ConfigError(f"{flag} {out}: cannot write into {parent} ({why})")
+    return out
+
+
+def check_out_file(out: Path, flag: str = "--out") -> Path:
+    """``--out`` naming a file: refused in one line when it is a folder or its folder is missing,
+    a file, or cannot be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out}: a folder; name the HDF5 file, e.g. {out / 'capture.h5'}")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{flag} {out}: {parent} is a file, not a folder")
+    if not parent.exists():
+        raise ConfigError(f"{flag} {out}: the folder {parent} does not exist")
+    why = _unwritable(parent)
+    if why == "permission denied" and out.exists() and os.access(out, os.W_OK):
+        why = None  # an existing file we may append to
+    if why:
+        raise ConfigError(f"{flag} {out}: cannot write into {parent} ({why})")
+    return out

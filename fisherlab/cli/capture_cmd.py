@@ -24,7 +24,15 @@ from ..capturing import FisherMode, Loss
 from ..errors import ConfigError, MissingFileError
 from ..runs import checkpoint_name, describe_run, load_state_dict, run_data
 from ..workflows.checkpoints import batch_indices, capture_checkpoints
-from ._common import FORMATTER, add_quiet_progress, model_arg, model_description, progress_of
+from ._common import (
+    FORMATTER,
+    add_quiet_progress,
+    check_device,
+    check_out_file,
+    model_arg,
+    model_description,
+    progress_of,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _TASK_OF_LOSS = {"cross_entropy": "classification"}
@@ -70,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="capture checkpoints that are complete in --out again and replace them (default: skip them: resume)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory budget of each capture, e.g. 8GiB: a capture estimated to need more is refused in one line "
+                   "before it allocates (default: the memory available on --device)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="stored dtype")
     p.add_argument("--storage", choices=["auto", "factored", "dense"], default="auto", help="per-layer storage")
     p.add_argument("--batchnorm", choices=["outside", "fisher"], default="outside",
@@ -100,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
     for c in ckpts:  # fail before any work
         if not c.is_file():
             raise MissingFileError(f"checkpoint {c}: no such file")
+    check_device(args.device)
+    out = check_out_file(Path(args.out) if args.out is not None else default_out(ckpts))
+    memory = None
+    if args.memory is not None:
+        from ..planning import parse_bytes
+
+        memory = parse_bytes(args.memory)
     opts = dict(args.model_arg)
     if args.model is not None:
         desc = model_description(args.model, args.width, opts)
@@ -123,12 +141,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype]
     compression = None if args.compression == "none" else args.compression
     meta = {"data": data.describe(), "batch_seed": None if args.indices is not None else args.batch_seed}
-    out = Path(args.out) if args.out is not None else default_out(ckpts)
     written = capture_checkpoints(
         desc, ckpts, x, y, out, loss=loss, fisher=args.fisher, n_samples=args.n_samples, seed=args.seed,
         indices=idx, device=args.device, dtype=dtype, storage=args.storage, compression=compression,
         meta=meta, batches=args.batches, draws=args.draws, overwrite=args.overwrite, progress=progress_of(args),
-        batchnorm=args.batchnorm,
+        batchnorm=args.batchnorm, memory=memory,
     )
     print(f"fisherlab capture: {out}: {len(written)} checkpoint(s) written, {len(ckpts) - len(written)} already complete")
     return 0

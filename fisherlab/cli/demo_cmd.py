@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .._validate import damping
-from ._common import FORMATTER, add_quiet_progress, progress_of
+from ._common import FORMATTER, add_quiet_progress, check_out_folder, progress_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The main job: train → capture (HDF5) → compare with the exact natural gradient → spectra → plots → report.md.",
         formatter_class=FORMATTER,
     )
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
+    p.add_argument("--out", "-o", type=Path, default=Path("out/demo"), metavar="DIR", help="report folder")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run (what the tests run)")
-    p.add_argument("--damping", type=float, default=None, help="λ of the analysis (default 1e-3)")
+    p.add_argument("--damping", type=float, default=1e-3, help="the analysis damping, in --damping-scale")
+    p.add_argument("--damping-scale", default="max", choices=["absolute", "max", "mean", "mean-loss"],
+                   help="max: λ = value·λ_max(F) (as in fisherlab analyze)")
     add_quiet_progress(p)
     p.set_defaults(func=main)
 
@@ -27,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from ..workflows.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
-    if args.damping is not None:
-        cfg.damping = damping(args.damping)
-    run_demo(args.out, cfg, progress=progress_of(args))
+    cfg.damping = damping(args.damping)
+    cfg.damping_scale = args.damping_scale
+    run_demo(check_out_folder(args.out), cfg, progress=progress_of(args))
     return 0

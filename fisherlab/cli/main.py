@@ -2,8 +2,11 @@
 
 Errors that fisherlab raises on purpose (:class:`fisherlab.errors.FisherlabError`: bad
 arguments, missing files, unusable captures) print as one line, ``fisherlab: error: …``, exit
-status 2, no traceback; argparse's own usage errors exit 2 too. Any other exception is a bug and
-shows its traceback. ``--traceback`` shows it for FisherlabErrors as well.
+status 2, no traceback; argparse's own usage errors exit 2 too. So do the machine's limits
+(:func:`environment_error`): out of memory (naming ``--memory``, a smaller batch,
+``--storage factored``) and file-system errors (disk full, read-only, permissions, a file where
+a folder is needed). Any other exception is a bug and shows its traceback. ``--traceback`` shows
+it for all of these as well.
 
 The subcommands import the library inside their handlers, so that building the parser stays
 cheap; the import-order test (tests/test_imports.py) checks those imports like any other.
@@ -12,14 +15,16 @@ cheap; the import-order test (tests/test_imports.py) checks those imports like a
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
 from typing import Sequence
 
 from .._version import __version__
 from ..errors import FisherlabError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "environment_error"]
 
 # subcommand modules, in the order `fisherlab --help` lists them
 COMMANDS = [
@@ -74,3 +79,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fisherlab: interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:  # the machine's limits: memory, the file system
+        line = environment_error(err, getattr(args, "command", None))
+        if line is None or args.traceback:
+            raise
+        print(f"fisherlab: error: {line}", file=sys.stderr)
+        return 2
+
+
+# what to change when a command runs out of memory
+_MEMORY_HINTS = {
+    "capture": "pass --memory (the capture is then planned and refused before it allocates), a smaller "
+               "--batch-size, or --storage factored",
+    "analyze": "pass --memory (the analysis is then planned first), fewer --methods or --checkpoints",
+    "train": "use a smaller --batch-size or --width",
+}
+_OS_ERRORS = {  # errno → what the user is told; anything else is a bug and keeps its traceback
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "not a folder",
+    errno.EISDIR: "is a folder",
+    errno.EEXIST: "exists already",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EIO: "input/output error of the device",
+}
+
+
+def environment_error(err: BaseException, command: str | None = None) -> str | None:
+    """The one line for an error of the machine rather than of fisherlab: out of memory
+    (``MemoryError``, torch's out-of-memory errors) or a file-system error (disk full, read-only,
+    permissions, a file where a folder is needed); ``None`` for anything else (a bug)."""
+    hint = _MEMORY_HINTS.get(command or "", "pass --memory, or use a smaller batch or --storage factored")
+    torch = sys.modules.get("torch")
+    oom_types: tuple[type, ...] = (MemoryError,)
+    if torch is not None:
+        oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                       getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if isinstance(t, type))
+    text = str(err)
+    if isinstance(err, oom_types) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    ):
+        m = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
+        size = ""
+        if m:
+            size = f" (an allocation of {int(m.group(1)) / 2**30:.3g} GiB)" if m.group(1).isdigit() else f" (an allocation of {m.group(1)})"
+        return f"out of memory{size}: {hint}"
+    if isinstance(err, OSError) and err.errno in _OS_ERRORS:
+        where = err.filename if err.filename is not None else ""
+        return f"{where}: {_OS_ERRORS[err.errno]}" if where else _OS_ERRORS[err.errno]
+    return None

@@ -1,5 +1,6 @@
-"""``fisherlab train [CONFIG.json] [flags] --out DIR``: train a model by name and write
-``state_dict`` checkpoints, ``metrics.csv``, ``loss.png``/``loss.pdf`` and ``run.json`` into DIR.
+"""``fisherlab train [CONFIG.json] [flags] [--out DIR]``: train a model by name and write
+``state_dict`` checkpoints, ``metrics.csv``, ``loss.png``/``loss.pdf`` and ``run.json`` into DIR
+(default: a folder named after the input, ``runs/ae.json`` → ``runs/ae/``, else ``runs/<model>/``).
 
 Flags override the JSON config file; with neither, the defaults of
 :class:`fisherlab.train.TrainConfig` apply (``mnist-ae`` on 1,000 MNIST digits, one epoch of SGD).
@@ -10,7 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import FORMATTER, add_quiet_progress, model_arg, model_description, progress_of
+from ._common import (
+    FORMATTER,
+    add_quiet_progress,
+    check_device,
+    check_out_folder,
+    model_arg,
+    model_description,
+    progress_of,
+)
 
 
 def _steps_list(text: str) -> list[int]:
@@ -30,10 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=FORMATTER,
     )
     p.add_argument("config", nargs="?", type=Path, help="JSON config file (keys of TrainConfig); flags override it")
-    p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
+    p.add_argument("--out", "-o", type=Path, default=None, metavar="DIR",
+                   help="output folder (default: named after the input: CONFIG.json → CONFIG/ beside it, else runs/MODEL/)")
     p.add_argument("--model", help="model name (fisherlab.models.available()), your own factory as module:factory, "
                    "module.Class or path/to/file.py:factory, or a JSON file with a model description (default: mnist-ae)")
-    p.add_argument("--width", type=float, help="hidden-width multiplier of a built-in model (e.g. 0.1 for CPU-sized runs)")
+    p.add_argument("--width", type=float, metavar="W", help="hidden-width multiplier of a built-in model (e.g. 0.1 for CPU-sized runs)")
     p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="further model option, e.g. activation=sigmoid, input_dim=10 (repeatable; JSON values)")
     p.add_argument("--data", help="data set name, or your own: module:function, path/to/file.py:function, file.npz, "
@@ -41,22 +51,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, help="number of data examples to train on (default 1000)")
     p.add_argument("--n-data", dest="n", type=int, help=argparse.SUPPRESS)  # the capture's old spelling
     p.add_argument("--all-data", action="store_true", help="use the whole data set (n = None)")
-    p.add_argument("--data-seed", type=int, help="seed of the data subset (default 0)")
+    p.add_argument("--data-seed", type=int, metavar="S", help="seed of the data subset (default 0)")
     p.add_argument("--loss", choices=["bce_logits", "cross_entropy", "mse"], help="default: the model's")
-    p.add_argument("--batch-size", "-b", type=int, help="examples per step (default 100)")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 1)")
-    p.add_argument("--steps", type=int, help="number of updates (overrides --epochs)")
+    p.add_argument("--batch-size", "-B", "-b", type=int, metavar="B", help="examples per step (default 100)")
+    p.add_argument("--epochs", type=int, metavar="E", help="passes over the data (default 1)")
+    p.add_argument("--steps", type=int, metavar="S", help="number of updates (overrides --epochs)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), metavar="NAME",
                    help=f"one of: {', '.join(OPTIMIZERS)} (default sgd)")
     p.add_argument("--optimizer-option", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer option, e.g. damping=1e-3, nesterov=true (repeatable; JSON values)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.01)")
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay (default 0)")
+    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, metavar="M", help="SGD momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, metavar="WD", help="L2 weight decay (default 0)")
     p.add_argument("--seed", type=int, help="initialization and batch-order seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="checkpoint every K steps (step 0 included)")
     p.add_argument("--checkpoint-steps", type=_steps_list, metavar="S1,S2,…", help="explicit checkpoint steps")
-    p.add_argument("--device", help="cuda, cpu, … (default: CUDA when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png / loss.pdf")
     add_quiet_progress(p)
     p.set_defaults(func=main)
@@ -99,10 +109,24 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(base)
 
 
+def default_out(args: argparse.Namespace, model: str) -> Path:
+    """``--out`` when not given: ``CONFIG.json`` → ``CONFIG/`` beside it, else ``runs/<model>/``
+    (an import path's ``:``, ``/`` and ``.py`` made file-name safe)."""
+    if args.config is not None:
+        return Path(args.config).with_suffix("")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model.replace(":", "-")).name.removesuffix(".py"))
+    return Path("runs") / (safe.strip("-.") or "model")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..train import train
 
+    check_device(args.device)
     cfg = config_from_args(args)
+    if args.out is None:
+        model = cfg.model if isinstance(cfg.model, str) else cfg.model["name"]
+        args.out = default_out(args, model)
+    check_out_folder(args.out)
     result = train(cfg, args.out)
     d = result.description
     print(
