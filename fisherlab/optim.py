@@ -100,6 +100,7 @@ from .operators import (
 from .operators.coarse import COARSE_SPACES
 from .operators.kfac import DampingMode, layer_positions
 from .operators.protocol import (
+    UNSET,
     Protocol,
     auto_decay,
     check_coarse_diagonal,
@@ -252,7 +253,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         record_gap: bool = False,
         record_ratio: bool = False,
         weight_decay_mode: str | None = None,
-        kl_clip: float | None = None,
+        kl_clip: float | None = UNSET,
         protocol: str | Protocol | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -591,7 +592,8 @@ class _KFACBased(FisherOptimizer):
         conv_damping: ``"literal"`` or ``"released-code"``: ``"sqrt"``/``"lambda"`` on conv layers as
             the released code normalises them (:func:`fisherlab.operators.kfac.released_code_shifts`;
             the capture is then factored; ignored for ``"pi"``/``"tikhonov"``).
-        fisher_subbatch: ``None`` (the batch), a size s or a fraction f of the batch: the factors
+        fisher_subbatch: ``None`` (the batch; given explicitly it also switches off a preset's), a size s or a
+            fraction f of the batch: the factors
             (and the two-level coarse matrix) of an update come from s (or ⌊fB⌋, at least 1)
             examples drawn uniformly WITH replacement from the batch by the optimizer's generator,
             captured again (their own Monte-Carlo draws); the gradient is the whole batch's.
@@ -616,7 +618,7 @@ class _KFACBased(FisherOptimizer):
         factor_decay: float | str | None = None,
         inverse_update_period: int | None = None,
         factor_update_period: int | None = None,
-        fisher_subbatch: int | float | None = None,
+        fisher_subbatch: int | float | None = UNSET,
         protocol: str | Protocol | None = None,
         fine_damping_mode: str | None = None,
         conv_damping: str | None = None,

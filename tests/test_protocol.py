@@ -454,3 +454,13 @@ def test_natural_gradient_fisher_subbatch():
     sub = fisherlab.capture(build_model(case), x[idx], y[idx], loss="cross_entropy", fisher="exact", dtype=torch.float64)
     zeta = torch.linalg.solve(dense_fbullet(sub, LAM), full.grad.double())
     assert close(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), theta0 - 0.1 * full.layout.to_torch_order(zeta))
+
+
+def test_explicit_none_overrides_the_preset():
+    """fisher_subbatch=None / kl_clip=None given explicitly switch them off under a preset that sets them."""
+    model = build_model(MODELS["mlp"])
+    kw = dict(lr=0.1, damping=LAM, loss="cross_entropy", seed=0)
+    assert TwoLevelKFACOptimizer(model, protocol="released-code", fisher_subbatch=None, **kw).fisher_subbatch is None
+    proto = Protocol.released_code().with_options(kl_clip=1e-2)
+    assert KFACOptimizer(model, protocol=proto, **kw).kl_clip == 1e-2
+    assert KFACOptimizer(model, protocol=proto, kl_clip=None, **kw).kl_clip is None

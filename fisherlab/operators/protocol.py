@@ -35,6 +35,7 @@ from typing import Any, Literal, Mapping, Union
 
 __all__ = [
     "Protocol",
+    "UNSET",
     "COARSE_RHS",
     "COARSE_DIAGONALS",
     "COARSE_NORMALIZATIONS",
@@ -54,6 +55,20 @@ AUTO_DECAY_CAP = 0.95
 """The cap of the released code's running-average weight, ρ_k = min(1 − 1/k, 0.95) (its ``alpha``)."""
 
 Decay = Union[float, Literal["auto"]]
+
+
+class _Unset:
+    """The default of an option whose ``None`` is a value (``fisher_subbatch=None``: no sub-batch)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Not given: the protocol's value is kept (for the options where ``None`` means something)."""
+
+OPTIONAL_FIELDS = ("fisher_subbatch", "kl_clip")
+"""The fields whose ``None`` is a value; elsewhere ``None`` means "not given"."""
 
 
 def auto_decay(k: int, cap: float = AUTO_DECAY_CAP) -> float:
@@ -183,13 +198,17 @@ class Protocol:
         return presets[value]()
 
     def with_options(self, **overrides: Any) -> "Protocol":
-        """This protocol with the options given explicitly (``None`` = not given) replaced; the
-        name becomes ``"custom"`` when anything changes."""
+        """This protocol with the options given explicitly replaced (:data:`UNSET`, and ``None``
+        outside :data:`OPTIONAL_FIELDS`, mean not given); the name becomes ``"custom"`` when
+        anything changes."""
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"Protocol: unknown option(s) {', '.join(unknown)}")
-        given = {k: v for k, v in overrides.items() if v is not None and getattr(self, k) != v}
+        given = {
+            k: v for k, v in overrides.items()
+            if v is not UNSET and (v is not None or k in OPTIONAL_FIELDS) and getattr(self, k) != v
+        }
         if not given:
             return self
         return replace(self, name="custom", **given)
