@@ -1053,7 +1053,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 ``two-level-kfac``, which takes ``coarse``): ``factory(model, **options)``; options are the
 keyword arguments of the classes (``lr``, ``damping``, ``loss``, ``fisher``, ``n_samples``,
 ``weight_decay``, ``momentum``, ``damping_mode``, ``factor_decay``, ``inverse_update_period``,
-``coarse``, ``k``, ``m``, ``q``, ``seed``, ``record_gap``, ``record_ratio``, ``method_options``, …).
+``coarse``, ``k``, ``m``, ``q``, ``seed``, ``record_gap``, ``record_ratio``, ``method_options``, …,
+and the protocol options — ``protocol``, ``fine_damping_mode``, ``conv_damping``,
+``factor_update_period``, ``fisher_subbatch``, ``coarse_rhs``, ``coarse_diagonal``,
+``coarse_normalization``, ``coefficient``, ``coarse_decay``, ``coarse_update_period``,
+``weight_decay_mode``, ``kl_clip``; docs/PROTOCOL.md).
 ``kfac-2l-<space>`` fixes the coarse space."""
 
 LEGENDS = {name: registry.legend(name) for name in OPTIMIZERS}
