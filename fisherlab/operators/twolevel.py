@@ -166,6 +166,7 @@ def compressed(op: FisherOperator, basis: CoarseBasis) -> Tensor:
 
 
 def _coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> Tensor:
+    """:func:`coarse_matrix` under another name (the constructors' ``coarse_matrix`` keyword shadows it)."""
     return coarse_matrix(exact, basis)
 
 
