@@ -136,9 +136,9 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, bool]:
 def _add_resources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device of the offline algebra, e.g. cuda or cpu (default: cpu; float64)")
-    parser.add_argument("--memory", default=None,
+    parser.add_argument("--memory", default=None, metavar="SIZE",
                         help="memory budget, e.g. 8GiB: the analysis is planned first; the layers are streamed from FILE one at a "
-                             "time when only that fits, and it is refused in one line when neither fits")
+                             "time when only that fits, and it is refused in one line when neither fits (default: no budget, no plan)")
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="neither read nor write the setup cache (Grams, eigendecompositions) beside FILE")
     parser.add_argument("--cache-dir", type=Path, default=None,

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a model name (fisherlab.models.available(), e.g. mnist-ae), your own factory as "
                    "module:factory, module.Class or path/to/file.py:factory, or a JSON file with a model description "
                    "(default: the checkpoints' sidecar JSON written by fisherlab train)")
-    p.add_argument("--width", type=float, default=None, help="hidden-width multiplier of a built-in model")
+    p.add_argument("--width", type=float, default=None, metavar="W",
+                   help="hidden-width multiplier of a built-in model (default: the sidecar's or --model's, else 1)")
     p.add_argument("--model-arg", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="model option (JSON value), e.g. n_classes=100 (repeatable)")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="further model option, e.g. activation=sigmoid, input_dim=10 (repeatable; JSON values)")
     p.add_argument("--data", help="data set name, or your own: module:function, path/to/file.py:function, file.npz, "
                    "file.pt (default: the model's)")
-    p.add_argument("--n", type=int, help="number of data examples to train on (default 1000)")
+    p.add_argument("--n", type=int, metavar="N", help="number of data examples to train on (default 1000)")
     p.add_argument("--n-data", dest="n", type=int, help=argparse.SUPPRESS)  # the capture's old spelling
     p.add_argument("--all-data", action="store_true", help="use the whole data set (n = None)")
     p.add_argument("--data-seed", type=int, metavar="S", help="seed of the data subset (default 0)")
@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, metavar="S", help="number of updates (overrides --epochs)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), metavar="NAME",
                    help=f"one of: {', '.join(OPTIMIZERS)} (default sgd)")
+    p.add_argument("--damping", type=float, metavar="λ",
+                   help="λ of F + λI for the curvature optimizers (absolute; they have no default; "
+                   "= --optimizer-option damping=λ; sgd and adam take none)")
     p.add_argument("--optimizer-option", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer option, e.g. damping=1e-3, nesterov=true (repeatable; JSON values)")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 0.01)")
@@ -101,6 +104,8 @@ def config_from_args(args: argparse.Namespace):
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.optimizer_option:
         base["optimizer_options"] = {**base.get("optimizer_options", {}), **dict(args.optimizer_option)}
+    if args.damping is not None:
+        base["optimizer_options"] = {**base.get("optimizer_options", {}), "damping": args.damping}
     if args.all_data:
         base["n"] = None
     if args.no_plot:
@@ -114,7 +119,8 @@ def default_out(args: argparse.Namespace, model: str) -> Path:
     (an import path's ``:``, ``/`` and ``.py`` made file-name safe)."""
     if args.config is not None:
         return Path(args.config).with_suffix("")
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model.replace(":", "-")).name.removesuffix(".py"))
+    base = model.replace(".py:", ":").replace(":", "-")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(base).name.removesuffix(".py"))
     return Path("runs") / (safe.strip("-.") or "model")
 
 
