@@ -291,6 +291,21 @@ class Capture:
             f"{str(self.dtype).replace('torch.', '')}, {self.nbytes() / 2**20:.1f} MiB>"
         )
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the one-line repr as a caption over a table of the layers (shapes, storage, sizes)."""
+        from html import escape
+
+        head = "".join(f"<th>{h}</th>" for h in ("layer", "kind", "storage", "p_i", "T", "arrays", "MiB"))
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in (
+                lc.spec.name, lc.spec.kind.value, lc.storage.value, f"{lc.spec.numel:,}", lc.positions,
+                " ".join(f"{k} {list(t.shape)}" for k, t in lc.arrays().items()),
+                f"{sum(t.numel() * t.element_size() for t in lc.arrays().values()) / 2**20:.2f}",
+            )) + "</tr>"
+            for lc in self.layers
+        )
+        return f"<table><caption>{escape(repr(self))}</caption><tr>{head}</tr>{rows}</table>"
+
     def summary(self) -> str:
         """A few readable lines: mode, sizes, and one line per layer."""
         lines = [

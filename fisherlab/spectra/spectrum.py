@@ -263,6 +263,17 @@ class Spectrum:
         r0 = rows[0]
         return cls(r0["operator"], r0["method"], vals, wts, float(r0["damping"]), int(r0["p"]), condition_number(vals))
 
+    def _repr_html_(self) -> str:
+        """Jupyter: a one-row table (operator, method, damping, p, eigenvalues kept, range, condition number)."""
+        from html import escape
+
+        cells = {"operator": self.operator, "method": self.method, "λ (damping)": f"{self.damping:.3g}",
+                 "p": f"{self.p:,}", "eigenvalues": self.values.size, "λ_min": f"{self.lambda_min:.3e}",
+                 "λ_max": f"{self.lambda_max:.3e}", "condition number": f"{self.condition_number:.3e}"}
+        head = "".join(f"<th>{escape(k)}</th>" for k in cells)
+        row = "".join(f"<td>{escape(str(v))}</td>" for v in cells.values())
+        return f"<table><tr>{head}</tr><tr>{row}</tr></table>"
+
     def __repr__(self) -> str:
         return (
             f"Spectrum({self.operator!r}, method={self.method!r}, p={self.p}, n={self.values.size}, "
