@@ -161,3 +161,35 @@ def test_finals_by_seed_falls_back_to_the_paper_runs_of_unchanged_optimizers():
     reps = [_run("kfac", s, p, 1.0 + s) for s in (0, 1) for p in ("paper", "released-code")] + [_run("ngd", s, "paper", 2.0 + s) for s in (0, 1)]
     pr = ProblemResult(cfg.fig2[0], [], {}, {}, reps)
     assert pr.finals_by_seed("released-code") == {"kfac": {0: 1.0, 1: 2.0}, "ngd": {0: 2.0, 1: 3.0}}
+
+
+def test_fig5_both_ways_marks_where_the_log_hides_an_increase(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
+
+    from fisherlab.experiments.paper.report import divergence_rows, plot_gaps_both_ways
+
+    def rings(ax):
+        return [c for c in ax.collections if isinstance(c, PathCollection) and c.get_offsets().shape[0]]
+
+    rows = []
+    for seed in (0, 1):
+        for step in (1, 10):
+            rows.append({"problem": "ae", "seed": seed, "trajectory": "KFAC", "protocol": "paper", "method": "residuals",
+                         "step": step, "gap": -1.0 - seed, "logged_gap": -1.0 - seed})
+            rows.append({"problem": "ae", "seed": seed, "trajectory": "KFAC", "protocol": "released-code", "method": "residuals",
+                         "step": step, "gap": 0.5 if step == 10 else -0.5, "logged_gap": -0.2})
+    fig = plot_gaps_both_ways(rows, tmp_path / "f", methods=["residuals"])
+    try:
+        assert len(fig.axes) == 3 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+        (marked,) = rings(fig.axes[1])
+        assert marked.get_offsets().shape[0] == 2  # both seeds at step 10
+        assert not rings(fig.axes[0]) and not rings(fig.axes[2])
+    finally:
+        plt.close(fig)
+    (d,) = divergence_rows(rows)
+    assert d["paper_true_mean"] == pytest.approx(-1.5) and d["released_true_share_pos"] == pytest.approx(0.5)
+    assert d["released_logged_share_pos"] == 0 and d["released_true_pos_logged_neg"] == pytest.approx(0.5)
