@@ -3,6 +3,12 @@
 Stage 1 (capture): :func:`capture` records per-example layer Jacobians of a mini-batch;
 :func:`save` / :func:`load` keep them in HDF5. Stage 2 (offline analysis): operators for the
 exact regularized Fisher, its block diagonal, KFAC and two-level KFAC, and their comparison.
+
+Documentation in the repository: ``docs/MATH.md`` (the conventions; every "MATH.md §n" in the
+docstrings means that file), ``docs/CLI.md`` (the command line), ``docs/PROTOCOL.md`` (the
+released code's departures from the paper). Equation numbers such as (2.30) or (4.6) are those
+of Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou and Tran, "Analysis and Comparison of
+Two-Level KFAC Methods for Training Deep Neural Networks", arXiv:2303.18083 (2023).
 """
 
 from ._version import __version__
