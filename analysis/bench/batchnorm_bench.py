@@ -29,6 +29,9 @@ import torch
 import fisherlab
 from fisherlab import datasets, models
 
+TRAIN_POOL = 20_000
+"""examples the training batches are drawn from (the measured batches are disjoint from them)."""
+
 PROBLEMS = {  # name: (model description, data set, loss)
     "cuda-convnet": (dict(name="cuda-convnet"), "cifar-standin", "cross_entropy"),
     "deep-linear-64": (dict(name="deep-linear-64"), "fashion-mnist", "cross_entropy"),
@@ -71,9 +74,9 @@ def training_gradient(model, x, y, loss: str, layout) -> torch.Tensor:
 def measure(name: str, steps: int, batches: int, B: int, fisher: str, seed: int = 0) -> list[dict]:
     desc, data_name, loss = PROBLEMS[name]
     model = models.build(models.describe(desc["name"]), seed=seed)
-    data = datasets.load(data_name, n=(steps + batches + 2) * B, seed=seed, task="classification")
+    n_train = min(steps * B, TRAIN_POOL)  # training batches are drawn from it with replacement
+    data = datasets.load(data_name, n=n_train + (batches + 1) * B, seed=seed, task="classification")
     x_all, y_all = data.x.reshape(data.x.shape[0], *_input_shape(model, data.x)), data.y
-    n_train = steps * B
     train(model, x_all[:n_train], y_all[:n_train], loss, steps, B, seed)
     out = []
     for k in range(batches):

@@ -28,7 +28,7 @@ from .._system import available_memory
 from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
 from ..layout import LayerKind, Layout, check_batchnorm, layer_modules
 from . import losses as L
-from .layers import batchnorm_normalized, dense_from_factors, layer_inputs, layer_output_grads, uses_batch_statistics
+from .layers import batchnorm_normalized, dense_from_factors, layer_inputs, layer_output_grads
 from .record import (
     Capture,
     FisherMode,
