@@ -371,7 +371,7 @@ def run_damping_sweep(
     out.mkdir(parents=True, exist_ok=True)
     info = _checkpoints(path, [checkpoint] if checkpoint else None)[-1]
     if scheduler is not None:
-        tables = _sweep_on(scheduler, retries, progress, path, info, [Damping(v, scale) for v in values], methods)
+        tables = _sweep_on(scheduler, retries, progress, path, info, [Damping(v, scale) for v in values], methods, device)
     else:
         fj, entry = _open(path, info.name, what="damping sweep", memory=memory, device=device, methods=methods or (),
                           cache=cache, cache_dir=cache_dir)
@@ -437,14 +437,14 @@ def interactions_task(path: str | Path, name: str, options: dict | None = None) 
     return out
 
 
-def sweep_task(source, damping: Damping, methods: Sequence[str] | None, rhs=None, gram=None, cache=None) -> ComparisonTable:
+def sweep_task(source, damping: Damping, methods: Sequence[str] | None, rhs=None, gram=None, cache=None, device=None) -> ComparisonTable:
     """:func:`fisherlab.compare` of one damping of the sweep: ``source`` a ready Jacobian (with
-    ``rhs``), or on a worker ``(path, checkpoint)`` read here, with ``gram`` its reduced K."""
+    ``rhs``), or on a worker ``(path, checkpoint)`` read here (onto ``device``), with ``gram`` its reduced K."""
     if isinstance(source, tuple):
         cap = load(*source)
-        source, rhs = Jacobian.from_capture(cap), cap.grad
+        source, rhs = Jacobian.coerce(cap, device=device), cap.grad
         if gram is not None:
-            source.gram = gram  # the cached property, set: computed once for the sweep
+            source.gram = gram.to(source.device)  # the cached property, set: computed once for the sweep
     with warnings.catch_warnings():  # in the rows' notes
         warnings.simplefilter("ignore", MeasurementWarning)
         return compare(source, damping, methods, rhs=rhs, cache=cache)
@@ -462,7 +462,7 @@ def _on_workers(scheduler, retries, desc: str, progress: bool, fn, args: list[tu
                             retries=dd.DEFAULT_RETRIES if retries is None else retries)
 
 
-def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: list[Damping], methods) -> list[ComparisonTable]:
+def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: list[Damping], methods, device=None) -> list[ComparisonTable]:
     """The sweep's tables on Dask workers: the Gram by layer, reduced here, then one task per damping."""
     from .. import distributed as dd
     from ..metrics import layer_gram, reduced_gram
@@ -470,8 +470,8 @@ def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: lis
     path = str(Path(path).resolve())
     retries = dd.DEFAULT_RETRIES if retries is None else retries
     with dd.connect(scheduler) as client:
-        grams = dd.run_tasks(client, [dd.Task(layer_gram, (path, info.name, i, {}), label=f"layer {i}") for i in range(len(info.layers))],
+        grams = dd.run_tasks(client, [dd.Task(layer_gram, (path, info.name, i, {"device": device}), label=f"layer {i}") for i in range(len(info.layers))],
                              desc="grams", progress=progress, retries=retries)
         gram = client.scatter(reduced_gram(grams), broadcast=True)
-        return dd.run_tasks(client, [dd.Task(sweep_task, ((path, info.name), d, methods), {"gram": gram}, label=str(d)) for d in dampings],
+        return dd.run_tasks(client, [dd.Task(sweep_task, ((path, info.name), d, methods), {"gram": gram, "device": device}, label=str(d)) for d in dampings],
                             desc="damping sweep", progress=progress, retries=retries)
