@@ -740,6 +740,11 @@ class _Slot:
     def clear(self) -> None:
         self.key, self.value = None, None
 
+    def derived(self, *key: object) -> "_Slot":
+        """The one slot shared by the layers moved together (``Jacobian.to``) to ``key``."""
+        kids = self.__dict__.setdefault("_kids", {})
+        return kids.setdefault(key, _Slot())
+
 
 class StreamedLayerJacobian(LayerJacobian):
     """A layer read from its source each time it is used (bounded memory, issue 14 item 3): the
@@ -768,7 +773,8 @@ class StreamedLayerJacobian(LayerJacobian):
 
     def to(self, device=None, dtype=None) -> "LayerJacobian":
         return StreamedLayerJacobian(self.spec, self.B, self.K, lambda: self._load().to(device, dtype), T=self._T,
-                                     factored=self.factored, device=device or self._device, dtype=dtype or self._dtype)
+                                     factored=self.factored, device=device or self._device, dtype=dtype or self._dtype,
+                                     slot=self.slot.derived(str(device), dtype))
 
     @property
     def device(self) -> torch.device:

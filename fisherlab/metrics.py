@@ -371,7 +371,8 @@ def compare(
         anatomy_of_errors: compute the span/null split, per-layer and per-mode errors (one
             eigendecomposition of the N × N Gram and, per method, the per-layer products Uᵀe that
             𝔈 needs anyway); ``False`` leaves those columns NaN.
-        progress: called with each method key before it runs.
+        progress: called with ``"setup"`` before the shared setup, then with each method key
+            before it runs.
         device: where the algebra runs (``"cuda"``, ``"cpu"``, …; default: the capture's device,
             the CPU for a loaded file); the factors are moved there once, float64.
         precision: ``"float64"`` (default) or ``"mixed"`` (float32 products and Grams, float64

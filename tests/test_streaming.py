@@ -95,6 +95,8 @@ def test_streamed_jacobian_reads_one_layer_at_a_time(capture_file):
         ref = Jacobian.from_capture(fisherlab.load(capture_file, "c0"))
         assert torch.allclose(jac.rmatmat(x), ref.rmatmat(x), rtol=EQUAL, atol=0)
         assert all(torch.equal(a, b) for a, b in zip(jac.grams, ref.grams))
+        moved = jac.to("cpu", torch.float64)  # still streamed, still one layer held at a time
+        assert len({id(lj.slot) for lj in moved.layers}) == 1 and torch.equal(moved.rmatmat(x), jac.rmatmat(x))
     finally:
         fj.close()
 
