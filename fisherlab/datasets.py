@@ -22,7 +22,8 @@ digits, space, newline, punctuation; :func:`vocabulary`), token i = the i-th cha
 order; example s is the window of 32 tokens starting at character s and its targets are the same
 window shifted by one (the next character at every position), so ``batch(indices)`` gives
 ``(tokens [B, 32], next tokens [B, 32])``, both int64. ``n=None``: every window in text order;
-``n``: a seeded random subset of windows.
+``n``: a seeded random subset of windows. ``task="classification"`` (what ``cross_entropy`` asks
+for in the CLI and training) gives the same windows: one class per position.
 
 Images are flattened row-major (``x.reshape(n, 28, 28)`` gives the picture); the autoencoder
 target is the flattened input. ``data/README.md`` states sources and licences.
@@ -497,7 +498,7 @@ _DATASETS: dict[str, tuple[_Loader, tuple[str, ...]]] = {
     "curves": (_load_curves, ("autoencoder",)),
     "random-vectors": (_load_random_vectors, ("regression", "classification")),
     "cifar-standin": (_load_cifar_standin, ("classification",)),
-    "tiny-text": (_load_tiny_text, ("next-token",)),
+    "tiny-text": (_load_tiny_text, ("next-token", "classification")),  # a class per position: the same windows
 }
 
 
