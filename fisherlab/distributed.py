@@ -122,10 +122,11 @@ def connect(scheduler: "str | Scheduler | Any", *, timeout: float = 60.0) -> Ite
         FisherlabError: no scheduler answers at the address within ``timeout`` seconds.
     """
     if not isinstance(scheduler, (str, Scheduler)):
-        if type(scheduler).__name__ == "Client" and hasattr(scheduler, "submit"):
-            yield scheduler
-            return
-        raise ConfigError(f"scheduler: expected a string (local:N, tcp://host:port) or a distributed.Client, got {type(scheduler).__name__}")
+        dd = _require(type(scheduler).__name__)
+        if not isinstance(scheduler, dd.Client):
+            raise ConfigError(f"scheduler: expected local:N, a scheduler address or a distributed.Client, got {type(scheduler).__name__}")
+        yield scheduler
+        return
     parsed = scheduler if isinstance(scheduler, Scheduler) else Scheduler.parse(scheduler)
     dd = _require(scheduler)
     cluster = None

@@ -174,6 +174,9 @@ def test_scheduler_values():
         with pytest.raises(ConfigError, match="--scheduler"):
             dd.Scheduler.parse(bad)
     assert dd.chunks(list("abcde"), 2) == [list("abc"), list("de")] and dd.chunks(list("ab"), 5) == [["a"], ["b"]]
+    with pytest.raises(ConfigError, match="scheduler"):
+        with dd.connect(42):
+            pass
 
 
 def test_without_dask_the_scheduler_is_refused_in_one_line(capture_file, tmp_path, capsys, monkeypatch):
