@@ -133,7 +133,7 @@ def connect(scheduler: "str | Scheduler | Any", *, timeout: float = 60.0) -> Ite
     try:
         if parsed.address is None:
             cluster = dd.LocalCluster(n_workers=parsed.workers, threads_per_worker=1, processes=True,
-                                      dashboard_address=None, silence_logs=logging.ERROR)
+                                      dashboard_address=":0", silence_logs=logging.ERROR)  # any free port: several clusters may run
             client = dd.Client(cluster, timeout=timeout)
         else:
             try:
