@@ -361,6 +361,8 @@ class FisherOptimizer(torch.optim.Optimizer):
         training_bn = self.model.training and self._has_bn
         with _batch_statistics(self.model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="fisherlab: these modules have parameters")
+            # the optimizer's own training forward (module docstring): stated there, not per step
+            warnings.filterwarnings("ignore", message="fisherlab: capture with batch statistics")
             return _capture(
                 self.model, x, y, loss=self.loss, fisher=self.fisher, n_samples=self.n_samples,
                 generator=self.generator, device=ref.device, dtype=ref.dtype, storage=self.storage,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import time
 
 import numpy as np
 import pytest
@@ -57,14 +56,11 @@ def test_images_in_unit_interval_and_autoencoder_target(name):
     assert torch.equal(ds.y, ds.x.reshape(N, -1))
 
 
-def test_mnist_is_the_real_5k_subset_and_fast():
+def test_mnist_is_the_real_5k_subset():
     datasets._mnist_raw.cache_clear()
-    t0 = time.perf_counter()
     ds = datasets.load("mnist")
-    elapsed = time.perf_counter() - t0
     assert len(ds) == 5000 and ds.x.shape == (5000, 784)
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 500))
-    assert elapsed < 1.0, f"loading mnist took {elapsed:.2f} s"
     cls = datasets.load("mnist", n=10, task="classification")
     assert cls.y.dtype == torch.int64 and cls.y.shape == (10,)
     assert "LeCun" in ds.source and "CC BY-SA 3.0" in ds.licence
