@@ -34,8 +34,9 @@ Choices (documented, following the authors' public code, ``Abdoulaye-Koroko/natu
   CIFAR-100 for resnet18 and SVHN for resnet34).
 * **Deep linear networks**: no activation at all, bias on every Linear, BatchNorm1d after every
   Linear but the last, as in the authors' code and Tselepidis et al.
-* BatchNorm parameters are not part of the Fisher: :meth:`fisherlab.Layout.from_model` lists them
-  in a warning, which is expected for the ResNets, cuda-convnet and the deep linear networks.
+* BatchNorm parameters are not part of the Fisher by default: :meth:`fisherlab.Layout.from_model`
+  lists them in a warning, which is expected for the ResNets, cuda-convnet and the deep linear
+  networks; ``capture(..., batchnorm="fisher")`` makes them layers of the Fisher (docs/MATH.md §1).
 * **tiny-gpt** (a test bed for layers shared over positions, not a usable language model): token
   and position embeddings (``nn.Embedding``), ``n_blocks`` pre-norm blocks
   ``x + attn(LN(x))``, ``x + mlp(LN(x))`` — causal multi-head self-attention with ``nn.Linear``
