@@ -12,8 +12,13 @@ threads and the machine's load average.
     python analysis/bench/block_methods_bench.py --quick      # width 0.05, B = 32 (a smoke run)
     python analysis/bench/block_methods_bench.py --methods kfac,unit-wise,kpsvd
 
-Measured (2 cores, torch.set_num_threads(2), full width, B = 256): see the README's block-methods
-section and the issue-11 report; the target is a total ``compare`` < 60 s.
+Measured (2 shared cores, torch.set_num_threads(2), full width, B = 256, λ = 1e-3; 2026-12-01 under a
+load average of 10–12 from other jobs, so every time is ~3–5× its idle value): build + solve (s)
+beside KFAC's 11.17: foof 2.94, ekfac 3.00, kfac-reduce 2.62, diagonal 0.39, unit-wise 21.2 (1.9×
+KFAC), mini-block 5.61, kfoc 8.89, kpsvd 21.2 (1.9×); compare total 186.7 s = 16.7× KFAC. Before
+the issue-11 speed-ups (the previous session, idle machine): unit-wise 14.8 s = 4.0× KFAC's 3.68,
+kpsvd 28.1 s = 7.6×, total 80.7 s = 21.9×. The target is a total ``compare`` < 60 s on an idle
+2-core machine (16.3× KFAC's idle 3.68 s).
 """
 
 from __future__ import annotations
