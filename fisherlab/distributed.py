@@ -132,8 +132,11 @@ def connect(scheduler: "str | Scheduler | Any", *, timeout: float = 60.0) -> Ite
     cluster = None
     try:
         if parsed.address is None:
-            cluster = dd.LocalCluster(n_workers=parsed.workers, threads_per_worker=1, processes=True,
-                                      dashboard_address=":0", silence_logs=logging.ERROR)  # any free port: several clusters may run
+            import dask
+
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": _spawn_environ(dask)}):
+                cluster = dd.LocalCluster(n_workers=parsed.workers, threads_per_worker=1, processes=True,
+                                          dashboard_address=":0", silence_logs=logging.ERROR)  # any free port: several clusters may run
             client = dd.Client(cluster, timeout=timeout)
         else:
             try:
@@ -147,6 +150,16 @@ def connect(scheduler: "str | Scheduler | Any", *, timeout: float = 60.0) -> Ite
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _spawn_environ(dask: Any) -> dict:
+    """The environment a local worker process starts with: dask's (one BLAS/OpenMP thread), less
+    ``MALLOC_TRIM_THRESHOLD_``, which fixes glibc's mmap threshold at 128 KiB, so that every
+    medium-sized temporary of the algebra is a fresh mmap: measured on mnist-ae (p = 1.1 M,
+    B = 128), 10× the page faults and +40 % CPU per compare task."""
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return env
 
 
 def n_workers(client: Any) -> int:
