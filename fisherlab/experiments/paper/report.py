@@ -481,23 +481,26 @@ def render_paper_report(result: ReproResult) -> str:
         _settings_table(result),
         "",
         "* **Units.** The paper's losses are averaged over the outputs (its code uses torch's mean reductions); "
-        "fisherlab sums them. λ is given in the `mean-loss` damping scale (`fisherlab.Damping(λ, 'mean-loss')`: "
-        "λ·d_y² in fisherlab's units, d_y = 784 for the autoencoders, 1 for cross-entropy), and lr and ω are converted "
-        "exactly (`config.summed_units`: lr·d_y and ω·d_y for the damped methods). Under the paper's equations this is "
-        "the same run as training on the averaged loss; gaps and ratios are unit-free.",
+        "fisherlab sums them. The damped optimizers here step on captures rescaled to the output-averaged loss "
+        "(`experiments.paper.units`: g, ∇h ÷ d_y, G ÷ d_y²; d_y = 784 for the autoencoders, 1 for cross-entropy), so "
+        "λ (the `mean-loss` scale), lr and ω are the paper's numbers and every operator — the released code's factor "
+        "shifts √λ, λ and its λ·p_i coarse diagonal included — sees what that code saw. Losses in the tables are the "
+        "output-averaged ones.",
         "* **Released-code protocol.** The optimizers' preset `protocol='released-code'` (docs/PROTOCOL.md): the KFAC "
         "baseline (A+√λI)⊗(G+√λI) with π off, the two-level fine level (A+λI)⊗(G+λI), the coarse right-hand side R₀∇h, "
-        "the +λ·p_i coarse diagonal, the coarse matrix from a B/4 sub-batch (the sub-batch column) averaged over time "
-        "and refreshed periodically; the correction's coefficient is the preset's. Its factor shifts are applied to λ in "
-        "fisherlab's (summed) units unless the operators state otherwise (they are not invariant to the loss scale). "
-        "The exact natural gradient is the same under both protocols (run once).",
-        "* **Fig. 5 on the KFAC trajectory** (every `gap_every` steps and step 1, at the updated parameters on that step's "
-        "batch, right-hand side ∇h): the paper's equations by `fisherlab.compare` (KFAC from the batch factors, exact ζ by "
-        "Woodbury); the released code by its two-level optimizers and TKO stepped on a copy of the model from KFAC's "
-        "parameters on the same batch with the same Monte-Carlo draws, with batch factors and the approximate coarse matrix "
-        "rebuilt from a fresh sub-batch at each such step; their history gives the true error change (`gap`: the β they "
-        "computed, measured with the exact coarse matrix) and the gap as the released code logs it (`logged_gap`). On "
-        "each method's own trajectory its optimizer records both every step (running averages as the protocol sets them).",
+        "the +λ·p_i coarse diagonal, a max-abs coarse basis, factors and coarse matrix from a B/4 sub-batch drawn with "
+        "replacement (the sub-batch column), running averages ρ_k = min(1 − 1/k, 0.95) and refresh periods of 100 "
+        "steps (so within these runs the factors are those of step 1), coefficient 1. KFAC's lr is grid-searched "
+        "again under it (its baseline is another optimizer). The exact natural gradient is the same under both "
+        "protocols (run once). fisherlab's conv factors are the exact ones (the released code's conv defects are not "
+        "reproduced).",
+        "* **Fig. 5 on the KFAC trajectory** (step 1 and every `gap_every` steps, at the updated parameters on that "
+        "step's batch, right-hand side ∇h, one capture shared by both protocols): the paper's equations by "
+        "`fisherlab.compare` (KFAC from the batch factors, exact ζ by Woodbury); the released code by its operators "
+        "(`runner.released_rows`: `protocol='released-code'`, β solved with the approximate coarse matrix of a "
+        "sub-batch of the same batch) — the true error change of that β (`gap()`, exact coarse matrix) and the gap "
+        "as the code logs it (`logged_gap()`); its ratio 𝔈(β)/𝔈(0) is against the released KFAC baseline's error. "
+        "On each method's own trajectory its optimizer records both every step.",
         f"* **FACES.** {FACES_NOTE}",
         "* SGD and Adam are not run at the paper's settings (no claim of the table rests on them; `--settings default` "
         "runs them).",
