@@ -23,7 +23,7 @@ from typing import Any, Iterable, TypeVar
 
 from .errors import ConfigError, DampingError
 
-__all__ = ["parse_enum", "positive_int", "nonnegative_int", "bounded", "damping", "same_damping"]
+__all__ = ["parse_enum", "positive_int", "nonnegative_int", "bounded", "damping", "same_damping", "available_device"]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -163,3 +163,27 @@ def same_damping(a: float, b: float, what: str) -> float:
     if abs(la - lb) > DAMPING_RTOL * max(la, lb):
         raise DampingError(f"{what} has damping {lb:g}, expected {la:g}")
     return la
+
+
+def available_device(value: Any, what: str = "device") -> Any:
+    """A torch device that exists on this machine (``None`` passes through); one line otherwise,
+    e.g. ``cuda`` where there is no GPU (torch itself raises an ``AssertionError`` deep inside).
+    ``what``: a CLI flag (``"--device"``) or a keyword (``"device"``), as the user wrote it."""
+    if value is None:
+        return None
+    import torch
+
+    flag = what.startswith("-")
+    shown, cpu = (str(value), f"{what} cpu") if flag else (f"{value!r}", f"{what}='cpu'")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{what} {shown}: not a torch device (cpu, cuda, cuda:1, mps …)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {shown}: CUDA is not available on this machine; use {cpu}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what} {shown}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{what} {shown}: MPS is not available on this machine; use {cpu}")
+    return value

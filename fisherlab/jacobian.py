@@ -28,6 +28,7 @@ from torch import Tensor
 from .capturing.record import Capture, LayerCapture
 from .kernels import dense_from_factors, kfac_factors_from
 from .errors import FisherlabError
+from ._validate import available_device
 from .layout import LayerSpec, Layout
 
 __all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
@@ -616,6 +617,7 @@ class Jacobian:
         capture's own device). ``precision="mixed"``: :class:`MixedLayerJacobian` layers."""
         if precision not in PRECISIONS:
             raise FisherlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        available_device(device)
         if isinstance(source, Jacobian):
             if device is None or _same_device(device, source.device):
                 return source

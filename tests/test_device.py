@@ -105,3 +105,16 @@ def test_lowrank_eigh_rule_keeps_small_factors_on_lapack():
     assert jm.lowrank_eigh_applies(512, 4609)  # ResNet-18 layer4 at B = 32
     assert not jm.lowrank_eigh_applies(8192, 4609)  # more rows than the dimension
     assert math.isfinite(jm.LOWRANK_EIGH_MAX_FILL)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_in_the_library(cnn_capture):
+    """``device="cuda"`` where there is none: a ConfigError naming the keyword, never torch's
+    AssertionError from deep inside (operators, compare)."""
+    from fisherlab.errors import ConfigError
+    from fisherlab.jacobian import Jacobian
+
+    with pytest.raises(ConfigError, match=r"^device 'cuda': CUDA is not available on this machine; use device='cpu'$"):
+        fisherlab.compare(cnn_capture, 0.1, ["kfac"], device="cuda")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        Jacobian.coerce(cnn_capture, device="cuda:0")

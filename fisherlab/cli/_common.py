@@ -79,22 +79,9 @@ def model_description(spec: str, width: float | None = None, options: dict | Non
 def check_device(device: str | None, flag: str = "--device") -> str | None:
     """``--device``: a torch device that exists here (one line otherwise, e.g. ``cuda`` on a
     machine without a GPU), checked before any work."""
-    if device is None:
-        return None
-    import torch
+    from .._validate import available_device
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{flag} {device}: not a torch device (cpu, cuda, cuda:1, mps …)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"{flag} {device}: MPS is not available on this machine; use {flag} cpu")
-    return device
+    return available_device(device, flag)
 
 
 def _unwritable(folder: Path) -> str | None:
