@@ -1,4 +1,15 @@
-"""Small-scale reproduction of the paper's §4 (Figs. 2, 4(a) and 5) with a numeric verdict.
+"""Reproduction of the paper's §4 (Figs. 2, 4(a) and 5) with a numeric verdict.
+
+**The paper's settings** (:func:`paper_config`, ``analysis/reproduce_paper.py --settings paper``,
+the script's default; issue 13): losses averaged over the outputs (the damped optimizers step on
+captures rescaled to those units, :mod:`.units`), B, λ and Fisher sub-batch of the released run
+logs per problem (:data:`.config.PAPER_SETTINGS`), three seeds, the paper's equations and the
+released code's protocol (``protocol="released-code"``) side by side, the exact natural gradient,
+Fig. 5 both ways (:func:`.runner.released_rows`: the true error change against the exact ζ
+beside the gap as that code logs it, on the same batches) and a verdict table with one row per
+claim (:data:`.verdicts.CLAIMS`) and intervals over seeds and batches (:func:`.verdicts.claim_rows`).
+The rest of this docstring describes the earlier single-seed **default settings**
+(:func:`default_config`, ``--settings default``).
 
 :func:`reproduce` (:mod:`.runner`) trains, on the CPU and with one seed, each optimizer of the paper's figures
 on CPU-sized versions of its problems and writes CSVs of every curve, PNG+PDF figures and a
