@@ -1091,7 +1091,8 @@ def training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
 
     The options come from the :class:`~fisherlab.train.TrainConfig`: ``lr``, ``momentum``,
     ``weight_decay``, ``loss`` and ``seed`` (the MC generator), then ``optimizer_options``
-    (``damping`` — required, never implied —, ``fisher``, ``n_samples``, ``damping_mode``,
+    (``damping`` — required, never implied here: a number (absolute λ) or ``{"value": α, "scale":
+    "max"}`` (a :class:`~fisherlab.Damping`); the CLI's ``train`` defaults it to 1e-3·λ_max —, ``fisher``, ``n_samples``, ``damping_mode``,
     ``factor_decay``, ``inverse_update_period``, ``coarse``, ``k``/``m``/``q``,
     ``record_gap``, ``record_ratio``, …), which override the former.
     """
@@ -1110,6 +1111,11 @@ def training_factory(name: str) -> Callable[..., torch.optim.Optimizer]:
             "seed": config.seed,
         }
         options.update(config.optimizer_options or {})
+        if isinstance(options.get("damping"), dict):  # {"value": α, "scale": "max"} from a JSON config
+            spec = options["damping"]
+            if set(spec) - {"value", "scale"} or "value" not in spec:
+                raise ConfigError(f"optimizer {name!r}: damping is a number or {{\"value\": α, \"scale\": …}}, got {spec!r}")
+            options["damping"] = Damping(spec["value"], spec.get("scale", "absolute"))
         if "damping" not in options:
             raise ConfigError(
                 f"optimizer {name!r} needs the damping λ > 0: set optimizer_options.damping in the training config"

@@ -4,6 +4,7 @@ damping has one, ``--out`` defaults named after the input, no carriage returns i
 
 from __future__ import annotations
 
+import json
 import argparse
 
 import pytest
@@ -71,10 +72,33 @@ def test_same_flags_the_same_everywhere():
     with_default = {c: _options(p)["--damping"] for c, p in PARSERS.items() if "--damping" in _options(p)}
     assert {"analyze errors", "analyze spectra", "demo", "train"} <= set(with_default)
     for c, a in with_default.items():
-        if c != "train":  # train's λ is an optimizer's absolute λ, required by it (its help says so)
+        if c != "train":  # train's flags default to None so a config file's damping is kept
             scale = _options(PARSERS[c])["--damping-scale"]
             assert (a.default, scale.default) == (1e-3, "max"), c
-    assert "no default" in with_default["train"].help
+    assert "default 1e-3" in with_default["train"].help
+
+
+def test_train_defaults_the_damping_like_analyze(tmp_path):
+    """train: a curvature optimizer without a damping gets 1e-3·λ_max (resolved per batch); a
+    config's damping is kept; first-order optimizers get none; the JSON form builds a Damping."""
+    import fisherlab
+    from fisherlab.cli.train_cmd import config_from_args
+    from fisherlab.optim import training_factory
+    from fisherlab.train import TrainConfig
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv]))
+
+    assert cfg("--optimizer", "kfac").optimizer_options["damping"] == {"value": 1e-3, "scale": "max"}
+    assert cfg("--optimizer", "kfac", "--damping", "0.5", "--damping-scale", "absolute").optimizer_options["damping"] == 0.5
+    assert cfg("--optimizer", "kfac", "--damping", "1e-2").optimizer_options["damping"] == {"value": 1e-2, "scale": "max"}
+    assert "damping" not in cfg("--optimizer", "sgd").optimizer_options
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps(TrainConfig(optimizer="kfac", optimizer_options={"damping": 0.25}).to_dict()))
+    assert cfg(str(conf)).optimizer_options["damping"] == 0.25
+    model = fisherlab.models.build(fisherlab.models.describe("mnist-ae", width=0.02))
+    opt = training_factory("kfac")(list(model.parameters()), cfg("--optimizer", "kfac", "--loss", "bce_logits"), model=model)
+    assert opt.param_groups[0]["damping"] == fisherlab.Damping(1e-3, "max")
 
 
 def test_out_defaults_are_named_after_the_input(tmp_path):

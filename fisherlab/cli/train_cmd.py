@@ -59,8 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), metavar="NAME",
                    help=f"one of: {', '.join(OPTIMIZERS)} (default sgd)")
     p.add_argument("--damping", type=float, metavar="λ",
-                   help="λ of F + λI for the curvature optimizers (absolute; they have no default; "
-                   "= --optimizer-option damping=λ; sgd and adam take none)")
+                   help="damping of F + λI for the curvature optimizers, in --damping-scale, resolved on every "
+                   "batch (default 1e-3, as analyze and demo; = --optimizer-option damping=…; sgd and adam take none)")
+    p.add_argument("--damping-scale", choices=["absolute", "max", "mean", "mean-loss"], default=None,
+                   help="scale of --damping: absolute λ, or α·λ_max(F), α·mean eig(F), α in the output-averaged "
+                   "loss's units (default max)")
     p.add_argument("--optimizer-option", type=model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="optimizer option, e.g. damping=1e-3, nesterov=true (repeatable; JSON values)")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default 0.01)")
@@ -104,14 +107,35 @@ def config_from_args(args: argparse.Namespace):
     base.update({k: v for k, v in flags.items() if v is not None})
     if args.optimizer_option:
         base["optimizer_options"] = {**base.get("optimizer_options", {}), **dict(args.optimizer_option)}
-    if args.damping is not None:
-        base["optimizer_options"] = {**base.get("optimizer_options", {}), "damping": args.damping}
+    base = _with_default_damping(base, args)
     if args.all_data:
         base["n"] = None
     if args.no_plot:
         base["plot"] = False
     base["progress"] = progress_of(args)
     return TrainConfig.from_dict(base)
+
+
+DEFAULT_DAMPING = {"value": 1e-3, "scale": "max"}
+"""The curvature optimizers' damping when neither the flags nor the config give one: 1e-3·λ_max(F)
+of each batch, the default of ``analyze`` and ``demo`` too."""
+
+
+def _with_default_damping(base: dict, args: argparse.Namespace) -> dict:
+    """``optimizer_options.damping`` from ``--damping``/``--damping-scale``, else the config's, else
+    :data:`DEFAULT_DAMPING` for a curvature optimizer (first-order optimizers get none)."""
+    from ..optim import OPTIMIZERS
+
+    opts = dict(base.get("optimizer_options", {}))
+    if args.damping is not None or args.damping_scale is not None:
+        value = args.damping if args.damping is not None else DEFAULT_DAMPING["value"]
+        scale = args.damping_scale or DEFAULT_DAMPING["scale"]
+        opts["damping"] = value if scale == "absolute" else {"value": value, "scale": scale}
+    elif "damping" not in opts and base.get("optimizer") in OPTIMIZERS:
+        opts["damping"] = dict(DEFAULT_DAMPING)
+    if opts:
+        base = {**base, "optimizer_options": opts}
+    return base
 
 
 def default_out(args: argparse.Namespace, model: str) -> Path:
