@@ -340,20 +340,7 @@ def test_stop_inside_the_commit_then_append_again(crafted, cap, monkeypatch, sta
 # ---- item 10: disk full, read-only ------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs (root only); skipped with the reason elsewhere."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("needs root to mount a small tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+# small_fs: the 1 MiB tmpfs fixture of tests/conftest.py
 
 
 def _fill(directory: Path, leave: int) -> Path:
