@@ -16,6 +16,25 @@ Measured (2 shared cores, B = 32, methods = kfac, λ = 1e-3·λ_max):
                             KFAC factors 5.3 s, compare itself 31 s: total 90 s, peak RSS 3.2 GiB;
                             the table is unchanged (𝔈/‖ζ‖² = 4.107, cos = 0.60453)
 
+``--pipeline`` runs the file path a user takes, each phase in its own process (wall and CPU
+seconds, peak RSS): capture to ``--file``, ``compare_file`` with a cold then a warm setup cache
+(:mod:`fisherlab.cache`), spectra; ``--phases plan --plan-batch 512`` prints the planner's
+in-memory and streamed plans for another batch size from the file's shapes (nothing computed).
+
+Measured (issue 14 items 3-4; 2 cores at load average ~10 from other agents, 1 thread, B = 128,
+λ = 1e-3·λ_max, every default method, float64):
+
+    capture                 158 s wall, peak RSS 2.59 GiB, 849 MiB file, p = 11,164,362, N = 128
+    compare, cold cache     setup (Grams, K's eigh, exact solve, KFAC factor eigh) ≈ 6 min wall; the
+                            cache then holds 755 MiB (kfac_eigh 752 MiB, grams 2.8 MiB); the
+                            methods ran > 40 min wall (> 27 min CPU) and had not finished
+    compare, warm cache     (zero, kfac, exact only) 275 s wall, 96 s CPU, setup_s 66 s wall,
+                            peak RSS 4.11 GiB; no Gram or factor eigh recomputed
+    plan for B = 512        in memory 9.7 GiB (+ 3.0 GiB float32 copy while converting),
+                            streamed 3.61 GiB: both fit --memory 16GiB
+
+    python analysis/bench/scale_bench.py --pipeline --batch 128 --methods default --threads 1 --profile
+    python analysis/bench/scale_bench.py --pipeline --phases plan --plan-batch 512 --memory 16GiB --file run128.h5
     python analysis/bench/scale_bench.py                      # B = 32, kfac only
     python analysis/bench/scale_bench.py --batch 128 --methods default
     python analysis/bench/scale_bench.py --eigh lapack        # the "before" path
@@ -40,6 +59,128 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# ---- the file pipeline: capture → compare_file (cold, warm cache) → spectra, each phase in its own process ----
+
+
+def _phase(args) -> dict:
+    """One phase in this process; returns its seconds, peak RSS and what it measured."""
+    from fisherlab.metrics import compare_file
+    from fisherlab.workflows.analysis import run_spectra
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out: dict = {"phase": args.phase}
+    t0 = time.perf_counter()
+    if args.phase == "capture":
+        model = models.build(models.describe("resnet18", width=args.width), seed=0)
+        x, y = datasets.load("cifar-standin", n=args.batch).batch(list(range(args.batch)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="mc",
+                                    generator=torch.Generator().manual_seed(0), device="cpu")
+        out["capture_s"] = time.perf_counter() - t0
+        fisherlab.save(cap, args.file, checkpoint="b0", step=0)
+        out.update(p=cap.p, N=cap.N, layers=len(cap.layers), file_mib=__import__("os").path.getsize(args.file) / 2**20)
+    elif args.phase in ("compare-cold", "compare-warm", "compare-nocache"):
+        keys = methods.default_keys() if args.methods == "default" else args.methods.split(",")
+        if args.profile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = compare_file(args.file, fisherlab.Damping(args.damping, "max"), keys, progress=False,
+                             cache=args.phase != "compare-nocache", memory=args.memory, device=args.device)
+        if args.profile:
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        m = t.meta["checkpoints"][0]
+        out.update(setup_s=m["setup_s"], exact_s=m["exact_seconds"], cache=m.get("cache"), streamed=m.get("streamed"),
+                   methods={r["method"]: round(r["seconds"], 3) for r in t.rows},
+                   table=str(t))
+    elif args.phase == "spectra":
+        import tempfile
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = run_spectra(args.file, fisherlab.Damping(args.damping, "max"), tempfile.mkdtemp(), progress=False, figures=False,
+                              memory=args.memory or "8GiB", device=args.device)
+        out["spectra"] = {k: str(v) for k, v in res["b0"].items()}
+    elif args.phase == "plan":  # the planner's figures, for --plan-batch (default: the file's B) from the file's shapes
+        import dataclasses
+
+        from fisherlab import planning
+        from fisherlab.store import CaptureFile
+
+        with CaptureFile(args.file) as cf:
+            info, layout, loss = cf.info("b0"), cf.layout, cf.run["loss"]
+        B = args.plan_batch or info.batch_size
+        info = dataclasses.replace(info, batch_size=B)  # every stored shape is linear in B (storage per layer kept)
+        files: list = []
+        jac = planning._streamed_skeleton(args.file, info, layout, loss, device=None, precision="float64", files=files)
+        for stream in (False, True):
+            plan = planning.plan_compare(jac, memory=args.memory or "16GiB", streamed=stream)
+            out[("streamed" if stream else "in_memory") + f"_B{B}"] = plan.table()
+            out[("streamed" if stream else "in_memory") + f"_B{B}_peak_gib"] = plan.peak / 2**30
+        for f in files:
+            f.close()
+    out["seconds"] = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = ru.ru_utime + ru.ru_stime  # of the whole process (imports included): the load-independent figure
+    out["peak_rss_gib"] = _peak_gib()
+    return out
+
+
+def pipeline(args) -> int:
+    """Each phase in a fresh process (its own peak RSS), then the figures against the goals."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    phases = args.phases.split(",")
+    if "capture" in phases and os.path.exists(args.file):
+        os.remove(args.file)
+    cache = args.file + ".cache"
+    if "compare-cold" in phases and os.path.isdir(cache):
+        import shutil
+        shutil.rmtree(cache)
+    results = {}
+    for ph in phases:
+        cmd = [sys.executable, __file__, "--phase", ph, "--file", args.file, "--batch", str(args.batch), "--width", str(args.width),
+               "--damping", str(args.damping), "--methods", args.methods, "--device", args.device]
+        cmd += ["--memory", args.memory] if args.memory else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--profile"] if args.profile and ph.startswith("compare") else []
+        cmd += ["--plan-batch", str(args.plan_batch)] if args.plan_batch else []
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{ph}: failed ({proc.returncode}) after {time.perf_counter() - t0:.1f} s\n{proc.stderr[-3000:]}", flush=True)
+            return 1
+        lines = proc.stdout.strip().splitlines()
+        res = json.loads(lines[-1])
+        results[ph] = res
+        if len(lines) > 1:
+            print("\n".join(lines[:-1]))
+        table = res.pop("table", None)
+        print(json.dumps(res), flush=True)
+        if table and ph == "compare-cold":
+            print(table, flush=True)
+    print(f"\nResNet-18 width {args.width}, B = {args.batch}, λ = {args.damping:g}·λ_max, methods {args.methods}, "
+          f"memory {args.memory}, threads {args.threads or torch.get_num_threads()}")
+    for ph, r in results.items():
+        print(f"  {ph:<16} {r['seconds']:8.1f} s wall, {r.get('cpu_s', float('nan')):8.1f} s CPU   peak RSS {r['peak_rss_gib']:6.2f} GiB"
+              + (f"   setup {r['setup_s']:.1f} s, cache: {r.get('cache')}" if "setup_s" in r else ""))
+    for ph in ("compare-cold", "compare-warm"):
+        if ph in results:
+            r = results[ph]
+            print(f"  {ph}: {r['seconds']:.1f} s of the goal 60 s ({r['seconds'] / 60:.2f}×), peak {r['peak_rss_gib']:.2f} GiB "
+                  f"of 8 GiB ({r['peak_rss_gib'] / 8:.2f}×)")
+    if "compare-cold" in results and "compare-warm" in results:
+        print(f"  warm/cold: {results['compare-warm']['seconds'] / results['compare-cold']['seconds']:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -51,7 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory", default=None, help="memory budget for compare (e.g. 16GiB)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pipeline", action="store_true",
+                    help="the file pipeline: capture to --file, then compare_file with a cold and a warm setup cache, "
+                         "then spectra, each phase in its own process (time and peak RSS per phase)")
+    ap.add_argument("--phases", default="capture,compare-cold,compare-warm,spectra",
+                    help="with --pipeline: comma-separated phases (capture, compare-cold, compare-warm, compare-nocache, spectra, plan)")
+    ap.add_argument("--file", default="/tmp/scale_bench.h5", help="with --pipeline: the capture file")
+    ap.add_argument("--profile", action="store_true", help="with --pipeline: cProfile the compare phases (top 15 by own time)")
+    ap.add_argument("--plan-batch", type=int, default=None, help="with --phases plan: the batch size to plan for (from --file's shapes)")
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.phase:
+        import json
+        print(json.dumps(_phase(args), default=str))
+        return 0
+    if args.pipeline:
+        return pipeline(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eigh == "lapack":
