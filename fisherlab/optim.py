@@ -222,6 +222,10 @@ class FisherOptimizer(torch.optim.Optimizer):
             The gap and ratio are those of the unscaled ζ; the scale is recorded as ``kl_scale``.
         protocol: ``"paper"`` / ``"released-code"`` (:class:`~fisherlab.operators.Protocol`): the
             defaults of ``weight_decay_mode``, ``kl_clip`` (and, in subclasses, of their options).
+        loss_scale: c > 0: the Fisher's parameters are stepped on the loss c·L (each step's capture
+            passes through :meth:`Capture.scaled`: F → c²F, ∇h → c∇h), so λ, lr and ω are stated
+            in its units; ``1/d_y`` is the loss averaged over its d_y outputs (the paper's code).
+            The parameters outside the Fisher keep fisherlab's loss.
 
     Attributes:
         history: one dict per step: ``step``, ``loss``, ``gap``, ``logged_gap``, ``ratio``,
@@ -255,6 +259,7 @@ class FisherOptimizer(torch.optim.Optimizer):
         weight_decay_mode: str | None = None,
         kl_clip: float | None = UNSET,
         protocol: str | Protocol | None = None,
+        loss_scale: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -271,6 +276,7 @@ class FisherOptimizer(torch.optim.Optimizer):
                 f"unknown fisher mode {fisher!r} (choose one of {', '.join(m.value for m in FisherMode)})"
             ) from None
         self.n_samples = _posint("n_samples", n_samples)
+        self.loss_scale = _positive("loss_scale", loss_scale)
         wd = _nonneg("weight_decay", weight_decay)
         mom = _in_unit("momentum", momentum)
         if generator is None:
@@ -367,7 +373,7 @@ class FisherOptimizer(torch.optim.Optimizer):
                 self.model, x, y, loss=self.loss, fisher=self.fisher, n_samples=self.n_samples,
                 generator=self.generator, device=ref.device, dtype=ref.dtype, storage=self.storage,
                 batch_statistics=training_bn,  # the training forward (module docstring)
-            )
+            ).scaled(self.loss_scale)
 
     storage: str = "auto"
     """The capture storage of each step (a method that needs per-position factors sets ``"factored"``)."""

@@ -193,3 +193,25 @@ def test_fig5_both_ways_marks_where_the_log_hides_an_increase(tmp_path):
     (d,) = divergence_rows(rows)
     assert d["paper_true_mean"] == pytest.approx(-1.5) and d["released_true_share_pos"] == pytest.approx(0.5)
     assert d["released_logged_share_pos"] == 0 and d["released_true_pos_logged_neg"] == pytest.approx(0.5)
+
+
+def test_optimizer_loss_scale_steps_on_the_scaled_capture():
+    """``loss_scale=c``: each step's capture is ``Capture.scaled(c)`` of fisherlab's (g, ∇h × c,
+    G × c², ā and A unchanged), the same as the reproduction's mean_loss_capture with c = 1/d."""
+    import fisherlab
+    from fisherlab.optim import KFACOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    c = 0.25
+    ref = fisherlab.capture(model, x, y, loss="mse", fisher="empirical", dtype=torch.float64)
+    got = KFACOptimizer(model, lr=0.1, damping=1e-2, loss="mse", fisher="empirical", loss_scale=c)._capture(x, y)
+    assert got.equals(ref.scaled(c)) and got.equals(mean_loss_capture(ref, 1 / c))
+    torch.testing.assert_close(got.grad, c * ref.grad, rtol=1e-15, atol=0)
+    for lg, lr_ in zip(got.layers, ref.layers):
+        torch.testing.assert_close(lg.g, c * lr_.g, rtol=1e-15, atol=0)
+        assert torch.equal(lg.a, lr_.a)
+    assert ref.scaled(1.0) is ref
+    with pytest.raises(fisherlab.errors.ConfigError, match="loss_scale"):
+        KFACOptimizer(model, lr=0.1, damping=1e-2, loss="mse", loss_scale=0.0)

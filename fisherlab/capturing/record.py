@@ -14,6 +14,7 @@ Rows are *per example, not divided by B*: ``F = (1/B) Jᵀ J`` with ``J [N, p]``
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterator
@@ -255,6 +256,27 @@ class Capture:
             self.batch_size, self.n_vectors, conv(self.targets), conv(self.sampled),  # type: ignore[arg-type]
             self.seed, dict(self.model), dict(self.meta),
         )
+
+    def scaled(self, c: float) -> "Capture":
+        """The capture of the loss c·L (c > 0): per-example output gradients g, dense rows and ∇h
+        times c, G times c², the loss value times c; ā and A unchanged, so F becomes c²F.
+        ``c = 1/d_y`` gives the loss averaged over its d_y output terms (torch's mean reduction, the
+        paper's code). ``c = 1`` returns the capture itself."""
+        c = float(c)
+        if c == 1.0:
+            return self
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"Capture.scaled: the loss scale must be finite and > 0, got {c}")
+        layers = [
+            dataclasses.replace(
+                lc,
+                g=None if lc.g is None else lc.g * c,
+                dense=None if lc.dense is None else lc.dense * c,
+                G=None if lc.G is None else lc.G * c**2,
+            )
+            for lc in self.layers
+        ]
+        return dataclasses.replace(self, layers=layers, grad=self.grad * c, loss_value=self.loss_value * c)
 
     def equals(self, other: "Capture") -> bool:
         """Exact equality of every array and every metadata field."""

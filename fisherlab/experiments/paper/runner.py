@@ -30,7 +30,7 @@ from .config import (
 )
 from .report import write_outputs
 from .results import ProblemResult, ReproResult, RunResult
-from .units import mean_loss_capture, scale_capture_of
+from .units import mean_loss_capture
 from .verdicts import compute_claims, compute_verdicts, final_loss
 
 __all__ = ["run_training", "run_problem", "reproduce", "n_runs", "damping_of", "optimizer_options"]
@@ -207,8 +207,8 @@ def run_training(
     at step 1) on the training trajectory: the paper's equations by :func:`fisherlab.compare`,
     and with ``released_gaps`` also the released code's protocol (:func:`released_rows`), on
     the same capture. With ``problem.loss_units == "mean"`` the damped optimizers step on
-    captures in the paper's units (:func:`.units.scale_capture_of`: lr, λ and ω as the paper
-    states them) and the recorded losses are the output-averaged ones.
+    captures in the paper's units (the optimizers' ``loss_scale=1/d_y``: lr, λ and ω as the
+    paper states them) and the recorded losses are the output-averaged ones.
 
     Args:
         problem: the problem (model, data, batch size, units of the hyper-parameters).
@@ -235,6 +235,8 @@ def run_training(
     opts: dict[str, Any] = dict(extra)
     if damped:
         opts.update(optimizer_options(problem, optimizer, damping, cfg, protocol=protocol))
+        if d != 1.0:  # steps on the output-averaged loss: Capture.scaled(1/d) of every capture
+            opts["loss_scale"] = 1.0 / d
     tc = TrainConfig(
         model=problem.model, data=problem.data, n=problem.n, data_seed=cfg.seed, batch_size=problem.batch_size,
         steps=steps, optimizer=optimizer, lr=float(lr_u), weight_decay=wd_u, optimizer_options=opts,
@@ -254,8 +256,6 @@ def run_training(
 
     def factory(params: list[nn.Parameter], config: Any, *, model: nn.Module) -> torch.optim.Optimizer:
         opt = base(params, config, model=model)
-        if damped:
-            scale_capture_of(opt, d)
         holder["opt"] = opt
         holder["t0"] = time.perf_counter()
         return opt
