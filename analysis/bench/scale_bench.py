@@ -30,6 +30,9 @@ Measured (issue 14 items 3-4; 2 cores at load average ~10 from other agents, 1 t
                             methods ran > 40 min wall (> 27 min CPU) and had not finished
     compare, warm cache     (zero, kfac, exact only) 275 s wall, 96 s CPU, setup_s 66 s wall,
                             peak RSS 4.11 GiB; no Gram or factor eigh recomputed
+    then at load ~2, 2 threads, methods zero, kfac, exact, block-diagonal, nicolaides, residuals:
+      no cache              158 s wall (288 s CPU), setup_s 22.1 s, kfac row 54.6 s (its factor eigh), peak 4.44 GiB
+      warm cache            100 s wall (190 s CPU), setup_s 13.4 s, kfac row 15.6 s, peak 4.41 GiB (warm/cold 0.63)
     plan for B = 512        in memory 9.7 GiB (+ 3.0 GiB float32 copy while converting),
                             streamed 3.61 GiB: both fit --memory 16GiB
 
