@@ -186,13 +186,29 @@ def _figure_paths(path: Path) -> list[Path]:
     return [path.with_name(path.name + "." + ext) for ext in ("png", "pdf")]
 
 
+def _panel_title(pr: ProblemResult) -> str:
+    """The problem's title, with its batch size unless the title states it already."""
+    t = pr.problem.title
+    return t if f"B={pr.problem.batch_size}" in t else f"{t}, B={pr.problem.batch_size}"
+
+
+def training_title(results: Sequence[ProblemResult], what: str) -> str:
+    """Fig. 2/4(a)'s title: the optimizers actually drawn (SGD/ADAM only when they ran), and
+    that the curves are the first seed's under the paper's equations when there are replicas."""
+    ran = {o for pr in results for o in pr.runs}
+    names = "KFAC vs two-level KFAC" + (" vs SGD/ADAM" if ran & set(BASELINES) else "") + (
+        " vs exact NG" if "ngd" in ran else "")
+    replicas = any(len(pr.replicas) > len(pr.runs) for pr in results)
+    return f"{what}: {names}" + (" (seed 0, the paper's equations; intervals in report.md)" if replicas else "")
+
+
 def plot_training(results: Sequence[ProblemResult], path: Path, *, title: str) -> list[Path]:
     """Training loss against step and against wall time, one row per problem, one line per
     optimizer (running mean over ~steps/30 mini-batches; log scale); diverged runs end early.
     Drawn by :func:`fisherlab.plots.plot_training_curves`; returns the PNG and PDF paths."""
     fig = plots.plot_training_curves(
         [r for pr in results for r in curve_rows(pr)], path, title=title,
-        panel_titles={pr.problem.key: f"{pr.problem.title}, B={pr.problem.batch_size}" for pr in results},
+        panel_titles={pr.problem.key: _panel_title(pr) for pr in results},
         smooth={pr.problem.key: max(1, pr.problem.steps // 30) for pr in results},
         diverged=[(pr.problem.key, o) for pr in results for o, run in pr.runs.items() if run.diverged],
         reference=REFERENCE, dashed=BASELINES,
@@ -637,7 +653,7 @@ def write_outputs(result: ReproResult, out_dir: str | os.PathLike) -> list[Path]
         files.append(_csv(out / "fig2_curves.csv", [r for pr in result.fig2 for r in curve_rows(pr)]))
         files.append(_csv(out / "fig2_final.csv", [r for pr in result.fig2 for r in final_rows(pr)]))
         files.append(_csv(out / "fig2_grid.csv", [r for pr in result.fig2 for r in pr.grid]))
-        files += plot_training(result.fig2, out / "fig2", title="Fig. 2 (small scale): KFAC vs two-level KFAC vs SGD/ADAM on deep autoencoders")
+        files += plot_training(result.fig2, out / "fig2", title=training_title(result.fig2, "Fig. 2, deep autoencoders"))
         files.append(_csv(out / "fig5_gap.csv", gap_rows(result.fig2)))
         files += plot_gaps(result.fig2, out / "fig5")
     if result.config.settings == "paper":
@@ -653,7 +669,7 @@ def write_outputs(result: ReproResult, out_dir: str | os.PathLike) -> list[Path]
         files.append(_csv(out / "fig4a_curves.csv", curve_rows(result.fig4a)))
         files.append(_csv(out / "fig4a_final.csv", final_rows(result.fig4a)))
         files.append(_csv(out / "fig4a_grid.csv", result.fig4a.grid))
-        files += plot_training([result.fig4a], out / "fig4a", title="Fig. 4(a) (small scale): 64-layer deep linear network with BatchNorm")
+        files += plot_training([result.fig4a], out / "fig4a", title=training_title([result.fig4a], "Fig. 4(a), 64-layer deep linear network with BatchNorm"))
     summary = {
         "config": result.config.to_dict(),
         "seconds": result.seconds,
