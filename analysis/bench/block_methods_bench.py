@@ -19,6 +19,10 @@ KFAC), mini-block 5.61, kfoc 8.89, kpsvd 21.2 (1.9×); compare total 186.7 s = 1
 the issue-11 speed-ups (the previous session, idle machine): unit-wise 14.8 s = 4.0× KFAC's 3.68,
 kpsvd 28.1 s = 7.6×, total 80.7 s = 21.9×. The target is a total ``compare`` < 60 s on an idle
 2-core machine (16.3× KFAC's idle 3.68 s).
+
+Measured idle (2026-12-01 21:26 UTC, load average 0.9–1.4, 2 threads): KFAC 2.48 s; foof 0.45,
+ekfac 0.49, kfac-reduce 0.41, diagonal 0.07, unit-wise 3.27 (1.32× KFAC), mini-block 1.67, kfoc
+1.87, kpsvd 4.48 (1.81×); the coarse corrections 0.6–2.6 s; **compare total 38.9 s** (target met).
 """
 
 from __future__ import annotations
