@@ -69,3 +69,20 @@ def small_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def fill_disk():
+    """``fill_disk(path)``: write zeros to ``path`` until its file system is full (ENOSPC)."""
+
+    def fill(path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096) > 0:
+                pass
+        except OSError:  # ENOSPC: the disk is full
+            pass
+        finally:
+            os.close(fd)
+
+    return fill

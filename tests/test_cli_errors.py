@@ -122,15 +122,8 @@ def test_read_only_folder_and_file_system(capsys, tmp_path, ckpt, small_fs):
     assert rc == 0 and "1 complete" in out
 
 
-def test_full_disk_is_one_line(capsys, tmp_path, ckpt, small_fs):
-    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096) > 0:
-            pass
-    except OSError:  # ENOSPC: the disk is full
-        pass
-    finally:
-        os.close(fd)
+def test_full_disk_is_one_line(capsys, tmp_path, ckpt, small_fs, fill_disk):
+    fill_disk(small_fs / "filler")
     rc, _, err = run_cli(capsys, *capture_args(ckpt, small_fs / "run.h5"))
     one_line(rc, err, r"run\.h5: cannot write the checkpoint: the disk is full")
     assert not (small_fs / "run.h5").exists() and not (small_fs / "run.h5.partial").exists()

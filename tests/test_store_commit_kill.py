@@ -188,7 +188,7 @@ for attempt in range(3):             # failing again and again must not damage t
 """
 
 
-def test_disk_full_inside_hdf5_writes_exits_cleanly_and_the_file_stays_appendable(small_fs, tmp_path):
+def test_disk_full_inside_hdf5_writes_exits_cleanly_and_the_file_stays_appendable(small_fs, tmp_path, fill_disk):
     """The writer's space is reserved (fallocate) before HDF5 writes: a full disk is a one-line
     error before any HDF5 write, the process exits 0 (it used to segfault at exit, and repeated
     failed appends left 'corrupted' files), and the file takes the append once space is free."""
@@ -196,14 +196,7 @@ def test_disk_full_inside_hdf5_writes_exits_cleanly_and_the_file_stays_appendabl
     path = small_fs / "run.h5"
     fisherlab.save(big, path, checkpoint="c1", fsync=False)
     filler = small_fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096) > 0:
-            pass
-    except OSError:  # ENOSPC: the disk is full
-        pass
-    finally:
-        os.close(fd)
+    fill_disk(filler)
     script = tmp_path / "full.py"
     script.write_text(FULL_WRITER.format(tests=str(TESTS)))
     r = subprocess.run([sys.executable, str(script), str(path), str(small_fs / "new.h5")],
