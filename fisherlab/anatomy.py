@@ -59,6 +59,8 @@ class Anatomy:
         total: ‖e‖²_F•; span, null: 𝔈_span, 𝔈_null (total = span + null).
         layers: per layer ``(‖e_i‖, ‖e_i‖²_[F•]ii)``.
         modes: the coefficients ``v_jᵀe`` along the top eigenvectors of F ``[k]``.
+        product: ``Uᵀe`` ``[N]`` (what the split is computed from; :func:`fisherlab.compare`
+            reuses it for the method's ``xᵀF•x`` = ‖Uᵀζ + Uᵀe‖² + λ‖x‖²).
     """
 
     total: float
@@ -66,6 +68,7 @@ class Anatomy:
     null: float
     layers: list[tuple[float, float]]
     modes: Tensor
+    product: Tensor | None = None
 
 
 def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5) -> Anatomy:
@@ -86,4 +89,4 @@ def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5) -> Anat
     span, null = y2 + lam * pe2, lam * (e2 - pe2)
     k = min(top, basis.rank)
     modes = c[:k] / basis.mu[:k].sqrt()
-    return Anatomy(y2 + lam * e2, span, null, layers, modes)
+    return Anatomy(y2 + lam * e2, span, null, layers, modes, y)

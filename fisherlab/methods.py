@@ -42,6 +42,7 @@ from .operators import (
     KFAC,
     TKO,
     BlockDiagonalFisher,
+    CoarseContext,
     DiagonalFisher,
     EKFAC,
     ExactFisher,
@@ -134,6 +135,7 @@ class Pieces:
     exact: ExactFisher | None = None
     kfac: KFAC | None = None
     _one_level: dict = field(default_factory=dict)
+    _contexts: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, source: Capture | Jacobian, damping: float | Damping, *, rhs: Tensor | None = None, **kw) -> "Pieces":
@@ -159,6 +161,16 @@ class Pieces:
                 raise UnknownMethodError(f"'{key}' is not a one-level method (a coarse correction needs one as its base)")
             self._one_level[cache_key] = method.builder(self, **method.resolve_options(options))  # type: ignore[misc]
         return self._one_level[cache_key]
+
+    def coarse_context(self, base: FisherOperator, key: str = "coarse") -> CoarseContext:
+        """The shared :class:`CoarseContext` of the one-level operator ``base`` (built by
+        :meth:`one_level`), F• and ∇h: ζ_base = base⁻¹∇h and the residual r = ∇h − F•ζ_base are
+        computed once for every coarse correction over that base."""
+        ctx = self._contexts.get(id(base))
+        if ctx is None or ctx.base is not base:
+            ctx = CoarseContext(base, self.fisher(), self.right_hand_side(key).to(torch.float64))  # type: ignore[arg-type]
+            self._contexts[id(base)] = ctx
+        return ctx
 
     def right_hand_side(self, key: str) -> Tensor:
         if self.rhs is None:
@@ -239,9 +251,10 @@ def _kfac(mode: str) -> Builder:
 
 def _two_level(space: str) -> Builder:
     def build(pieces: Pieces, *, base: str = "kfac", **sizes: int) -> TwoLevelKFAC:
+        one = pieces.one_level(base)
         return TwoLevelKFAC.from_capture(
-            pieces.jac, pieces.damping, space, base=pieces.one_level(base), exact=pieces.fisher(),
-            rhs=pieces.right_hand_side(space), **sizes,
+            pieces.jac, pieces.damping, space, base=one, exact=pieces.fisher(),
+            rhs=pieces.right_hand_side(space), context=pieces.coarse_context(one, space), **sizes,
         )
 
     return build
@@ -249,9 +262,11 @@ def _two_level(space: str) -> Builder:
 
 def _tko(coarse_operator: str) -> Builder:
     def build(pieces: Pieces, *, base: str = "kfac", coarse: str = "nicolaides", **sizes: int) -> TKO:
+        one = pieces.one_level(base)
         return TKO.from_capture(
-            pieces.jac, pieces.damping, coarse, base=pieces.one_level(base), exact=pieces.fisher(),
-            rhs=pieces.right_hand_side("tko"), coarse_operator=coarse_operator, **sizes,
+            pieces.jac, pieces.damping, coarse, base=one, exact=pieces.fisher(),
+            rhs=pieces.right_hand_side("tko"), coarse_operator=coarse_operator,
+            context=pieces.coarse_context(one, "tko"), **sizes,
         )
 
     return build
@@ -415,6 +430,7 @@ def _with_base(pieces: Pieces, base_key: str, base_opts: dict, coarse_builder: B
     op = pieces.one_level(base_key, **base_opts)
     view = Pieces(pieces.jac, pieces.damping, pieces.rhs, exact=pieces.fisher(), kfac=pieces.kfac)
     view._one_level = {**pieces._one_level, (base_key, ()): op}
+    view._contexts = pieces._contexts  # the corrections over op share its context with the parent's
     return coarse_builder(view, base=base_key, **coarse_opts)
 
 

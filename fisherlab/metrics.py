@@ -464,8 +464,12 @@ def compare(
     zK = kfac.apply_inverse(w)
     t_kfac = time.perf_counter() - t0
     E_kfac = float(exact.fisher_norm2(zK - zeta)[0])
-    zKFzK = float((zK * exact.apply(zK)).sum())
+    FzK = exact.apply(zK)
+    zKFzK = float((zK * FzK).sum())
     pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
+    ctx = pieces.coarse_context(kfac)  # ζ_KFAC and r = ∇h − F•ζ_KFAC (3.13), shared by every coarse correction
+    ctx.__dict__.update(zeta_kfac=zK, residual=w - FzK)
+    Uzeta = za.product if za is not None else None  # Uᵀζ: each method's xᵀF•x then comes from its anatomy's Uᵀe
     if cache is not None:
         cache.save(jac, woodbury=(lam, exact._chol) if exact._chol is not None else None)
     setup_s = time.perf_counter() - t_setup - t_kfac - t_exact  # KFAC's and ζ's own time go to their rows
@@ -494,7 +498,8 @@ def compare(
                     table.rows.append({**sample, **_na_row(name, str(err).split(";")[0])})
                     continue
                 raise
-            x = op.apply_inverse(w)
+            # a coarse correction's increment from the shared ζ_KFAC and r (= op.apply_inverse(w))
+            x = op.increment() if isinstance(op, CoarseCorrection) and op.rhs is not None else op.apply_inverse(w)
         seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
         e = x - zeta
         if basis is not None:
@@ -517,7 +522,12 @@ def compare(
                 note = "; ".join(filter(None, [note, space_note]))
             ratio = 1.0 + gap / E_kfac if E_kfac > 0 else float("nan")
         else:
-            gap = 0.0 if op is kfac else float((x * exact.apply(x)).sum()) - zKFzK - 2 * float(((x - zK) * w).sum())
+            if op is kfac:
+                gap = 0.0
+            else:  # xᵀF•x = ‖Uᵀx‖² + λ‖x‖², with Uᵀx = Uᵀζ + Uᵀe from the anatomy (no further product)
+                xFx = (float((Uzeta + an.product).pow(2).sum()) + lam * float(x.pow(2).sum()) if an is not None
+                       else float((x * exact.apply(x)).sum()))
+                gap = xFx - zKFzK - 2 * float(((x - zK) * w).sum())
             ratio = E / E_kfac if E_kfac > 0 else float("nan")
         checked = gap if own_gap is None else own_gap
         if method.family.gap_violation(checked, E_kfac + zeta_norm2 + abs(gap - checked)):

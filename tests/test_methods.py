@@ -144,3 +144,38 @@ def test_diagonal_optimizer_takes_one_step():
     opt.step(inputs=x, targets=y)
     assert not torch.equal(before, torch.nn.utils.parameters_to_vector(model.parameters()))
     assert opt.history[-1]["method"] == "diagonal"
+
+
+COARSE_KEYS = [k for k, m in METHODS.items() if m.family.coarse] + ["ekfac+residuals", "foof+tko"]
+
+
+@pytest.mark.parametrize("case_id", CASES)
+@pytest.mark.parametrize("key", COARSE_KEYS)
+def test_coarse_increment_is_the_solve_from_the_shared_context(key, case_id):
+    """Every coarse correction built from one :class:`Pieces` shares one context per base (ζ_base
+    and r computed once), and its ``increment()`` — what compare uses — is ``solve(∇h)``."""
+    cap = cached_capture(case_id, "cross_entropy", "mc")
+    pieces = methods.Pieces.of(cap, DAMPING)
+    try:
+        op = methods.build(key, pieces)
+        again = methods.build(key, pieces)
+    except FisherlabError as err:
+        assert case_id == "cnn" and "defined for Linear layers" in str(err)
+        pytest.skip("the Kronecker F_coarse (3.18) is defined for Linear layers only")
+    assert op.context is again.context is pieces.coarse_context(op.base)
+    w = cap.grad.to(torch.float64).reshape(-1, 1)
+    assert close(op.increment(), op.solve(w))
+
+
+def test_a_context_of_another_right_hand_side_is_refused():
+    from fisherlab.operators import CoarseContext, TwoLevelKFAC
+
+    cap = cached_capture("mlp", "cross_entropy", "mc")
+    pieces = methods.Pieces.of(cap, DAMPING)
+    kfac, exact = pieces.one_level("kfac"), pieces.fisher()
+    other = CoarseContext(kfac, exact, 2 * pieces.rhs)
+    with pytest.raises(ValueError, match="another right-hand side"):
+        TwoLevelKFAC.from_capture(pieces.jac, DAMPING, "residuals", kfac=kfac, exact=exact, rhs=pieces.rhs, context=other)
+    with pytest.raises(ValueError, match="another one-level operator"):
+        TwoLevelKFAC.from_capture(pieces.jac, DAMPING, "residuals", kfac=methods.build("kfac", pieces.jac, DAMPING),
+                                  exact=exact, rhs=pieces.rhs, context=pieces.coarse_context(kfac))

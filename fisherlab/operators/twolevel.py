@@ -117,6 +117,15 @@ def coarse_matrix(
     return Z.T @ Z + lam * coarse_diagonal_term(basis, diagonal)
 
 
+def _checked_context(context: CoarseContext, base: BlockDiagonal, exact: ExactFisher, rhs: Tensor) -> CoarseContext:
+    """``context`` when it belongs to this one-level operator, F• and right-hand side (else a one-line error)."""
+    if context.base is not base or context.fisher is not exact:
+        raise ValueError("the given coarse context belongs to another one-level operator or F•")
+    if rhs is None or not torch.equal(context.rhs.reshape(-1).to(rhs.dtype), rhs.reshape(-1)):
+        raise ValueError("the given coarse context was built for another right-hand side")
+    return context
+
+
 def coarse_diagonal_term(basis: CoarseBasis, diagonal: str = "exact") -> Tensor:
     """The matrix that λ multiplies in the coarse matrix ``[m, m]``: R_0R_0ᵀ = blockdiag(V_iᵀV_i)
     (``"exact"``), or ``diag(p_i, …)`` with p_i repeated for each of the m_i columns of layer i
@@ -233,6 +242,7 @@ class CoarseCorrection(FisherOperator):
         coarse_matrix: Tensor | None = None,
         coefficient: float | None = None,
         protocol: str | Protocol | None = None,
+        context: CoarseContext | None = None,
         **options,
     ) -> None:
         if not isinstance(exact, ExactFisher) or not isinstance(basis, CoarseBasis):
@@ -249,6 +259,8 @@ class CoarseCorrection(FisherOperator):
         self.base, self.exact, self.basis, self.space = base, exact, basis, space
         self.jac = exact.jac
         self.rhs = None if rhs is None else rhs.reshape(-1).to(self.dtype)
+        if context is not None:  # ζ_KFAC and r shared with other corrections of the same (K, F•, ∇h)
+            self.__dict__["context"] = _checked_context(context, base, exact, self.rhs)
         self.F_coarse = _coarse_matrix(exact, basis)
         self.F_coarse_op = Matrix(self.F_coarse, spd=True, what="F_coarse = R_0F•R_0ᵀ")
         if basis.m:
@@ -316,6 +328,7 @@ class CoarseCorrection(FisherOperator):
         protocol: str | Protocol | None = None,
         coarse_normalization: str | None = None,
         conv_damping: str | None = None,
+        context: CoarseContext | None = None,
         **options,
     ) -> dict:
         if kfac is not None and base is not None:
@@ -343,19 +356,22 @@ class CoarseCorrection(FisherOperator):
             raise ValueError(f"rhs must have shape [{jac.p}], got {tuple(rhs.shape)}")
         rhs = rhs.to(dtype)
         space = make_coarse_space(cls.default_coarse if coarse is None else coarse, k=k, m=m, q=q)
-        raw = space.build(CoarseContext(base, exact, rhs))
+        context = CoarseContext(base, exact, rhs) if context is None else _checked_context(context, base, exact, rhs)
+        raw = space.build(context)
         if normalization == "orthonormal":
             basis = CoarseBasis.from_raw(raw, rtol=orth_rtol, dtype=dtype)
         else:
             basis = max_abs_basis(raw, rtol=orth_rtol, dtype=dtype)
-        return dict(base=base, exact=exact, basis=basis, rhs=rhs, space=space, protocol=proto, **options)
+        return dict(base=base, exact=exact, basis=basis, rhs=rhs, space=space, protocol=proto, context=context, **options)
 
     @classmethod
     def from_capture(cls, source: Capture | Jacobian, damping: float, coarse: str | CoarseSpace | Sequence[Tensor] | None = None, **kw):
         """Build the one-level operator (KFAC unless ``base``/``kfac`` is given), the exact F• (unless
         ``exact`` is given), the coarse space's basis for ``rhs`` (default ``capture.grad``), then the
         operator. ``k``, ``m``, ``q``: spectral, Krylov and Taylor sizes; ``orth_rtol``: the
-        tolerance under which dependent coarse columns are dropped.
+        tolerance under which dependent coarse columns are dropped; ``context``: a ready
+        :class:`~fisherlab.operators.coarse.CoarseContext` of the same base, F• and rhs, whose
+        ζ_KFAC and residual r (each one K⁻¹ and one F• product) several corrections then share.
 
         Protocol keywords (module docstring, docs/PROTOCOL.md): ``protocol`` (``"paper"`` default,
         ``"released-code"``) sets the defaults of ``damping_mode`` (the fine level's, when KFAC is
@@ -426,6 +442,15 @@ class CoarseCorrection(FisherOperator):
     # ---- the correction -------------------------------------------------------------------
     def beta(self, w: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def increment(self) -> Tensor:
+        """The method's increment for its own right-hand side ∇h, ``[p, 1]``: ζ_KFAC + c·R_0ᵀβ
+        ((3.14) multiplicative, (3.17) additive; β of :meth:`beta`). Equal to ``solve(∇h)``, but
+        from the context's ζ_KFAC and r, so it costs no K⁻¹ or F• product of its own."""
+        zk = self.context.zeta_kfac
+        if self.coarse_dim == 0 or self.coefficient == 0.0:
+            return zk.clone()
+        return zk + self.coefficient * self.R0T(self.beta())
 
     def gap(self, beta: Tensor | None = None) -> float:
         """The TRUE error change 𝔈(ζ_KFAC + cR_0ᵀβ) − 𝔈(ζ_KFAC) = c²βᵀF_coarseβ − 2c⟨R_0ᵀβ, r⟩
