@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
+from ..errors import FisherlabError
 from ..jacobian import Jacobian, LayerJacobian, factor_eigh, psd_eigh_from_rows
 from .algebra import BlockDiagonal
 from .base import check_damping
@@ -63,6 +64,29 @@ and the ~:data:`LANCZOS_MATVECS` implicit products' (a 625 × 4624 R, tiny-gpt's
 12 s by SVD, 0.2 s by Lanczos)."""
 LANCZOS_MATVECS = 60
 """Products by R or Rᵀ the ``"auto"`` rule expects ARPACK to need for the top few triplets (43 measured)."""
+
+LANCZOS_TOL = 1e-10
+"""The r = 1 Lanczos (:func:`_lanczos_top`) stops when the top Ritz pair of the normal map ``H = RᵀR``
+(or ``RRᵀ``, the smaller side) has residual ``‖Hv − θv‖ ≤ LANCZOS_TOL·θ``; the unit singular vectors
+are then off by ≲ LANCZOS_TOL·θ/(θ − θ₂) (the Ritz-vector bound). ``tol=0`` in :func:`kronecker_svd` is
+the old machine-precision stop (``tests/test_kfoc_solver.py`` measures both against the dense SVD)."""
+LANCZOS_BASIS = 40
+"""Lanczos vectors kept (full reorthogonalisation) before an explicit restart from the Ritz vector."""
+LANCZOS_MAX_PRODUCTS = 4000
+"""Products by R or Rᵀ after which the r = 1 Lanczos gives up (one-line error naming the layer)."""
+PRODUCT_FORMS = ("linear", "factored", "per-example")
+"""How R's products are formed: ``"linear"`` (factored, T = 1: a scalar per example),
+``"factored"`` (positions: through the ``[T, T]`` cores of the factors, :func:`_factored_products`),
+``"per-example"`` (through ``M = per_example_matrices()``, :func:`_per_example_products`)."""
+PER_EXAMPLE_MAX_NUMEL = 2**27
+"""``"auto"`` never forms ``M [N, d_out, d_in']`` of more numbers than this (1 GiB in float64)."""
+REDUCE_MAX_FILL = 0.5
+"""``"factored"`` products run in an orthonormal basis of the rows of ā (g) when they number at most
+this fraction of d_in' (d_out): ``āᵀ = Q_a Rq`` (QR), so ``R = (Q_a⊗Q_a) R̂ (Q_g⊗Q_g)ᵀ`` exactly, and
+the products cost ``B·T·(B·T)²`` instead of ``B·T·d_in'²`` (layer4 of ResNet-18 at B = 32: 512 rows
+for d_in' = 4609)."""
+_PRODUCT_TEMP_NUMEL = 2**25
+"""Temporaries of one chunk of a product (256 MiB in float64)."""
 
 _RANK_RTOL = 1e-13
 """Gram eigenvalues under this fraction of the largest are dropped (round-off directions)."""
@@ -87,50 +111,159 @@ class KroneckerSVD:
     """``"factors"`` only: ``(a [B, d_in'], α [B, r], g [N, d_out], β [N, r])`` with
     ``A[k] = aᵀ diag(α[:, k]) a`` and ``G[k] = gᵀ diag(β[:, k]) g`` (rank ≤ B), for products
     that never touch the d × d factors (:class:`~fisherlab.operators.kpsvd.KPSVDBlock`)."""
+    reduced: tuple[Tensor | None, Tensor, Tensor | None, Tensor] | None = None
+    """``"lanczos"`` only: ``(Q_a [d_in', r_a] or None, Â_1, Q_g [d_out, r_g] or None, Ĝ_1)``, the
+    top pair in the orthonormal bases it was computed in (``A_1 = Q_a Â_1 Q_aᵀ``; None: the identity),
+    for its eigendecomposition without a d_in' × d_in' ``eigh`` (:func:`top_pair_eigh`)."""
+    products: int = 0
+    """Products by R or Rᵀ the iterative solver used (0 for the direct ones)."""
+    product: str = ""
+    """``"lanczos"``: the product form (:data:`PRODUCT_FORMS`), ``"+reduced"`` when in a reduced basis."""
 
     @property
     def r(self) -> int:
         return int(self.sigma.shape[0])
 
 
-def _rearranged_maps(lj: LayerJacobian):
-    """``(R X, Rᵀ Y)`` for batches ``X [c, d_out, d_out]``, ``Y [c, d_in', d_in']``."""
-    if lj.a is not None and lj.g is not None and lj.T == 1:
-        a = lj.a[:, 0]  # [B, d_in']
-        g = lj.g[:, :, 0]  # [B, K, d_out]
+def _linear_products(a: Tensor, g: Tensor, B: int):
+    """``(R X, Rᵀ Y)`` of a Linear layer (T = 1) from ``a [B, d_in']``, ``g [B, K, d_out]``: scalars per example."""
 
-        def R(X: Tensor) -> Tensor:
-            q = torch.einsum("bkr,crs,bks->cb", g, X, g)
-            return torch.einsum("bi,cb,bj->cij", a, q, a) / lj.B
+    def R(X: Tensor) -> Tensor:
+        q = torch.einsum("bkr,crs,bks->cb", g, X, g)
+        return torch.einsum("bi,cb,bj->cij", a, q, a) / B
 
-        def RT(Y: Tensor) -> Tensor:
-            q = torch.einsum("bi,cij,bj->cb", a, Y, a)
-            return torch.einsum("bkr,cb,bks->crs", g, q, g) / lj.B
-
-        return R, RT
-    M = lj.per_example_matrices()  # [N, d_out, d_in']
-    Mt = M.mT
-
-    def R(X: Tensor) -> Tensor:  # (1/B) Σ_n M_nᵀ X M_n by batched GEMMs (a 3-operand einsum plans every call)
-        return (Mt.unsqueeze(0) @ X.unsqueeze(1) @ M.unsqueeze(0)).sum(1) / lj.B
-
-    def RT(Y: Tensor) -> Tensor:  # (1/B) Σ_n M_n Y M_nᵀ
-        return (M.unsqueeze(0) @ Y.unsqueeze(1) @ Mt.unsqueeze(0)).sum(1) / lj.B
+    def RT(Y: Tensor) -> Tensor:
+        q = torch.einsum("bi,cij,bj->cb", a, Y, a)
+        return torch.einsum("bkr,cb,bks->crs", g, q, g) / B
 
     return R, RT
 
 
-def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> KroneckerSVD:
+def _per_example_products(M: Tensor, B: int):
+    """``(R X, Rᵀ Y)`` from the per-example matrices ``M [N, d_out, d_in']`` (:data:`PRODUCT_FORMS`
+    ``"per-example"``): ``R X = (1/B) Σ_n M_nᵀ (X M_n)`` as one ``[d_in', N·d_out] × [N·d_out, d_in']``
+    GEMM per chunk of examples, never an ``[N, d_in', d_in']`` temporary."""
+    N, d_out, d_in = M.shape
+    step = max(1, _PRODUCT_TEMP_NUMEL // max(d_out * d_in, 1))
+
+    def R(X: Tensor) -> Tensor:
+        out = M.new_zeros(X.shape[0], d_in, d_in)
+        for c in range(X.shape[0]):
+            for s in range(0, N, step):
+                Mc = M[s : s + step]
+                out[c].addmm_(Mc.reshape(-1, d_in).T, (X[c] @ Mc).reshape(-1, d_in))
+        return out / B
+
+    def RT(Y: Tensor) -> Tensor:
+        out = M.new_zeros(Y.shape[0], d_out, d_out)
+        for c in range(Y.shape[0]):
+            for s in range(0, N, step):
+                Mc = M[s : s + step]
+                out[c].addmm_((Mc @ Y[c]).transpose(0, 1).reshape(d_out, -1), Mc.transpose(0, 1).reshape(d_out, -1).T)
+        return out / B
+
+    return R, RT
+
+
+def _factored_products(a: Tensor, g: Tensor, B: int):
+    """``(R X, Rᵀ Y)`` from the factors ``a [B, T, d_a]``, ``g [B, K, T, d_g]`` of a layer with positions
+    (:data:`PRODUCT_FORMS` ``"factored"``): with ``Ā_b = a[b] [T, d_a]``, ``G_{bk} = g[b, k] [T, d_g]``
+    (so ``M_{bk} = G_{bk}ᵀ Ā_b``),
+
+        R X = (1/B) Σ_b Ā_bᵀ (Σ_k G_{bk} X G_{bk}ᵀ) Ā_b,    Rᵀ Y = (1/B) Σ_{b,k} G_{bkᵀ} (Ā_b Y Ā_bᵀ) G_{bk},
+
+    through the ``[T, T]`` cores, in chunks of examples (temporaries under :data:`_PRODUCT_TEMP_NUMEL`);
+    the last contraction is one ``[d, chunk·T] × [chunk·T, d]`` GEMM. ~:func:`product_flops`."""
+    _, K, T, d_g = g.shape
+    d_a = a.shape[-1]
+    step = max(1, _PRODUCT_TEMP_NUMEL // max(K * T * (max(T, d_g) + d_a), 1))
+
+    def R(X: Tensor) -> Tensor:
+        out = a.new_zeros(X.shape[0], d_a, d_a)
+        for c in range(X.shape[0]):
+            for s in range(0, B, step):
+                ab, gb = a[s : s + step], g[s : s + step]
+                n = ab.shape[0]
+                gf = gb.reshape(n * K, T, d_g)
+                S = ((gf @ X[c]) @ gf.mT).reshape(n, K, T, T).sum(1)  # [n, T, T]
+                out[c].addmm_(ab.reshape(-1, d_a).T, (S @ ab).reshape(-1, d_a))
+        return out / B
+
+    def RT(Y: Tensor) -> Tensor:
+        out = a.new_zeros(Y.shape[0], d_g, d_g)
+        for c in range(Y.shape[0]):
+            for s in range(0, B, step):
+                ab, gb = a[s : s + step], g[s : s + step]
+                S = (ab @ Y[c]) @ ab.mT  # [n, T, T]
+                out[c].addmm_(gb.reshape(-1, d_g).T, (S[:, None] @ gb).reshape(-1, d_g))
+        return out / B
+
+    return R, RT
+
+
+def product_flops(lj: LayerJacobian, form: str) -> int:
+    """Flops of one product by R or Rᵀ of layer ``lj`` in ``form`` (:data:`PRODUCT_FORMS`), plus, for
+    ``"per-example"`` on factors, forming ``M [N, d_out, d_in']`` once spread over
+    :data:`LANCZOS_MATVECS` products."""
+    B, N, T, d_in, d_out = lj.B, lj.N, lj.T, lj.spec.d_in_bar, lj.spec.d_out
+    if form == "linear":
+        return 2 * N * d_out * d_out + 2 * B * d_in * d_in
+    if form == "factored":
+        return 2 * (N * T * d_out * d_out + N * T * T * d_out + B * T * T * d_in + B * T * d_in * d_in)
+    form_M = 2 * N * T * d_out * d_in // LANCZOS_MATVECS if lj.factored else 0
+    return 2 * N * d_out * d_in * (d_in + d_out) + form_M
+
+
+def product_form(lj: LayerJacobian) -> str:
+    """The form of R's products for layer ``lj`` (:data:`PRODUCT_FORMS`): ``"linear"`` (factored,
+    T = 1), ``"per-example"`` (dense rows), else the cheaper of ``"factored"`` and ``"per-example"``
+    by :func:`product_flops` (``"factored"`` too when ``M`` would exceed :data:`PER_EXAMPLE_MAX_NUMEL`)."""
+    if not lj.factored:
+        return "per-example"
+    if lj.T == 1:
+        return "linear"
+    if lj.N * lj.p > PER_EXAMPLE_MAX_NUMEL:
+        return "factored"
+    return "factored" if product_flops(lj, "factored") <= product_flops(lj, "per-example") else "per-example"
+
+
+def _rearranged_maps(lj: LayerJacobian, form: str = "auto"):
+    """``(R X, Rᵀ Y)`` for batches ``X [c, d_out, d_out]``, ``Y [c, d_in', d_in']`` in ``form``
+    (:data:`PRODUCT_FORMS`; ``"auto"``: :func:`product_form`)."""
+    form = product_form(lj) if form == "auto" else form
+    if form == "linear" or form == "factored":
+        if not lj.factored or (form == "linear") != (lj.T == 1):
+            raise ValueError(f"layer '{lj.spec.name}': the {form!r} products need a factored layer with "
+                             f"{'one position' if form == 'linear' else 'positions'}")
+        if form == "linear":
+            return _linear_products(lj.a[:, 0], lj.g[:, :, 0], lj.B)  # type: ignore[index]
+        return _factored_products(lj.a, lj.g, lj.B)  # type: ignore[arg-type]
+    if form != "per-example":
+        raise ValueError(f"product form must be 'auto' or one of {PRODUCT_FORMS}, got {form!r}")
+    return _per_example_products(lj.per_example_matrices(), lj.B)
+
+
+def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto", *, product: str = "auto",
+                  start: str = "kfac", tol: float = LANCZOS_TOL, reduce: str = "auto") -> KroneckerSVD:
     """The top ``r`` Kronecker terms of layer ``lj``'s exact block (see the module docstring).
 
     ``r`` is clipped to the rank the solver can resolve (the ``"factors"`` path: the numerical rank
-    of the ``[B, B]`` Grams; ``"dense"``: min(d_in'², d_out²); ``"lanczos"``: min − 1).
+    of the ``[B, B]`` Grams; ``"dense"``: min(d_in'², d_out²); ``"lanczos"``/``"arpack"``: min − 1,
+    except the r = 1 Lanczos).
+
+    The iterative solvers: ``"lanczos"`` — r = 1 by :func:`_lanczos_top` (stops at ``tol``, see
+    :data:`LANCZOS_TOL`), r ≥ 2 by scipy's ARPACK ``svds``; ``"arpack"`` — ``svds`` for every r
+    (``tol=0``, ``start="ones"``, ``product="per-example"``, ``reduce="never"``: the solver as it was
+    before issue 14). Their options: ``product`` (:data:`PRODUCT_FORMS` or ``"auto"``,
+    :func:`product_form`); ``start``: ``"kfac"`` (the layer's KFAC factor of the smaller side,
+    normalised: usually close to the top pair) or ``"ones"``; ``reduce``: ``"auto"``
+    (:data:`REDUCE_MAX_FILL`), ``"always"`` or ``"never"`` (the ``"factored"`` form's reduced bases).
     """
     d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
     linear = lj.a is not None and lj.g is not None and lj.T == 1
     if solver == "auto":
         solver = "factors" if linear else _dense_or_lanczos(lj, r)
-    rows = None
+    rows, reduced, products, form = None, None, 0, ""
     if solver == "factors":
         if not linear:
             raise ValueError(f"layer '{lj.spec.name}': the 'factors' Kronecker SVD needs a factored layer with one position")
@@ -147,10 +280,13 @@ def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> Kronec
         U, S, Vh = torch.linalg.svd(Rm, full_matrices=False)
         k = min(r, S.shape[0])
         sigma, A, G = S[:k], U[:, :k].T.reshape(k, d_in, d_in), Vh[:k].reshape(k, d_out, d_out)
-    elif solver == "lanczos":
-        sigma, A, G = _svd_lanczos(lj, r)
+    elif solver in ("lanczos", "arpack"):
+        if start not in ("kfac", "ones") or reduce not in ("auto", "always", "never") or tol < 0:
+            raise ValueError(f"layer '{lj.spec.name}': start must be 'kfac' or 'ones', reduce 'auto', 'always' or "
+                             f"'never', tol ≥ 0; got {start!r}, {reduce!r}, {tol!r}")
+        sigma, A, G, reduced, products, form = _svd_lanczos(lj, r, solver == "arpack", product, start, tol, reduce)
     else:
-        raise ValueError(f"solver must be 'auto', 'factors', 'dense' or 'lanczos', got {solver!r}")
+        raise ValueError(f"solver must be 'auto', 'factors', 'dense', 'lanczos' or 'arpack', got {solver!r}")
     # unit singular vectors -> balanced factors; the sign making tr A_k ≥ 0 (A_1, G_1 PSD then)
     sign = torch.where(torch.diagonal(A, dim1=1, dim2=2).sum(1) < 0, -1.0, 1.0).to(A.dtype)
     scale = sigma.clamp_min(0).sqrt() * sign
@@ -159,7 +295,10 @@ def kronecker_svd(lj: LayerJacobian, r: int = 1, solver: str = "auto") -> Kronec
     if rows is not None:
         a, alpha, g, beta = rows
         rows = (a, alpha * scale, g, beta * scale)
-    return KroneckerSVD(sigma, A, G, solver, rows)
+    if reduced is not None:
+        Qa, Ah, Qg, Gh = reduced
+        reduced = (Qa, Ah * scale[0], Qg, Gh * scale[0])
+    return KroneckerSVD(sigma, A, G, solver, rows, reduced, products, form)
 
 
 _TOP_PAIR_EIGH: "weakref.WeakKeyDictionary[LayerJacobian, tuple]" = weakref.WeakKeyDictionary()
@@ -179,6 +318,11 @@ def top_pair_eigh(lj: LayerJacobian, ks: KroneckerSVD) -> tuple[Tensor, Tensor, 
         a, alpha, g, beta = ks.rows
         sA, QA = _psd_eigh(A1, a, alpha[:, 0])
         sG, QG = _psd_eigh(G1, g, beta[:, 0])
+        eigh = (sA, QA, sG, QG)
+    elif ks.reduced is not None:
+        Qa, Ah, Qg, Gh = ks.reduced
+        sA, QA = _lifted_eigh(Qa, _symmetric(Ah), A1)
+        sG, QG = _lifted_eigh(Qg, _symmetric(Gh), G1)
         eigh = (sA, QA, sG, QG)
     else:
         eigh = factor_eigh(A1, G1)
@@ -201,6 +345,21 @@ def _psd_eigh(M: Tensor, rows: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return psd_eigh_from_rows(rows * w.clamp_min(0).sqrt()[:, None], 1.0)
 
 
+def _lifted_eigh(Q: Tensor | None, Mh: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending eigenpairs of ``M = Q Mh Qᵀ`` (``Q [d, k]`` orthonormal; ``None``: ``eigh(M)``):
+    ``eigh(Mh)`` rotated by Q, and 0 on the complement of Q's range (one complete QR)."""
+    if Q is None:
+        return torch.linalg.eigh(M)
+    d, k = Q.shape
+    s, W = torch.linalg.eigh(Mh)
+    if k == d:
+        return s, Q @ W
+    Qc = torch.linalg.qr(Q, mode="complete")[0][:, k:]  # [d, d - k]: Q's orthogonal complement
+    evals = torch.cat([s, s.new_zeros(d - k)])
+    order = torch.argsort(evals, stable=True)
+    return evals[order], torch.cat([Q @ W, Qc], 1)[:, order]
+
+
 def _dense_or_lanczos(lj: LayerJacobian, r: int) -> str:
     """``"dense"`` when R fits (:data:`DENSE_REARRANGEMENT_NUMEL`) and either every term is asked
     for or its full SVD costs less than :data:`DENSE_SVD_FLOPS` or the Lanczos products; else ``"lanczos"``."""
@@ -209,7 +368,7 @@ def _dense_or_lanczos(lj: LayerJacobian, r: int) -> str:
     if m * n > DENSE_REARRANGEMENT_NUMEL:
         return "lanczos"
     svd = 4 * m * n * min(m, n)
-    lanczos = LANCZOS_MATVECS * lj.N * d_in * d_out * (d_in + d_out)
+    lanczos = LANCZOS_MATVECS * product_flops(lj, product_form(lj)) // 2
     return "dense" if r >= min(m, n) - 1 or svd <= max(DENSE_SVD_FLOPS, lanczos) else "lanczos"
 
 
@@ -242,34 +401,147 @@ def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor
     return S[:k], A, G, (a, alpha, gf, beta_rows)
 
 
-def _svd_lanczos(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """scipy ``svds`` on the implicit rearrangement (float64)."""
-    from scipy.sparse.linalg import LinearOperator, svds
+def _reduced_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Q [d, n], x̂ [..., n])`` with ``x = x̂ Qᵀ`` exactly for the rows ``x [..., d]`` (n = their
+    number < d): the reduced QR ``x_flatᵀ = Q Rq``, ``x̂ = Rqᵀ``."""
+    d = x.shape[-1]
+    Q, Rq = torch.linalg.qr(x.reshape(-1, d).T)
+    return Q, Rq.T.reshape(*x.shape[:-1], Rq.shape[0])
 
-    d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
-    R, RT = _rearranged_maps(lj)
-    dt = (lj.a if lj.a is not None else lj.dense).dtype  # type: ignore[union-attr]
-    shape = (d_in * d_in, d_out * d_out)
 
-    def mv(x: np.ndarray) -> np.ndarray:
-        X = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1).copy()).reshape(1, d_out, d_out)
-        return R(X.to(dt)).reshape(-1).double().numpy()
+def _implicit_rearrangement(lj: LayerJacobian, product: str, start: str, reduce: str):
+    """R of layer ``lj`` as products, possibly in reduced bases (:data:`REDUCE_MAX_FILL`):
+    ``(R, RT, d_a, d_g, Q_a, Q_g, start_factor, form)`` with ``R: [c, d_g, d_g] -> [c, d_a, d_a]``,
+    ``Q_a [d_in', d_a]`` / ``Q_g [d_out, d_g]`` (None: the identity), and ``start_factor()`` the
+    (reduced) KFAC factor of the smaller side, unnormalised, or None (``start="ones"`` or none stored)."""
+    form = product_form(lj) if product == "auto" else product
+    d_a, d_g = lj.spec.d_in_bar, lj.spec.d_out
+    Qa = Qg = None
+    if form == "factored" and lj.factored and lj.T > 1:
+        a, g = lj.a, lj.g
+        assert a is not None and g is not None
+        BT, NT = a.shape[0] * a.shape[1], g.shape[0] * g.shape[1] * g.shape[2]
+        if reduce == "always" or (reduce == "auto" and BT <= REDUCE_MAX_FILL * d_a):
+            Qa, a = _reduced_rows(a)
+        if reduce == "always" or (reduce == "auto" and NT <= REDUCE_MAX_FILL * d_g):
+            Qg, g = _reduced_rows(g)
+        d_a, d_g = a.shape[-1], g.shape[-1]
+        R, RT = _factored_products(a, g, lj.B)
+        side_rows = a.reshape(-1, d_a) if d_a * d_a < d_g * d_g else g.reshape(-1, d_g)
+        if Qa is not None or Qg is not None:
+            form += "+reduced"
+    else:
+        R, RT = _rearranged_maps(lj, form)
+        side_rows = None
 
-    def rmv(y: np.ndarray) -> np.ndarray:
-        Y = torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(-1).copy()).reshape(1, d_in, d_in)
-        return RT(Y.to(dt)).reshape(-1).double().numpy()
+    def start_factor() -> Tensor | None:
+        if start == "ones":
+            return None
+        if side_rows is not None:
+            return side_rows.T @ side_rows
+        try:
+            A, G = lj.kfac_factors
+        except FisherlabError:  # dense rows stored without their factors
+            return None
+        return A if d_a * d_a < d_g * d_g else G
 
-    k = min(r, min(shape) - 1)
-    if k < 1:
-        raise ValueError(f"layer '{lj.spec.name}': the Lanczos Kronecker SVD needs min(d_in'², d_out²) > 1")
-    op = LinearOperator(shape, matvec=mv, rmatvec=rmv, dtype=np.float64)
-    v0 = np.ones(min(shape), dtype=np.float64)
-    U, S, Vh = svds(op, k=k, tol=0, v0=v0, maxiter=10_000)
-    order = np.argsort(S)[::-1]
-    U, S, Vh = U[:, order], S[order], Vh[order]
-    A = torch.from_numpy(np.ascontiguousarray(U.T)).reshape(k, d_in, d_in)
-    G = torch.from_numpy(np.ascontiguousarray(Vh)).reshape(k, d_out, d_out)
-    return torch.from_numpy(S.copy()), A, G
+    return R, RT, d_a, d_g, Qa, Qg, start_factor, form
+
+
+def _svd_lanczos(lj: LayerJacobian, r: int, arpack: bool = False, product: str = "auto", start: str = "kfac",
+                 tol: float = LANCZOS_TOL, reduce: str = "auto"):
+    """The top ``r`` unit singular triplets of the implicit rearrangement (float64):
+    ``(sigma [k], A [k, d_in', d_in'], G [k, d_out, d_out], reduced, products, form)`` (see
+    :func:`kronecker_svd`)."""
+    R, RT, d_a, d_g, Qa, Qg, start_factor, form = _implicit_rearrangement(lj, product, start, reduce)
+    dt = lj.a.dtype if lj.factored else lj.dense.dtype  # type: ignore[union-attr]
+    f64 = torch.float64
+    count = [0]
+
+    def mv(x: Tensor) -> Tensor:  # [d_g²] -> [d_a²]
+        count[0] += 1
+        return R(x.reshape(1, d_g, d_g).to(dt)).reshape(-1).to(f64)
+
+    def rmv(y: Tensor) -> Tensor:  # [d_a²] -> [d_g²]
+        count[0] += 1
+        return RT(y.reshape(1, d_a, d_a).to(dt)).reshape(-1).to(f64)
+
+    small_g = d_g * d_g <= d_a * d_a  # Lanczos on the smaller side: H = RᵀR on vec(G) or RRᵀ on vec(A)
+    n = d_g * d_g if small_g else d_a * d_a
+    S0 = start_factor()
+    v0 = torch.ones(n, dtype=f64, device=lj.device) if S0 is None else S0.reshape(-1).to(f64)
+    if float(v0.norm()) == 0.0:
+        v0 = torch.ones(n, dtype=f64, device=lj.device)
+    if r == 1 and not arpack:
+        H = (lambda v: rmv(mv(v))) if small_g else (lambda v: mv(rmv(v)))
+        try:
+            _, v = _lanczos_top(H, v0, tol, LANCZOS_MAX_PRODUCTS // 2)
+        except RuntimeError as e:
+            raise FisherlabError(f"layer '{lj.spec.name}': {e}") from None
+        w = mv(v) if small_g else rmv(v)
+        sigma = w.norm()
+        w = w / sigma.clamp_min(torch.finfo(f64).tiny)
+        u, vh = (w, v) if small_g else (v, w)
+        S, U, Vh = sigma.reshape(1), u.reshape(1, -1), vh.reshape(1, -1)
+    else:
+        from scipy.sparse.linalg import LinearOperator, svds
+
+        shape = (d_a * d_a, d_g * d_g)
+        k = min(r, min(shape) - 1)
+        if k < 1:
+            raise ValueError(f"layer '{lj.spec.name}': the Lanczos Kronecker SVD needs min(d_in'², d_out²) > 1")
+        np_mv = lambda x: mv(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1).copy())).cpu().numpy()  # noqa: E731
+        np_rmv = lambda y: rmv(torch.from_numpy(np.asarray(y, dtype=np.float64).reshape(-1).copy())).cpu().numpy()  # noqa: E731
+        op = LinearOperator(shape, matvec=np_mv, rmatvec=np_rmv, dtype=np.float64)
+        # svds hands tol² to eigsh, whose stop is ‖Hv − θv‖ ≤ tol·θ: the same rule as _lanczos_top's
+        Un, Sn, Vhn = svds(op, k=k, tol=tol ** 0.5, v0=v0.cpu().numpy(), maxiter=10_000)
+        order = np.argsort(Sn)[::-1]
+        S = torch.from_numpy(Sn[order].copy())
+        U = torch.from_numpy(np.ascontiguousarray(Un[:, order].T))
+        Vh = torch.from_numpy(np.ascontiguousarray(Vhn[order]))
+    k = S.shape[0]
+    Ah, Gh = U.reshape(k, d_a, d_a), Vh.reshape(k, d_g, d_g)
+    reduced = (Qa, Ah[0], Qg, Gh[0]) if (Qa is not None or Qg is not None) else None
+    A = Ah if Qa is None else Qa @ Ah @ Qa.T
+    G = Gh if Qg is None else Qg @ Gh @ Qg.T
+    return S, A, G, reduced, count[0], form
+
+
+def _lanczos_top(H, v0: Tensor, tol: float, max_steps: int) -> tuple[float, Tensor]:
+    """``(θ, v)``: the top eigenpair of the symmetric PSD map ``H`` (``[n] -> [n]``, float64) by Lanczos
+    from ``v0``, full reorthogonalisation, :data:`LANCZOS_BASIS` vectors then an explicit restart from
+    the Ritz vector; stops when ``‖Hv − θv‖ = β_j |s_j| ≤ max(tol, 64ε)·θ`` or on an invariant subspace."""
+    n = v0.numel()
+    m = min(LANCZOS_BASIS, n)
+    thr = max(tol, 64 * torch.finfo(torch.float64).eps)
+    V = v0.new_zeros(m, n)
+    v = v0 / v0.norm()
+    steps = 0
+    while True:
+        V[0] = v
+        alpha, beta = [], []
+        for j in range(m):
+            w = H(V[j])
+            steps += 1
+            alpha.append(float(V[j] @ w))
+            for _ in range(2):  # full reorthogonalisation, twice is enough
+                w -= V[: j + 1].T @ (V[: j + 1] @ w)
+            b = float(w.norm())
+            Tm = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+            if j:
+                off = torch.tensor(beta, dtype=torch.float64)
+                Tm += torch.diag(off, 1) + torch.diag(off, -1)
+            th, Sv = torch.linalg.eigh(Tm)
+            theta, s = float(th[-1]), Sv[:, -1].to(V.device)
+            v = V[: j + 1].T @ s
+            if b * abs(float(s[-1])) <= thr * abs(theta) or b <= n * torch.finfo(torch.float64).eps * abs(theta):
+                return theta, v / v.norm()
+            if steps >= max_steps:
+                raise RuntimeError(f"the top Kronecker pair's Lanczos did not reach the residual {thr:g}·θ in {2 * steps} products")
+            if j + 1 < m:
+                V[j + 1] = w / b
+                beta.append(b)
+        v = v / v.norm()
 
 
 class KFOC(BlockDiagonal):
@@ -297,12 +569,14 @@ class KFOC(BlockDiagonal):
         *,
         solver: str = "auto",
         dtype: torch.dtype = torch.float64,
+        svd_options: dict | None = None,
     ) -> "KFOC":
+        """``svd_options``: keyword options of :func:`kronecker_svd` (``product``, ``start``, ``tol``, ``reduce``)."""
         jac = Jacobian.coerce(source, dtype)
         lam = check_damping(damping)
         blocks, svds = [], []
         for lj in jac.layers:
-            ks = kronecker_svd(lj, 1, solver)
+            ks = kronecker_svd(lj, 1, solver, **(svd_options or {}))
             A, G = _symmetric(ks.A[0]), _symmetric(ks.G[0])
             blocks.append(KroneckerBlock(top_pair_eigh(lj, ks), lam, damping_mode, factors=(A, G)))
             svds.append(ks)
