@@ -651,9 +651,7 @@ def compare_file(
             write the setup cache. ``retries``: of a task that raised.
         **kw: the options of :func:`compare` (``memory``, ``device``, ``precision``, sizes, …).
     """
-    from .cache import SetupCache
     from .io.progress import tqdm
-    from .planning import jacobian_from_file
     from .store import select_checkpoints
 
     if not isinstance(damping, Damping):
@@ -662,26 +660,13 @@ def compare_file(
     names = list(methods) if methods is not None else registry.default_keys()
     if scheduler is not None:  # the same tables, computed on Dask workers
         return _compare_file_on(scheduler, path, infos, damping, names, progress=progress, retries=retries,
-                                on_checkpoint=on_checkpoint, options=kw)
-    store = SetupCache(path, cache_dir=cache_dir) if cache else None
+                                on_checkpoint=on_checkpoint, options=kw, cache=cache, cache_dir=cache_dir, stream=stream)
     bar = tqdm(total=len(infos) * (len(names) + 1), desc="compare", unit="step", disable=not progress, leave=False)
     tables = []
     try:
         for info in infos:
-            fj = jacobian_from_file(path, info.name, methods=names, memory=kw.get("memory"), device=kw.get("device"),
-                                    precision=kw.get("precision", "float64"), stream=stream)
-            try:
-                entry = store.entry(info.name, fj.fingerprint, kw.get("precision", "float64")) if store is not None else None
-                group = fj.sample.get("of", info.name)
-                opts = {k: v for k, v in kw.items() if k != "memory"}  # planned above, for the path chosen
-                table = compare(fj.jac, damping, names, rhs=fj.grad, sample=fj.sample, cache=entry,
-                                progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)), **opts)
-            finally:
-                fj.close()
-            for rows in (table.rows, table.layers, table.modes):
-                for r in rows:
-                    r.update(checkpoint=group, step=info.step, damping=table.meta["damping"])
-            table.meta.update(checkpoint=group, step=info.step, streamed=fj.streamed)
+            table = sample_table(path, info.name, info.step, damping, names, kw, cache=cache, cache_dir=cache_dir, stream=stream,
+                                 progress=lambda m, c=info.name: (bar.set_postfix_str(f"{c}: {m}"), bar.update(1)))
             tables.append(table)
             if on_checkpoint is not None:
                 on_checkpoint(table)
@@ -698,33 +683,46 @@ def compare_file(
 
 
 def sample_table(path: str, name: str, step: int | None, damping: float | Damping, methods: Sequence[str],
-                 options: Mapping, gram: Tensor | None = None) -> ComparisonTable:
-    """A task of ``compare_file(scheduler=…)``: :func:`compare` of the sample ``name`` of ``path``
-    (read here, read-only), rows gaining ``checkpoint`` (the sample's group), ``step`` and
-    ``damping``; ``gram``: its K = UᵀU ``[N, N]`` when already reduced (:func:`reduced_gram`).
-    Its MeasurementWarnings stay in the notes (the client warns them, as the serial run does)."""
-    from .store import load
+                 options: Mapping, gram: Tensor | None = None, *, cache: bool = True, cache_dir: str | Path | None = None,
+                 stream: bool | None = None, progress: Callable[[str], None] | None = None) -> ComparisonTable:
+    """:func:`compare` of the sample ``name`` of the file ``path`` (read here, read-only), rows gaining
+    ``checkpoint`` (the sample's group), ``step`` and ``damping``: one step of :func:`compare_file`,
+    serial or as a Dask task (``scheduler=``), the same in both.
 
-    cap = load(path, name)
-    sample = dict(cap.meta.get("sample", {}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MeasurementWarning)
-        if gram is None:
-            table = compare(cap, damping, methods, **options)
-        else:
-            jac = Jacobian.coerce(cap, device=options.get("device"), precision=options.get("precision", "float64"))
-            jac.gram = gram.to(device=jac.device, dtype=jac.dtype)  # the cached property, given
-            table = compare(jac, damping, methods, rhs=cap.grad, **options)
-            for rows in (table.rows, table.layers, table.modes):  # the context compare(cap) prepends
-                rows[:] = [{**sample, **r} for r in rows]
-            if sample:
-                table.meta["sample"] = sample
-    group = sample.get("of", name)
+    The layers are held as ``options["memory"]`` allows (in memory, or streamed from the file:
+    :func:`fisherlab.planning.jacobian_from_file`); the setup comes from, and goes to, the cache
+    beside the file (``cache``, ``cache_dir``; :mod:`fisherlab.cache`: entries are published
+    atomically, so workers sharing it are safe). ``gram``: its K = UᵀU ``[N, N]`` when already
+    reduced (:func:`reduced_gram`). ``options``: those of :func:`compare`.
+    """
+    from .cache import SetupCache
+    from .planning import jacobian_from_file
+
+    precision = options.get("precision", "float64")
+    fj = jacobian_from_file(path, name, methods=methods, memory=options.get("memory"), device=options.get("device"),
+                            precision=precision, stream=stream)
+    try:
+        entry = SetupCache(path, cache_dir=cache_dir).entry(name, fj.fingerprint, precision) if cache else None
+        if gram is not None:
+            fj.jac.gram = gram.to(device=fj.jac.device, dtype=fj.jac.dtype)  # the cached property, given
+        opts = {k: v for k, v in options.items() if k != "memory"}  # planned above, for the path chosen
+        table = compare(fj.jac, damping, methods, rhs=fj.grad, sample=fj.sample, cache=entry, progress=progress, **opts)
+    finally:
+        fj.close()
+    group = fj.sample.get("of", name)
     for rows in (table.rows, table.layers, table.modes):
         for r in rows:
             r.update(checkpoint=group, step=step, damping=table.meta["damping"])
-    table.meta.update(checkpoint=group, step=step)
+    table.meta.update(checkpoint=group, step=step, streamed=fj.streamed)
     return table
+
+
+def _sample_task(*args, **kw) -> ComparisonTable:
+    """:func:`sample_table` on a Dask worker: its MeasurementWarnings stay in the table's notes
+    (the client warns them once, as the serial run does)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeasurementWarning)
+        return sample_table(*args, **kw)
 
 
 def layer_gram(path: str, name: str, layer: int, options: Mapping) -> Tensor:
@@ -741,7 +739,8 @@ def reduced_gram(grams: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(grams)).sum(0) if len(grams) > 1 else grams[0]
 
 
-def _compare_file_on(scheduler, path, infos, damping, names, *, progress, retries, on_checkpoint, options) -> ComparisonTable:
+def _compare_file_on(scheduler, path, infos, damping, names, *, progress, retries, on_checkpoint, options,
+                     cache=True, cache_dir=None, stream=None) -> ComparisonTable:
     """:func:`compare_file`'s table computed on a Dask cluster (:mod:`fisherlab.distributed`)."""
     from . import distributed as dd
 
@@ -756,7 +755,8 @@ def _compare_file_on(scheduler, path, infos, damping, names, *, progress, retrie
             per_layer = dd.run_tasks(client, tasks, desc="grams", progress=progress, retries=retries)
             starts = [sum(counts[:j]) for j in range(len(infos))]
             grams = [client.scatter(reduced_gram(per_layer[s:s + n]), broadcast=True) for s, n in zip(starts, counts)]
-        tasks = [dd.Task(sample_table, (path, info.name, info.step, damping, part, options), {"gram": g}, label=f"{info.name}: {part[0]}")
+        where = {"cache": cache, "cache_dir": None if cache_dir is None else str(Path(cache_dir).resolve()), "stream": stream}
+        tasks = [dd.Task(_sample_task, (path, info.name, info.step, damping, part, options), {"gram": g, **where}, label=f"{info.name}: {part[0]}")
                  for info, g in zip(infos, grams) for part in parts]
         tables: list[ComparisonTable] = []
         pending: list[ComparisonTable] = []

@@ -215,3 +215,23 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_task_rerun(client, capture
         warnings.simplefilter("ignore", MeasurementWarning)
         for a, t in zip(args, on_dask):
             _same(sample_table(*a).rows, t.rows)
+
+
+@needs_dask
+def test_workers_stream_the_layers_and_fill_the_setup_cache(client, capture_file, tmp_path, monkeypatch):
+    """The workers run the serial path's sample step: layers streamed from the file when asked, and
+    the setup cache beside it filled, so a later serial run recomputes no Gram."""
+    from fisherlab import jacobian
+
+    cache = tmp_path / "cache"
+    on_dask = _quiet_compare(capture_file, scheduler=client, cache_dir=cache, stream=True)
+    assert all(t["streamed"] for t in on_dask.meta["checkpoints"])
+    assert len([p for p in cache.rglob("*") if p.is_dir()]) >= 4  # one entry per sample (and its pieces)
+
+    def no_gram(self):
+        raise AssertionError("a Gram was recomputed although the workers cached it")
+
+    for kind in (jacobian.FactoredLayerJacobian, jacobian.DenseLayerJacobian):
+        monkeypatch.setattr(kind, "_compute_gram", no_gram)
+    serial = _quiet_compare(capture_file, cache_dir=cache)
+    _same(serial.rows, on_dask.rows)
