@@ -647,8 +647,9 @@ def compare_file(
             them from ``path`` (at the same path on every worker); with fewer samples than workers
             each sample's methods are split over several tasks sharing one Gram K = Σ_i K_i,
             computed by one task per layer and reduced on the client. Same rows in the same order
-            as the serial run (``seconds`` and ``setup_s`` aside); the workers neither read nor
-            write the setup cache. ``retries``: of a task that raised.
+            as the serial run (``seconds`` and ``setup_s`` aside); each task is the serial run's
+            step (:func:`sample_table`: layers streamed under ``memory=``, the setup cache read
+            and filled, so the cache folder must be shared too). ``retries``: of a task that raised.
         **kw: the options of :func:`compare` (``memory``, ``device``, ``precision``, sizes, …).
     """
     from .io.progress import tqdm
