@@ -83,6 +83,12 @@ class CoarseContext:
         """r = ∇h − F•ζ_KFAC (3.13), ``[p, 1]``."""
         return self.rhs.reshape(-1, 1) - self.fisher.apply(self.zeta_kfac)
 
+    @cached_property
+    def preconditioned_residual(self) -> Tensor:
+        """F•KFAC⁻¹r ``[p, 1]``: the start of the residual spaces (3.32) and of Taylor's (3.38)
+        (the base is block-diagonal, so its blocks are the per-layer [F•KFAC]_ii⁻¹ r[i])."""
+        return self.base.apply_inverse(self.residual)
+
     def split(self, v: Tensor) -> list[Tensor]:
         return self.base.split(v)
 
@@ -224,7 +230,7 @@ class Residuals(CoarseSpace):
     name = "residuals"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [b.apply_inverse(r) for b, r in zip(ctx.base.blocks, ctx.split(ctx.residual))]
+        return ctx.split(ctx.preconditioned_residual)  # [F•KFAC]_ii⁻¹ r[i] per layer
 
 
 @dataclass
@@ -235,7 +241,7 @@ class KrylovResiduals(CoarseSpace):
     name = "krylov-residuals"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        return [_krylov(b, b.apply_inverse(r), self.m) for b, r in zip(ctx.base.blocks, ctx.split(ctx.residual))]
+        return [_krylov(b, v, self.m) for b, v in zip(ctx.base.blocks, ctx.split(ctx.preconditioned_residual))]
 
 
 @dataclass
@@ -246,7 +252,7 @@ class Taylor(CoarseSpace):
     name = "taylor"
 
     def build(self, ctx: CoarseContext) -> list[Tensor]:
-        ws = [ctx.base.apply_inverse(ctx.residual)]
+        ws = [ctx.preconditioned_residual]
         for _ in range(self.q - 1):
             w = ctx.base.apply_inverse(ctx.fisher.apply(ws[-1]))
             n = w.norm()
