@@ -61,6 +61,7 @@ class Anatomy:
         modes: the coefficients ``v_jᵀe`` along the top eigenvectors of F ``[k]``.
         product: ``Uᵀe`` ``[N]`` (what the split is computed from; :func:`fisherlab.compare`
             reuses it for the method's ``xᵀF•x`` = ‖Uᵀζ + Uᵀe‖² + λ‖x‖²).
+        layer_products: the per-layer ``U_iᵀe_i`` ``[N, 1]`` (their sum is ``product``).
     """
 
     total: float
@@ -69,15 +70,17 @@ class Anatomy:
     layers: list[tuple[float, float]]
     modes: Tensor
     product: Tensor | None = None
+    layer_products: list[Tensor] | None = None
 
 
-def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5) -> Anatomy:
-    """The :class:`Anatomy` of ``e [p]`` or ``[p, 1]`` (one Uᵀ product per layer, no p × p)."""
+def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5, layer_products: list[Tensor] | None = None) -> Anatomy:
+    """The :class:`Anatomy` of ``e [p]`` or ``[p, 1]`` (one Uᵀ product per layer, no p × p);
+    ``layer_products``: the ``U_iᵀe_i [N, 1]`` when already known (then no product is computed)."""
     e = e.reshape(-1, 1).to(torch.float64)
     lam = basis.damping
     ys, layers = [], []
-    for lj, ei in zip(jac.layers, jac.layout.split(e)):
-        yi = lj.rmatmat(ei)
+    for i, (lj, ei) in enumerate(zip(jac.layers, jac.layout.split(e))):
+        yi = lj.rmatmat(ei) if layer_products is None else layer_products[i].reshape(-1, 1)
         ni2 = float(ei.pow(2).sum())
         layers.append((ni2**0.5, float(yi.pow(2).sum()) + lam * ni2))
         ys.append(yi)
@@ -89,4 +92,4 @@ def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5) -> Anat
     span, null = y2 + lam * pe2, lam * (e2 - pe2)
     k = min(top, basis.rank)
     modes = c[:k] / basis.mu[:k].sqrt()
-    return Anatomy(y2 + lam * e2, span, null, layers, modes, y)
+    return Anatomy(y2 + lam * e2, span, null, layers, modes, y, ys)

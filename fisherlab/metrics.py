@@ -463,7 +463,8 @@ def compare(
     kfac = KFAC.from_capture(jac, lam, "pi")
     zK = kfac.apply_inverse(w)
     t_kfac = time.perf_counter() - t0
-    E_kfac = float(exact.fisher_norm2(zK - zeta)[0])
+    aK = anatomy(jac, basis, zK - zeta, top=top_modes) if basis is not None else None  # U_iᵀ(ζ_KFAC − ζ)_i: the corrections' anatomies
+    E_kfac = aK.total if aK is not None else float(exact.fisher_norm2(zK - zeta)[0])
     FzK = exact.apply(zK)
     zKFzK = float((zK * FzK).sum())
     pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
@@ -503,7 +504,8 @@ def compare(
         seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
         e = x - zeta
         if basis is not None:
-            an = anatomy(jac, basis, e, top=top_modes)
+            known = op.layer_products(aK.layer_products) if isinstance(op, CoarseCorrection) and op.base is kfac and op.rhs is not None else None
+            an = anatomy(jac, basis, e, top=top_modes, layer_products=known)
             E, span, null = an.total, an.span, an.null
         else:
             an, E, span, null = None, float(exact.fisher_norm2(e)[0]), math.nan, math.nan

@@ -179,3 +179,23 @@ def test_a_context_of_another_right_hand_side_is_refused():
     with pytest.raises(ValueError, match="another one-level operator"):
         TwoLevelKFAC.from_capture(pieces.jac, DAMPING, "residuals", kfac=methods.build("kfac", pieces.jac, DAMPING),
                                   exact=exact, rhs=pieces.rhs, context=pieces.coarse_context(kfac))
+
+
+@pytest.mark.parametrize("case_id", CASES)
+@pytest.mark.parametrize("key", [k for k, m in METHODS.items() if m.family.coarse])
+def test_coarse_layer_products_equal_the_direct_products(key, case_id):
+    """compare's anatomy of a correction adds c·Z_iβ_i to KFAC's U_iᵀ(ζ_KFAC − y)_i instead of a
+    product with U: it equals U_iᵀ(x − y)_i computed directly."""
+    cap = cached_capture(case_id, "cross_entropy", "mc")
+    pieces = methods.Pieces.of(cap, DAMPING)
+    try:
+        op = methods.build(key, pieces)
+    except FisherlabError:
+        pytest.skip("the Kronecker F_coarse (3.18) is defined for Linear layers only")
+    jac, w = pieces.jac, cap.grad.to(torch.float64).reshape(-1, 1)
+    y = pieces.fisher().apply_inverse(w)  # ζ, as in compare
+    split = jac.layout.split
+    given = [lj.rmatmat(d) for lj, d in zip(jac.layers, split(op.context.zeta_kfac - y))]
+    direct = [lj.rmatmat(d) for lj, d in zip(jac.layers, split(op.increment() - y))]
+    for got, want in zip(op.layer_products(given), direct):
+        assert float((got - want).norm()) <= PROTO_RTOL * max(float(torch.cat(direct).norm()), 1e-300)

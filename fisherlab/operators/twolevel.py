@@ -113,8 +113,13 @@ def coarse_matrix(
         return torch.zeros(0, 0, dtype=dtype, device=jac.device)
     if len(jac.layers) != len(basis.V):
         raise ValueError(f"coarse_matrix: the basis has {len(basis.V)} blocks, the Jacobian {len(jac.layers)} layers")
-    Z = torch.cat([lj.rmatmat(v) for lj, v in zip(jac.layers, basis.V)], dim=1)
+    Z = coarse_products(jac, basis)
     return Z.T @ Z + lam * coarse_diagonal_term(basis, diagonal)
+
+
+def coarse_products(jac: Jacobian, basis: CoarseBasis) -> Tensor:
+    """Z = UᵀR_0ᵀ ``[N, m]``, column block i = U_iᵀV_i (one per-layer contraction per coarse column)."""
+    return torch.cat([lj.rmatmat(v) for lj, v in zip(jac.layers, basis.V)], dim=1)
 
 
 def _checked_context(context: CoarseContext, base: BlockDiagonal, exact: ExactFisher, rhs: Tensor) -> CoarseContext:
@@ -174,9 +179,12 @@ def compressed(op: FisherOperator, basis: CoarseBasis) -> Tensor:
     return basis.apply(op.apply(basis.apply_adjoint(torch.eye(basis.m, dtype=op.dtype, device=basis.V[0].device))))
 
 
-def _coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> Tensor:
-    """:func:`coarse_matrix` under another name (the constructors' ``coarse_matrix`` keyword shadows it)."""
-    return coarse_matrix(exact, basis)
+def _coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> tuple[Tensor, Tensor]:
+    """``(F_coarse, Z)`` of :func:`coarse_matrix` (exact λ-term) with its Z = UᵀR_0ᵀ ``[N, m]``."""
+    if basis.m == 0:
+        return torch.zeros(0, 0, dtype=basis.dtype, device=exact.device), torch.zeros(exact.jac.N, 0, dtype=basis.dtype, device=exact.device)
+    Z = coarse_products(exact.jac, basis)
+    return Z.T @ Z + exact.damping * coarse_diagonal_term(basis, "exact"), Z
 
 
 def _check_coarse_matrix(M: Tensor, m: int, dtype: torch.dtype, device) -> Tensor:
@@ -261,7 +269,7 @@ class CoarseCorrection(FisherOperator):
         self.rhs = None if rhs is None else rhs.reshape(-1).to(self.dtype)
         if context is not None:  # ζ_KFAC and r shared with other corrections of the same (K, F•, ∇h)
             self.__dict__["context"] = _checked_context(context, base, exact, self.rhs)
-        self.F_coarse = _coarse_matrix(exact, basis)
+        self.F_coarse, self.Z = _coarse_matrix(exact, basis)
         self.F_coarse_op = Matrix(self.F_coarse, spd=True, what="F_coarse = R_0F•R_0ᵀ")
         if basis.m:
             self.F_coarse_op.cholesky  # noqa: B018 - fail now, with the one-line error, if not SPD
@@ -442,6 +450,17 @@ class CoarseCorrection(FisherOperator):
     # ---- the correction -------------------------------------------------------------------
     def beta(self, w: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def layer_products(self, products: Sequence[Tensor]) -> list[Tensor]:
+        """``U_iᵀ(x − y)_i`` per layer ``[N, 1]`` for x = :meth:`increment` and any y, given
+        ``products`` = ``U_iᵀ(ζ_KFAC − y)_i``: adds c·Z_iβ_i (Z = UᵀR_0ᵀ, kept from F_coarse), so
+        compare's anatomy of a correction costs no product with U."""
+        if self.coarse_dim == 0 or self.coefficient == 0.0:
+            return list(products)
+        beta = self.coefficient * self.beta()
+        Zs = torch.split(self.Z, self.basis.dims, dim=1)
+        bs = torch.split(beta, self.basis.dims, dim=0)
+        return [y.reshape(-1, 1) + Z @ b for y, Z, b in zip(products, Zs, bs)]
 
     def increment(self) -> Tensor:
         """The method's increment for its own right-hand side ∇h, ``[p, 1]``: ζ_KFAC + c·R_0ᵀβ
