@@ -23,13 +23,23 @@ How, without forming F_ii (:func:`kronecker_svd`):
 * ``"dense"`` (small layers with positions or dense rows): R formed from the per-example matrices
   (``N·d_in'²·d_out²``), full SVD — ``"auto"`` only where that SVD is cheap or every term is asked
   for (:func:`_dense_or_lanczos`);
-* ``"lanczos"``: scipy's ``svds`` (ARPACK Lanczos bidiagonalisation) on the implicit maps
-  ``X ↦ (1/B) Σ_n M_nᵀ X M_n`` and ``Y ↦ (1/B) Σ_n M_n Y M_nᵀ`` by batched GEMMs (the issue's
-  "power/Lanczos iterations on the per-example factors"; ~43 products for the top triplet on
-  tiny-gpt's layers).
+* ``"lanczos"``: iterations on the implicit maps ``R: X ↦ (1/B) Σ_n M_nᵀ X M_n`` and
+  ``Rᵀ: Y ↦ (1/B) Σ_n M_n Y M_nᵀ`` (the issue's "power/Lanczos iterations on the per-example
+  factors"). The products (:data:`PRODUCT_FORMS`, chosen per layer by flops, :func:`product_form`):
+  ``"per-example"`` through ``M [N, d_out, d_in']`` (``2·N·d_out·d_in'·(d_in' + d_out)``), or, for
+  factored layers with positions, ``"factored"`` through the ``[T, T]`` cores
+  ``R X = (1/B) Σ_b Ā_bᵀ (Σ_k G_{bk} X G_{bk}ᵀ) Ā_b`` (``Ā_b = ā[b] [T, d_in']``,
+  ``G_{bk} = g[b, k] [T, d_out]``; ``2·(N·T·d_out² + N·T²·d_out + B·T²·d_in' + B·T·d_in'²)``, M never
+  formed), in the orthonormal bases of the rows of ā and g where they are fewer than the dimension
+  (:data:`REDUCE_MAX_FILL`: exact, d_in' → B·T). r = 1 (KFOC): Lanczos on the normal map of the
+  smaller side from the layer's KFAC factor (:func:`_lanczos_top`, stop :data:`LANCZOS_TOL`); r ≥ 2:
+  scipy's ARPACK ``svds`` on the same products and start (``"arpack"``: ``svds`` for every r).
+  ResNet-18 at B = 32: see ``analysis/bench/kfoc_bench.py`` (before: ARPACK from ones at tol = 0 on
+  the per-example products, 43 products a layer, 3·10¹¹–8·10¹¹ flops each on layer4).
 
 The top pair's eigendecompositions are shared by KFOC and KPSVD (:func:`top_pair_eigh`), from the
-rows of the ``"factors"`` path where the factors are wide (:data:`ROWS_EIGH_MIN_DIM`).
+rows of the ``"factors"`` path where the factors are wide (:data:`ROWS_EIGH_MIN_DIM`), or from the
+reduced bases of ``"lanczos"`` (``eigh`` of the reduced pair, the complement at 0).
 
 KFOC = the r = 1 term, ``[F•KFOC]_ii = A_1 ⊗ G_1`` damped like KFAC (π (2.30) by default, or exact
 Tikhonov), as a :class:`~fisherlab.operators.kfac.KroneckerBlock` — so it is KFAC with the
@@ -63,7 +73,8 @@ DENSE_SVD_FLOPS = 10**8
 and the ~:data:`LANCZOS_MATVECS` implicit products' (a 625 × 4624 R, tiny-gpt's head at width 0.5:
 12 s by SVD, 0.2 s by Lanczos)."""
 LANCZOS_MATVECS = 60
-"""Products by R or Rᵀ the ``"auto"`` rule expects ARPACK to need for the top few triplets (43 measured)."""
+"""Products by R or Rᵀ the ``"auto"`` rules expect the iterative solver to need (ARPACK from ones: 43
+measured; the r = 1 Lanczos from the KFAC start: 11–29 on ResNet-18)."""
 
 LANCZOS_TOL = 1e-10
 """The r = 1 Lanczos (:func:`_lanczos_top`) stops when the top Ritz pair of the normal map ``H = RᵀR``
