@@ -444,19 +444,25 @@ def compare(
     t_exact = time.perf_counter() - t0
     zeta_norm2 = float((w * zeta).sum())
     zeta_norm = float(zeta.norm())
-    residual = float((exact.apply(zeta) - w).norm()) / float(w.norm())
-    notes: list[str] = []
-    if residual > EXACT_RESIDUAL_TOL:
-        notes.append(f"the exact solve's relative residual ‖F•ζ − ∇h‖/‖∇h‖ is {residual:.2e} (> {EXACT_RESIDUAL_TOL:g})")
 
     # the span of U and the anatomy of ζ (needs the N × N Gram: not on the CG path)
     basis = SpanBasis.from_jacobian(jac, lam) if exact.solver == "woodbury" and anatomy_of_errors else None
     scale = fisher_scale(jac) if exact.solver == "woodbury" and (basis is not None or isinstance(damping, Damping)) else None
     za = anatomy(jac, basis, zeta, top=top_modes) if basis is not None else None
-    # how much of ∇h (true labels) lies outside the span of the Jacobian rows (e.g. mc-sampled ones)
+
+    def fisher_times(x: Tensor, ux: Tensor | None) -> Tensor:
+        """F•x = U(Uᵀx) + λx, with Uᵀx ``[N]`` when known (one product with U instead of two)."""
+        return exact.apply(x) if ux is None else jac.matmat(ux.reshape(-1, 1)) + lam * x
+
+    residual = float((fisher_times(zeta, za.product if za is not None else None) - w).norm()) / float(w.norm())
+    notes: list[str] = []
+    if residual > EXACT_RESIDUAL_TOL:
+        notes.append(f"the exact solve's relative residual ‖F•ζ − ∇h‖/‖∇h‖ is {residual:.2e} (> {EXACT_RESIDUAL_TOL:g})")
+    # how much of ∇h (true labels) lies outside the span of the Jacobian rows (e.g. mc-sampled ones);
+    # Uᵀ∇h = (K + λI)Uᵀζ for the Woodbury ζ (to its residual)
     rhs_outside = None
     if basis is not None:
-        c = basis.W.T @ jac.rmatmat(w)[:, 0]
+        c = basis.W.T @ (jac.gram @ za.product + lam * za.product)
         rhs_outside = max(0.0, 1.0 - float((c.pow(2) / basis.mu).sum()) / float(w.pow(2).sum()))
 
     t0 = time.perf_counter()
@@ -465,7 +471,7 @@ def compare(
     t_kfac = time.perf_counter() - t0
     aK = anatomy(jac, basis, zK - zeta, top=top_modes) if basis is not None else None  # U_iᵀ(ζ_KFAC − ζ)_i: the corrections' anatomies
     E_kfac = aK.total if aK is not None else float(exact.fisher_norm2(zK - zeta)[0])
-    FzK = exact.apply(zK)
+    FzK = fisher_times(zK, aK.product + za.product if aK is not None else None)
     zKFzK = float((zK * FzK).sum())
     pieces = Pieces(jac, lam, w[:, 0], exact=exact, kfac=kfac)
     ctx = pieces.coarse_context(kfac)  # ζ_KFAC and r = ∇h − F•ζ_KFAC (3.13), shared by every coarse correction
@@ -489,6 +495,8 @@ def compare(
         op = None
         if method.builder is None:  # the zero step
             x = torch.zeros_like(w)
+        elif name == "kfac" and not per_method.get(name):
+            op, x = kfac, zK  # the reference itself, solved in the setup
         else:
             opts = {key: val for key, val in sizes.items() if key in method.options}
             opts.update(per_method.get(name, {}))
@@ -504,7 +512,14 @@ def compare(
         seconds = time.perf_counter() - t0 + (t_kfac if op is kfac else 0.0) + (t_exact if op is exact else 0.0)
         e = x - zeta
         if basis is not None:
-            known = op.layer_products(aK.layer_products) if isinstance(op, CoarseCorrection) and op.base is kfac and op.rhs is not None else None
+            if op is None:  # the zero step: e = −ζ
+                known = [-y for y in za.layer_products]
+            elif op is kfac:
+                known = aK.layer_products
+            elif isinstance(op, CoarseCorrection) and op.base is kfac and op.rhs is not None:
+                known = op.layer_products(aK.layer_products)
+            else:
+                known = None
             an = anatomy(jac, basis, e, top=top_modes, layer_products=known)
             E, span, null = an.total, an.span, an.null
         else:

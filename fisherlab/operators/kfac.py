@@ -450,10 +450,12 @@ def _blocks_of(
     T = layer_positions(jac, conv_damping) if conv_damping == "released-code" else [1] * len(jac.layers)
     blocks = []
     for lj, t in zip(jac.layers, T):
-        A, G = lj.kfac_factors
         kw = dict(positions=t, conv_damping=conv_damping)
-        if A.dtype == dtype:
-            blocks.append(KroneckerBlock(lj.kfac_eigh, damping, mode, factors=(A, G), **kw))
+        eigh = lj.kfac_eigh
+        if eigh[1].dtype == dtype:  # the factors themselves only when at hand (a seeded eigh needs none)
+            factors = lj.__dict__.get("kfac_factors")
+            blocks.append(KroneckerBlock(eigh, damping, mode, factors=factors, **kw))
         else:
+            A, G = lj.kfac_factors
             blocks.append(KroneckerBlock.from_factors(A.to(dtype), G.to(dtype), damping, mode, **kw))
     return blocks
