@@ -48,6 +48,9 @@ WIDE = ModelCase("wide-cnn", _wide_cnn, (3, 6, 6), True)
 """Wider than the registry's cases so that the Lanczos stops on its tolerance, not on an invariant
 subspace (the registry's conv layers have d_out² ≤ 9)."""
 
+MIXED_RTOL = 1e-4
+"""Float32 products (ε ≈ 1.2e-7), stop at 64ε·θ residual, relative gap ≈ 0.34: measured 2.9e-6; margin ~30."""
+
 CASES = [("cnn", "mc"), ("cnn-nobias", "exact"), ("linear-positions", "mc"), ("linear-positions", "exact"),
          ("wide-cnn", "mc"), ("wide-cnn", "exact")]
 _CAPTURES: dict = {}
@@ -174,3 +177,14 @@ def test_kfoc_with_the_new_solver_equals_the_dense_kfoc():
 
 def test_lanczos_tolerance_is_the_named_default():
     assert 0 < LANCZOS_TOL <= 1e-9
+
+
+def test_mixed_precision_lanczos_stops_at_float32_round_off():
+    """Float32 products cannot reach LANCZOS_TOL: the stop is floored at 64ε of float32."""
+    cap = capture("wide-cnn", "mc")
+    lj = Jacobian.coerce(cap, precision="mixed").layers[0]
+    F = dense_layer_blocks(cap)[0]
+    s = cap.layout.layers[0]
+    ks = kronecker_svd(lj, 1, "lanczos")
+    assert ks.products < 100
+    assert rel(signed_pair(ks), dense_kronecker_terms(F, s.d_in_bar, s.d_out, 1)) <= MIXED_RTOL

@@ -140,11 +140,11 @@ def _linear_products(a: Tensor, g: Tensor, B: int):
     """``(R X, Rᵀ Y)`` of a Linear layer (T = 1) from ``a [B, d_in']``, ``g [B, K, d_out]``: scalars per example."""
 
     def R(X: Tensor) -> Tensor:
-        q = torch.einsum("bkr,crs,bks->cb", g, X, g)
+        q = torch.einsum("bkr,crs,bks->cb", g, X.to(g.dtype), g)
         return torch.einsum("bi,cb,bj->cij", a, q, a) / B
 
     def RT(Y: Tensor) -> Tensor:
-        q = torch.einsum("bi,cij,bj->cb", a, Y, a)
+        q = torch.einsum("bi,cij,bj->cb", a, Y.to(a.dtype), a)
         return torch.einsum("bkr,cb,bks->crs", g, q, g) / B
 
     return R, RT
@@ -152,25 +152,28 @@ def _linear_products(a: Tensor, g: Tensor, B: int):
 
 def _per_example_products(M: Tensor, B: int):
     """``(R X, Rᵀ Y)`` from the per-example matrices ``M [N, d_out, d_in']`` (:data:`PRODUCT_FORMS`
-    ``"per-example"``): ``R X = (1/B) Σ_n M_nᵀ (X M_n)`` as one ``[d_in', N·d_out] × [N·d_out, d_in']``
-    GEMM per chunk of examples, never an ``[N, d_in', d_in']`` temporary."""
+    ``"per-example"``): ``R X = (1/B) Σ_n M_nᵀ (X M_n)`` and ``Rᵀ Y = (1/B) Σ_n (M_n Y) M_nᵀ``, each
+    as one ``[d, N·d_out or N·d_in'] × [·, d]`` GEMM per chunk of examples (never an
+    ``[N, d_in', d_in']`` temporary), on two contiguous copies of M made once."""
     N, d_out, d_in = M.shape
     step = max(1, _PRODUCT_TEMP_NUMEL // max(d_out * d_in, 1))
+    Mc = M.contiguous()  # [N, d_out, d_in']: rows (n, r)
+    Mr = M.transpose(0, 1).reshape(d_out, N * d_in)  # [d_out, (n, j)]
 
     def R(X: Tensor) -> Tensor:
         out = M.new_zeros(X.shape[0], d_in, d_in)
         for c in range(X.shape[0]):
             for s in range(0, N, step):
-                Mc = M[s : s + step]
-                out[c].addmm_(Mc.reshape(-1, d_in).T, (X[c] @ Mc).reshape(-1, d_in))
+                Ms = Mc[s : s + step]
+                out[c].addmm_(Ms.reshape(-1, d_in).T, (X[c].to(M.dtype) @ Ms).reshape(-1, d_in))
         return out / B
 
     def RT(Y: Tensor) -> Tensor:
         out = M.new_zeros(Y.shape[0], d_out, d_out)
         for c in range(Y.shape[0]):
             for s in range(0, N, step):
-                Mc = M[s : s + step]
-                out[c].addmm_((Mc @ Y[c]).transpose(0, 1).reshape(d_out, -1), Mc.transpose(0, 1).reshape(d_out, -1).T)
+                Z = (Mc[s : s + step] @ Y[c].to(M.dtype)).transpose(0, 1).reshape(d_out, -1)  # [d_out, (n, j)]
+                out[c].addmm_(Z, Mr[:, s * d_in : (s + step) * d_in].T)
         return out / B
 
     return R, RT
@@ -196,7 +199,7 @@ def _factored_products(a: Tensor, g: Tensor, B: int):
                 ab, gb = a[s : s + step], g[s : s + step]
                 n = ab.shape[0]
                 gf = gb.reshape(n * K, T, d_g)
-                S = ((gf @ X[c]) @ gf.mT).reshape(n, K, T, T).sum(1)  # [n, T, T]
+                S = ((gf @ X[c].to(a.dtype)) @ gf.mT).reshape(n, K, T, T).sum(1)  # [n, T, T]
                 out[c].addmm_(ab.reshape(-1, d_a).T, (S @ ab).reshape(-1, d_a))
         return out / B
 
@@ -205,7 +208,7 @@ def _factored_products(a: Tensor, g: Tensor, B: int):
         for c in range(Y.shape[0]):
             for s in range(0, B, step):
                 ab, gb = a[s : s + step], g[s : s + step]
-                S = (ab @ Y[c]) @ ab.mT  # [n, T, T]
+                S = (ab @ Y[c].to(a.dtype)) @ ab.mT  # [n, T, T]
                 out[c].addmm_(gb.reshape(-1, d_g).T, (S[:, None] @ gb).reshape(-1, d_g))
         return out / B
 
@@ -465,17 +468,20 @@ def _svd_lanczos(lj: LayerJacobian, r: int, arpack: bool = False, product: str =
     ``(sigma [k], A [k, d_in', d_in'], G [k, d_out, d_out], reduced, products, form)`` (see
     :func:`kronecker_svd`)."""
     R, RT, d_a, d_g, Qa, Qg, start_factor, form = _implicit_rearrangement(lj, product, start, reduce)
-    dt = lj.a.dtype if lj.factored else lj.dense.dtype  # type: ignore[union-attr]
     f64 = torch.float64
-    count = [0]
+    count, raw = [0], [f64]  # products so far; their dtype (float32 under precision="mixed")
 
     def mv(x: Tensor) -> Tensor:  # [d_g²] -> [d_a²]
         count[0] += 1
-        return R(x.reshape(1, d_g, d_g).to(dt)).reshape(-1).to(f64)
+        out = R(x.reshape(1, d_g, d_g).to(lj.device))
+        raw[0] = out.dtype
+        return out.reshape(-1).to(f64)
 
     def rmv(y: Tensor) -> Tensor:  # [d_a²] -> [d_g²]
         count[0] += 1
-        return RT(y.reshape(1, d_a, d_a).to(dt)).reshape(-1).to(f64)
+        out = RT(y.reshape(1, d_a, d_a).to(lj.device))
+        raw[0] = out.dtype
+        return out.reshape(-1).to(f64)
 
     small_g = d_g * d_g <= d_a * d_a  # Lanczos on the smaller side: H = RᵀR on vec(G) or RRᵀ on vec(A)
     n = d_g * d_g if small_g else d_a * d_a
@@ -486,7 +492,7 @@ def _svd_lanczos(lj: LayerJacobian, r: int, arpack: bool = False, product: str =
     if r == 1 and not arpack:
         H = (lambda v: rmv(mv(v))) if small_g else (lambda v: mv(rmv(v)))
         try:
-            _, v = _lanczos_top(H, v0, tol, LANCZOS_MAX_PRODUCTS // 2)
+            _, v = _lanczos_top(H, v0, tol, LANCZOS_MAX_PRODUCTS // 2, lambda: torch.finfo(raw[0]).eps)
         except RuntimeError as e:
             raise FisherlabError(f"layer '{lj.spec.name}': {e}") from None
         w = mv(v) if small_g else rmv(v)
@@ -507,9 +513,9 @@ def _svd_lanczos(lj: LayerJacobian, r: int, arpack: bool = False, product: str =
         # svds hands tol² to eigsh, whose stop is ‖Hv − θv‖ ≤ tol·θ: the same rule as _lanczos_top's
         Un, Sn, Vhn = svds(op, k=k, tol=tol ** 0.5, v0=v0.cpu().numpy(), maxiter=10_000)
         order = np.argsort(Sn)[::-1]
-        S = torch.from_numpy(Sn[order].copy())
-        U = torch.from_numpy(np.ascontiguousarray(Un[:, order].T))
-        Vh = torch.from_numpy(np.ascontiguousarray(Vhn[order]))
+        S = torch.from_numpy(Sn[order].copy()).to(lj.device)
+        U = torch.from_numpy(np.ascontiguousarray(Un[:, order].T)).to(lj.device)
+        Vh = torch.from_numpy(np.ascontiguousarray(Vhn[order])).to(lj.device)
     k = S.shape[0]
     Ah, Gh = U.reshape(k, d_a, d_a), Vh.reshape(k, d_g, d_g)
     reduced = (Qa, Ah[0], Qg, Gh[0]) if (Qa is not None or Qg is not None) else None
@@ -518,13 +524,13 @@ def _svd_lanczos(lj: LayerJacobian, r: int, arpack: bool = False, product: str =
     return S, A, G, reduced, count[0], form
 
 
-def _lanczos_top(H, v0: Tensor, tol: float, max_steps: int) -> tuple[float, Tensor]:
+def _lanczos_top(H, v0: Tensor, tol: float, max_steps: int, eps=lambda: 2.0**-52) -> tuple[float, Tensor]:
     """``(θ, v)``: the top eigenpair of the symmetric PSD map ``H`` (``[n] -> [n]``, float64) by Lanczos
     from ``v0``, full reorthogonalisation, :data:`LANCZOS_BASIS` vectors then an explicit restart from
-    the Ritz vector; stops when ``‖Hv − θv‖ = β_j |s_j| ≤ max(tol, 64ε)·θ`` or on an invariant subspace."""
+    the Ritz vector; stops when ``‖Hv − θv‖ = β_j |s_j| ≤ max(tol, 64ε)·θ`` (ε of the products' dtype:
+    float32 under ``precision="mixed"``) or on an invariant subspace."""
     n = v0.numel()
     m = min(LANCZOS_BASIS, n)
-    thr = max(tol, 64 * torch.finfo(torch.float64).eps)
     V = v0.new_zeros(m, n)
     v = v0 / v0.norm()
     steps = 0
@@ -545,6 +551,7 @@ def _lanczos_top(H, v0: Tensor, tol: float, max_steps: int) -> tuple[float, Tens
             th, Sv = torch.linalg.eigh(Tm)
             theta, s = float(th[-1]), Sv[:, -1].to(V.device)
             v = V[: j + 1].T @ s
+            thr = max(tol, 64 * eps())
             if b * abs(float(s[-1])) <= thr * abs(theta) or b <= n * torch.finfo(torch.float64).eps * abs(theta):
                 return theta, v / v.norm()
             if steps >= max_steps:
