@@ -26,13 +26,14 @@ Then ``KFOC.from_capture(jac, λ)`` in total (after; a fresh Jacobian, so nothin
 
 Measured (2026-12-01, 2 shared cores, torch.set_num_threads(2), float64, mc K = 1, λ = 1e-3; the
 machine was shared with two other jobs, load average 3–7 throughout, so every time is ~2–3× idle;
-"old" for the large layers is the estimate described above, checked against real runs of the old
-path on layer1/layer2 and the shortcuts at B = 32, where estimate and run agree within ~10 %):
+"old" is a real run of the old path where marked ``run`` by the script (layer1/layer2 and the
+shortcuts at B = 32, ``--exact-old 30``), else the estimate described above — for layer2.1.conv1
+35.8 s against 32.8–33.7 s run on the two layers of the same shape):
 
 B = 32 (``/tmp/kfoc/run32.h5``, load 3.1–4.6), per layer: new = kronecker_svd + top_pair_eigh s
 (products) vs old s (products)::
 
-    conv1 0.06 (15) vs 0.1 (43)        layer1.* 1.2–1.9 (13–15) vs 4.9–5.7 (43)
+    conv1 0.06 (15) vs 0.1 (43)        layer1.* 1.2–1.8 (13–15) vs 4.9–5.7 (43)
     layer2.0.conv1 3.5 (15) vs 10.4    layer2.*.conv2, 2.1.conv1 11–13 (13) vs 33–36 (43)
     layer3.0.conv1 6.5 (13) vs 44      layer3.*.conv2, 3.1.conv1 14–24 (11–13) vs 158–250 (43)
     layer4.0.conv1 1.9 (11) vs 488     layer4.*.conv2, 4.1.conv1 6.7–10 (11–13) vs 1282–1855 (43)
@@ -40,14 +41,18 @@ B = 32 (``/tmp/kfoc/run32.h5``, load 3.1–4.6), per layer: new = kronecker_svd 
     sum over layers 134 s vs ~6150 s; KFOC.from_capture total (after) 145.5 s (load 4.4).
 
 B = 128 (``/tmp/sb/run128.h5``, load 4.2–6.9): layer1.* 6.7–9.7 s (13–15) vs 18–33 (43);
-layer2.*.conv2/2.1.conv1 45–56 s (11–13) vs 128–210; layer3.0.conv1 28 s vs 255; layer3.*.conv2,
-3.1.conv1 26–61 s (11) vs 764–928; layer4.0.conv1 29 s (11; not reduced: B·T = 2048 of 2304) vs 2317;
-layer4.*.conv2, 4.1.conv1 47–63 s (11–13; reduced, of which the lifted eigh 21–30 s) vs 6674–7888;
-shortcuts 1.1–1.9 s; sum over layers 562 s vs ~27 500 s (7.6 h). KFOC.from_capture total: see
-B128_TOTAL below.
+layer2.0.conv1 15 s (13) vs 28; layer2.*.conv2, 2.1.conv1 45–56 s (11–13) vs 128–210;
+layer3.0.conv1 28 s vs 255; layer3.*.conv2, 3.1.conv1 26–60 s (11) vs 764–928; layer4.0.conv1
+29 s (11; not reduced: B·T = 2048 of 2304) vs 2317; layer4.*.conv2, 4.1.conv1 47–63 s (11–13;
+reduced, of which the lifted eigh 21–30 s) vs 6674–7888; shortcuts 1.1–1.9 s; sum over layers
+562 s vs ~27 500 s (7.6 h). KFOC.from_capture total: B128_TOTAL below.
 
 Products: the KFAC start and LANCZOS_TOL = 1e-10 take 11–15 products on every layer (ARPACK from ones
-at tol = 0: 43 on every layer). Accuracy against that ARPACK (``rel``): 8e-14 – 1e-10 at B = 32
+at tol = 0: 43 on every layer: its first 20-vector Lanczos cycle alone is 41). Start and stop,
+measured at B = 32 on conv1, layer1.0.conv1, the three shortcuts, layer4.0.conv1, layer4.1.conv2
+(products, and the error of the pair against the tol = 0 run): KFAC start 11–15 (1e-13 – 6e-11),
+ones 11–15 (3e-13 – 9e-11) — the start saves 0–2 products, the gain is stopping the Lanczos when
+converged; tol = 0 13–17 from KFAC, 13–19 from ones; tol = 1e-6 7–11 (3e-9 – 9e-7). Accuracy against that ARPACK (``rel``): 8e-14 – 1e-10 at B = 32
 (21 layers), 8e-14 – 6e-12 on the 8 layers referenced at B = 128. Where the time goes now: the
 dense-stored layer1/layer2 convs (per-example products, 2·N·d_out·d_in'·(d_in'+d_out) flops each,
 at the GEMM rate) and layer3 (factored, dominated by the ``B·T·d_in'²`` GEMM); the reduced layer4

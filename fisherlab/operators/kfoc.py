@@ -63,7 +63,8 @@ from .algebra import BlockDiagonal
 from .base import check_damping
 from .kfac import DampingMode, KroneckerBlock
 
-__all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "top_pair_eigh", "DENSE_REARRANGEMENT_NUMEL"]
+__all__ = ["KFOC", "KroneckerSVD", "kronecker_svd", "top_pair_eigh", "product_form", "product_flops",
+           "DENSE_REARRANGEMENT_NUMEL", "LANCZOS_TOL", "PRODUCT_FORMS"]
 
 DENSE_REARRANGEMENT_NUMEL = 2**22
 """``"auto"`` forms R densely when ``d_in'²·d_out²`` is at most this (32 MiB in float64) and its
@@ -416,8 +417,8 @@ def _svd_from_factors(lj: LayerJacobian, r: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def _reduced_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Q [d, n], x̂ [..., n])`` with ``x = x̂ Qᵀ`` exactly for the rows ``x [..., d]`` (n = their
-    number < d): the reduced QR ``x_flatᵀ = Q Rq``, ``x̂ = Rqᵀ``."""
+    """``(Q [d, n], x̂ [..., n])`` with ``x = x̂ Qᵀ`` exactly for the rows ``x [..., d]`` (n = min(their
+    number, d)): the reduced QR ``x_flatᵀ = Q Rq``, ``x̂ = Rqᵀ``."""
     d = x.shape[-1]
     Q, Rq = torch.linalg.qr(x.reshape(-1, d).T)
     return Q, Rq.T.reshape(*x.shape[:-1], Rq.shape[0])
