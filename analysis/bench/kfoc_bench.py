@@ -45,7 +45,13 @@ layer2.0.conv1 15 s (13) vs 28; layer2.*.conv2, 2.1.conv1 45–56 s (11–13) vs
 layer3.0.conv1 28 s vs 255; layer3.*.conv2, 3.1.conv1 26–60 s (11) vs 764–928; layer4.0.conv1
 29 s (11; not reduced: B·T = 2048 of 2304) vs 2317; layer4.*.conv2, 4.1.conv1 47–63 s (11–13;
 reduced, of which the lifted eigh 21–30 s) vs 6674–7888; shortcuts 1.1–1.9 s; sum over layers
-562 s vs ~27 500 s (7.6 h). KFOC.from_capture total: B128_TOTAL below.
+562 s vs ~27 500 s (7.6 h). KFOC.from_capture total (after): 382 s at load 3–6.
+
+At lower load (23:34–23:44 UTC): KFOC.from_capture total 53.1 s at B = 32 (load 0.4–1.3) and
+174.9 s at B = 128 (load 1.3–1.8). ``--new-only`` at B = 128 (load 1.6 rising to 3.9, sum 297 s):
+layer1.* 2.1–2.5 s, layer2.0.conv1 4.9, layer2.*.conv2/2.1.conv1 13–20, layer3.0.conv1 12.6,
+layer3.*.conv2/3.1.conv1 38–40 (of which eigh 5.2–5.5), layer4.0.conv1 14.7, layer4.*.conv2/4.1.conv1
+29–31 (of which the lifted eigh 13.4–13.6), shortcuts 0.25–1.1, conv1 0.08, linear 0.08.
 
 Products: the KFAC start and LANCZOS_TOL = 1e-10 take 11–15 products on every layer (ARPACK from ones
 at tol = 0: 43 on every layer: its first 20-vector Lanczos cycle alone is 41). Start and stop,
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference", default="all",
                     help="layers (comma-separated names, or 'all') whose old ARPACK is run for its product count and as the "
                          "accuracy reference; the others take --old-products")
+    ap.add_argument("--new-only", action="store_true", help="time the new solver only (no reference, no old estimate)")
     ap.add_argument("--old-products", type=int, default=43, help="the old ARPACK's products where not run (43 on every layer at B = 32)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -160,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         top_pair_eigh(lj, ks)
         t_eigh = time.perf_counter() - t
-        if ks.solver in ("lanczos", "arpack"):
+        if args.new_only:
+            n_old, rel, t_old, note = 0, float("nan"), float("nan"), "-"
+        elif ks.solver in ("lanczos", "arpack"):
             if args.reference == "all" or s.name in args.reference.split(","):
                 ref = kronecker_svd(lj, 1, "arpack", start="ones", tol=0.0, reduce="never")  # old iteration, fast products
                 n_old, rel = ref.products, _pair_rel(ks.A[0], ks.G[0], ref.A[0], ref.G[0])
