@@ -317,7 +317,7 @@ _ENTRIES = [
            description="exact sub-blocks of `size` columns of each output unit's row, + λI"),
     Method("kfoc", "KFOC", Family.ONE_LEVEL,
            lambda pc, damping_mode: KFOC.from_capture(pc.jac, pc.damping, damping_mode), _P[18], "H",
-           {"damping_mode": "pi"}, optimizer="kfoc", default=False,  # its Lanczos costs ~10× the rest of compare at ResNet-18 scale
+           {"damping_mode": "pi"}, optimizer="kfoc", default=False,  # its Lanczos alone takes 175 s on ResNet-18 at B = 128 (kfoc_bench.py)
            description="KFOC: the Frobenius-optimal A ⊗ G of each exact block (top Kronecker SVD term), damped as KFAC"),
     Method("kpsvd", "KPSVD", Family.ONE_LEVEL, lambda pc, r: KPSVD.from_capture(pc.jac, pc.damping, r), _P[19], "8",
            {"r": 2}, optimizer="kpsvd", default=False,
