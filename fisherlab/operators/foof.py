@@ -64,6 +64,7 @@ class FOOF(BlockDiagonal):
             sA, QA = sA.to(dtype), QA.to(dtype)
             d_out = lj.spec.d_out
             eye = torch.eye(d_out, dtype=dtype)
-            A = lj.kfac_factors[0].to(dtype)
-            blocks.append(KroneckerBlock((sA, QA, torch.ones(d_out, dtype=dtype), eye), lam, damping_mode, factors=(A, eye)))
+            known = lj.__dict__.get("kfac_factors")  # A itself only when at hand (a seeded eigh needs none)
+            factors = None if known is None else (known[0].to(dtype), eye)
+            blocks.append(KroneckerBlock((sA, QA, torch.ones(d_out, dtype=dtype), eye), lam, damping_mode, factors=factors))
         return cls(blocks)
