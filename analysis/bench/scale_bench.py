@@ -36,6 +36,24 @@ Measured (issue 14 items 3-4; 2 cores at load average ~10 from other agents, 1 t
     plan for B = 512        in memory 9.7 GiB (+ 3.0 GiB float32 copy while converting),
                             streamed 3.61 GiB: both fit --memory 16GiB
 
+Measured again after the per-method work of this round (2026-12-01; 2 cores, 2 threads; ``default`` =
+compare's 14 default methods, KFOC no longer among them — 175 s on its own, ``kfoc_bench.py``):
+
+    B = 32 before (per method, loaded):   KFAC apply 3.7 s per column; coarse corrections 5–19 s each
+                                          (ζ_KFAC and r recomputed 2–3× per method); KFOC > 90 s
+    B = 128, compare-cold (load 3–4 from one other job): 254.5 s wall, 280 s CPU, peak RSS 4.76 GiB;
+                                          setup 31.0 s, KFAC row 87.3 s (the factor eigendecompositions,
+                                          cached afterwards), EKFAC 30.9 s, the 7 corrections 2.3–10.0 s
+    B = 128, compare-warm (load ≤ 1):     108.8 s wall, 205 s CPU, peak RSS 4.72 GiB; setup 9.1 s, exact
+                                          3.7 s; KFAC 2.1, BLOCK-DIAG 3.9, DIAGONAL 5.3, EKFAC 16.8,
+                                          FOOF 13.0 (A rebuilt: since fixed, ~2 s), NICO 2.2, SPECTRAL 4.6,
+                                          KRY-NICO 6.0, RESIDU 4.1, KRY-RESIDU 5.6, TAYLOR 9.2, PREVIOUS 2.3
+                                          — every number of the table unchanged (𝔈/‖ζ‖²: KFAC 9.647,
+                                          TAYLOR 0.8889, ...)
+    B = 512 under --memory 16GiB (load 4–6): completes in memory (the plan fits): 1637 s wall, 977 s CPU,
+                                          peak RSS 9.63 GiB, setup 428 s, KFAC row 506 s (three 4609²
+                                          LAPACK eigh: B·T = 8192 rows exceed d_in'), EKFAC 190 s
+
     python analysis/bench/scale_bench.py --pipeline --batch 128 --methods default --threads 1 --profile
     python analysis/bench/scale_bench.py --pipeline --phases plan --plan-batch 512 --memory 16GiB --file run128.h5
     python analysis/bench/scale_bench.py                      # B = 32, kfac only
