@@ -434,15 +434,23 @@ class FactoredLayerJacobian(LayerJacobian):
 
         A factor of dimension n built from fewer rows than n/2 (a wide conv at a small batch:
         A has rank ≤ B·T) is decomposed from its rows, :func:`psd_eigh_from_rows`."""
-        A, G = self.kfac_factors
         B, K, T, d_out = self.g.shape  # type: ignore[union-attr]
         d_in = self.a.shape[-1]  # type: ignore[union-attr]
-        if lowrank_eigh_applies(B * T, d_in):
-            sA, QA = psd_eigh_from_rows(self.a.reshape(B * T, d_in).to(A.dtype), 1.0 / B)  # type: ignore[union-attr]
+        low_a, low_g = lowrank_eigh_applies(B * T, d_in), lowrank_eigh_applies(B * K * T, d_out)
+        if "kfac_factors" in self.__dict__ or not (low_a or low_g):
+            A, G = self.kfac_factors
+        else:  # a factor decomposed from its rows is never formed (B·T·d_in'² flops saved)
+            af, gf = self.a.reshape(-1, d_in), self.g.reshape(-1, d_out)  # type: ignore[union-attr]
+            dt = self.result_dtype  # as kfac_factors computes them (a mixed layer: low products, float64 factors)
+            A = None if low_a else (af.T @ af / B).to(dt)
+            G = None if low_g else (gf.T @ gf / (B * T)).to(dt)
+        dt = self.result_dtype
+        if low_a:
+            sA, QA = psd_eigh_from_rows(self.a.reshape(B * T, d_in).to(dt), 1.0 / B)  # type: ignore[union-attr]
         else:
             sA, QA = torch.linalg.eigh(A)
-        if lowrank_eigh_applies(B * K * T, d_out):
-            sG, QG = psd_eigh_from_rows(self.g.reshape(B * K * T, d_out).to(G.dtype), 1.0 / (B * T))  # type: ignore[union-attr]
+        if low_g:
+            sG, QG = psd_eigh_from_rows(self.g.reshape(B * K * T, d_out).to(dt), 1.0 / (B * T))  # type: ignore[union-attr]
         else:
             sG, QG = torch.linalg.eigh(G)
         return sA, QA, sG, QG

@@ -71,3 +71,21 @@ def test_range_products_equal_the_full_eigenbasis_at_the_threshold(side, mode):
 def test_a_small_null_space_keeps_the_full_products():
     b = _block("A", "pi", big=kfac_mod.NULL_SPACE_MIN_DIM, small=4, rank=int(0.9 * kfac_mod.NULL_SPACE_MIN_DIM))
     assert b.null is None
+
+
+@pytest.mark.parametrize("case_id", ["mlp", "cnn"])
+def test_factors_decomposed_from_rows_are_never_formed(monkeypatch, case_id):
+    """A factor decomposed from its rows (B·T ≤ d_in'/2) is not formed by ``kfac_eigh``; its
+    eigenpairs still rebuild the KFAC factor (2.25)–(2.27)."""
+    from fisherlab import jacobian
+    from fisherlab.jacobian import Jacobian
+
+    from oprefs import cached_capture
+
+    monkeypatch.setattr(jacobian, "LOWRANK_EIGH_MIN_DIM", 1)
+    jac = Jacobian.coerce(cached_capture(case_id, "cross_entropy", "mc", B=1, n_samples=2, storage="factored"))
+    for lj in jac.layers:
+        sA, QA, sG, QG = lj.kfac_eigh
+        assert "kfac_factors" not in lj.__dict__  # computed from the rows alone
+        A, G = lj.kfac_factors
+        assert _close((QA * sA) @ QA.T, A) and _close((QG * sG) @ QG.T, G)
