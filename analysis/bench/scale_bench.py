@@ -50,6 +50,12 @@ compare's 14 default methods, KFOC no longer among them — 175 s on its own, ``
                                           KRY-NICO 6.0, RESIDU 4.1, KRY-RESIDU 5.6, TAYLOR 9.2, PREVIOUS 2.3
                                           — every number of the table unchanged (𝔈/‖ζ‖²: KFAC 9.647,
                                           TAYLOR 0.8889, ...)
+    B = 128 again, idle (load 0.8–1.8), after FOOF and kfac_eigh stopped forming factors they need not:
+      compare-cold                        140.9 s wall, 259 s CPU, peak RSS 4.31 GiB; setup 17.7 s, KFAC row 40.6 s
+      compare-warm                        97.2 s wall, 181 s CPU, peak RSS 3.89 GiB; setup 8.0 s, exact 3.2 s;
+                                          EKFAC 16.7, TAYLOR 9.3, DIAGONAL 6.1, KRY-RESIDU 6.1, KRY-NICO 5.6,
+                                          SPECTRAL 4.7, RESIDU 4.5, BLOCK-DIAG 3.3, KFAC-TIKHONOV 2.4, FOOF 2.2,
+                                          PREVIOUS 2.1, KFAC 2.0, NICO 2.0 (goal 60 s: 1.62×; memory 0.49×)
     B = 512 under --memory 16GiB (load 4–6): completes in memory (the plan fits): 1637 s wall, 977 s CPU,
                                           peak RSS 9.63 GiB, setup 428 s, KFAC row 506 s (three 4609²
                                           LAPACK eigh: B·T = 8192 rows exceed d_in'), EKFAC 190 s
