@@ -102,6 +102,14 @@ def coarse_matrix(
         diagonal: the λ-term, ``"exact"`` (λR_0R_0ᵀ) or ``"layer-size"`` (λ·p_i on the diagonal
             entry of each coarse column of layer i — :func:`coarse_diagonal_term`).
     """
+    return coarse_matrix_and_products(exact, basis, damping=damping, diagonal=diagonal)[0]
+
+
+def coarse_matrix_and_products(
+    exact: ExactFisher | Jacobian, basis: CoarseBasis, *, damping: float | None = None, diagonal: str = "exact"
+) -> tuple[Tensor, Tensor]:
+    """``(F_coarse, Z)``: :func:`coarse_matrix` and the Z = UᵀR_0ᵀ ``[N, m]`` it is built from
+    (column block i = U_iᵀV_i), which :meth:`CoarseCorrection.layer_products` reuses."""
     jac = exact if isinstance(exact, Jacobian) else exact.jac
     if damping is None:
         if isinstance(exact, Jacobian):
@@ -110,16 +118,11 @@ def coarse_matrix(
     lam = check_damping(damping)
     dtype = basis.dtype
     if basis.m == 0:
-        return torch.zeros(0, 0, dtype=dtype, device=jac.device)
+        return torch.zeros(0, 0, dtype=dtype, device=jac.device), torch.zeros(jac.N, 0, dtype=dtype, device=jac.device)
     if len(jac.layers) != len(basis.V):
         raise ValueError(f"coarse_matrix: the basis has {len(basis.V)} blocks, the Jacobian {len(jac.layers)} layers")
-    Z = coarse_products(jac, basis)
-    return Z.T @ Z + lam * coarse_diagonal_term(basis, diagonal)
-
-
-def coarse_products(jac: Jacobian, basis: CoarseBasis) -> Tensor:
-    """Z = UᵀR_0ᵀ ``[N, m]``, column block i = U_iᵀV_i (one per-layer contraction per coarse column)."""
-    return torch.cat([lj.rmatmat(v) for lj, v in zip(jac.layers, basis.V)], dim=1)
+    Z = torch.cat([lj.rmatmat(v) for lj, v in zip(jac.layers, basis.V)], dim=1)
+    return Z.T @ Z + lam * coarse_diagonal_term(basis, diagonal), Z
 
 
 def _checked_context(context: CoarseContext, base: BlockDiagonal, exact: ExactFisher, rhs: Tensor) -> CoarseContext:
@@ -180,11 +183,8 @@ def compressed(op: FisherOperator, basis: CoarseBasis) -> Tensor:
 
 
 def _coarse_matrix(exact: ExactFisher, basis: CoarseBasis) -> tuple[Tensor, Tensor]:
-    """``(F_coarse, Z)`` of :func:`coarse_matrix` (exact λ-term) with its Z = UᵀR_0ᵀ ``[N, m]``."""
-    if basis.m == 0:
-        return torch.zeros(0, 0, dtype=basis.dtype, device=exact.device), torch.zeros(exact.jac.N, 0, dtype=basis.dtype, device=exact.device)
-    Z = coarse_products(exact.jac, basis)
-    return Z.T @ Z + exact.damping * coarse_diagonal_term(basis, "exact"), Z
+    """:func:`coarse_matrix_and_products` under another name (the constructors' ``coarse_matrix`` keyword shadows it)."""
+    return coarse_matrix_and_products(exact, basis)
 
 
 def _check_coarse_matrix(M: Tensor, m: int, dtype: torch.dtype, device) -> Tensor:
