@@ -10,6 +10,10 @@ The cache is a sidecar folder; the capture file itself is never written::
             grams.<precision>.h5       grams/<i>  [N, N]                 the per-layer Grams K_i
             gram_eigh.<precision>.h5   mu [N], W [N, N]                  ascending eigenpairs of K = Σ K_i
             kfac_eigh.<precision>.h5   <i>/sA [d_in'], <i>/QA [d_in', d_in'], <i>/sG [d_out], <i>/QG [d_out, d_out]
+            diagonal.<precision>.h5    <i> [p_i]                          diag(U_iU_iᵀ), the DIAGONAL method's
+            ekfac_moments.<precision>.h5  <i> [d_out, d_in']              EKFAC's re-fitted eigenvalues, each with
+                                                                          the attribute basis = the CRC-32s of the
+                                                                          Q_A and Q_G (kfac_eigh) they belong to
             woodbury-<λ>.<precision>.h5  L [N, N]                        Cholesky factor of λI + K (λ as float.hex)
 
 Every file has the attributes ``format = "fisherlab-cache"``, ``cache_version``, ``checkpoint``,
@@ -48,7 +52,7 @@ __all__ = ["CACHE_VERSION", "FORMAT", "SetupCache", "CacheEntry", "cache_folder"
 
 FORMAT = "fisherlab-cache"
 CACHE_VERSION = 1
-ITEMS = ("grams", "gram_eigh", "kfac_eigh")
+ITEMS = ("grams", "gram_eigh", "kfac_eigh", "diagonal", "ekfac_moments")
 """The λ-independent items of an entry (the Woodbury factors are one file per λ)."""
 
 
@@ -92,6 +96,8 @@ class CacheEntry:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     _have: dict[str, Any] = field(default_factory=dict)
+    _crcs: dict[str, dict[str, int]] = field(default_factory=dict)
+    """item → dataset → CRC-32, of the files read or written (the EKFAC moments' basis key)."""
 
     # ---- files -----------------------------------------------------------------------------
     def _file(self, item: str) -> Path:
@@ -112,6 +118,7 @@ class CacheEntry:
                 if attrs["precision"] != self.precision or attrs["N"] != N:
                     raise _Bad("stale: written for another precision or N")
                 out: dict[str, np.ndarray] = {}
+                crcs: dict[str, int] = {}
 
                 def visit(name: str, obj: Any) -> None:
                     if isinstance(obj, h5py.Dataset):
@@ -122,8 +129,12 @@ class CacheEntry:
                         if stored is None or int(stored) != _crc(arr):
                             raise _Bad(f"checksum mismatch in dataset '{name}'")
                         out[name] = arr
+                        crcs[name] = int(stored)
+                        if "basis" in obj.attrs:
+                            out[name + "@basis"] = np.asarray(str(obj.attrs["basis"]))
 
                 f.visititems(visit)
+                self._crcs[item] = crcs
                 return out
         except _Bad as err:
             self.notes.append(f"{path.name}: {err}; recomputed")
@@ -131,7 +142,7 @@ class CacheEntry:
             self.notes.append(f"{path.name}: unreadable ({type(err).__name__}); recomputed")
         return None
 
-    def _write(self, item: str, arrays: dict[str, Tensor], N: int, **attrs: Any) -> None:
+    def _write(self, item: str, arrays: dict[str, Tensor], N: int, *, basis: dict[str, str] | None = None, **attrs: Any) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._file(item)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
@@ -141,11 +152,16 @@ class CacheEntry:
                             checkpoint=self.checkpoint, precision=self.precision, N=N, **attrs)
                 for k, v in meta.items():
                     f.attrs[k] = v
+                crcs: dict[str, int] = {}
                 for name, t in arrays.items():
                     arr = np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
                     ds = f.create_dataset(name, data=arr)
-                    ds.attrs["crc32"] = np.int64(_crc(arr))
+                    crcs[name] = _crc(arr)
+                    ds.attrs["crc32"] = np.int64(crcs[name])
+                    if basis is not None and name in basis:
+                        ds.attrs["basis"] = basis[name]
             os.replace(tmp, path)
+            self._crcs[item] = crcs
             self.written.append(item)
         except OSError as err:  # a read-only or full disk: the analysis goes on without the cache
             self.notes.append(f"{path.name}: not written ({err.strerror or type(err).__name__})")
@@ -189,12 +205,48 @@ class CacheEntry:
                 eigs.append(None)
             if any(e is not None for e in eigs):
                 found.append("kfac_eigh")
-        jac.seed_setup(grams=grams, gram_eigh=gram_eigh, kfac_eigh=eigs)
+        diagonals = self._per_layer("diagonal", N, [(lj.spec.numel,) for lj in layers], found)
+        # EKFAC's moments only in the very basis seeded now (an eigenbasis is not unique)
+        seeded = [e is not None for e in eigs] if eigs is not None else [False] * len(layers)
+        moments = self._per_layer("ekfac_moments", N, [(lj.spec.d_out, lj.spec.d_in_bar) for lj in layers], found,
+                                  basis=[self._basis_key(i) if ok else None for i, ok in enumerate(seeded)])
+        jac.seed_setup(grams=grams, gram_eigh=gram_eigh, kfac_eigh=eigs, diagonals=diagonals, ekfac_moments=moments)
         self._have = {"grams": sum(K is not None for K in grams or []), "gram_eigh": gram_eigh is not None,
-                      "kfac_eigh": sum(e is not None for e in eigs or [])}
+                      "kfac_eigh": sum(e is not None for e in eigs or []),
+                      "diagonal": sum(d is not None for d in diagonals or []),
+                      "ekfac_moments": sum(m is not None for m in moments or [])}
         self.loaded += found
         self.seconds += time.perf_counter() - t0
         return found
+
+    def _per_layer(self, item: str, N: int, shapes: list[tuple[int, ...]], found: list[str],
+                   basis: list[str | None] | None = None) -> list[Tensor | None] | None:
+        """One array per layer (dataset ``<i>``) of a per-layer item, ``None`` for a layer without
+        (or of the wrong shape, or, with ``basis``, computed in another eigenbasis)."""
+        data = self._read(item, N)
+        if data is None:
+            return None
+        out: list[Tensor | None] = []
+        for i, shape in enumerate(shapes):
+            arr = data.get(str(i))
+            ok = arr is not None and arr.shape == shape
+            if ok and basis is not None:
+                tag = data.get(f"{i}@basis")
+                ok = basis[i] is not None and tag is not None and str(tag) == basis[i]
+            out.append(torch.from_numpy(arr) if ok else None)  # type: ignore[arg-type]
+        if any(t is not None for t in out):
+            found.append(item)
+        return out
+
+    def _basis_key(self, i: int, eigh: tuple | None = None) -> str:
+        """The CRC-32s of layer ``i``'s Q_A and Q_G as stored in ``kfac_eigh`` (read or written
+        now), or of ``eigh`` itself when that file was neither."""
+        crcs = self._crcs.get("kfac_eigh", {})
+        if f"{i}/QA" in crcs and f"{i}/QG" in crcs:
+            return f"{crcs[f'{i}/QA']:08x}-{crcs[f'{i}/QG']:08x}"
+        assert eigh is not None
+        QA, QG = (np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy()) for t in (eigh[1], eigh[3]))
+        return f"{_crc(QA):08x}-{_crc(QG):08x}"
 
     def woodbury(self, damping: float, N: int) -> Tensor | None:
         """The cached Cholesky factor ``L [N, N]`` of ``λI + K`` at ``damping``, or ``None``."""
@@ -233,6 +285,17 @@ class CacheEntry:
             arrays = {f"{i}/{k}": t for i, e in enumerate(eigs) if e is not None for k, t in zip(("sA", "QA", "sG", "QG"), e)}
             self._write("kfac_eigh", arrays, N)
             self._have["kfac_eigh"] = n
+        diagonals = done.get("diagonals") or []
+        n = sum(d is not None for d in diagonals)
+        if n > self._have.get("diagonal", 0):
+            self._write("diagonal", {str(i): d for i, d in enumerate(diagonals) if d is not None}, N)
+            self._have["diagonal"] = n
+        moments = done.get("ekfac_moments") or []
+        n = sum(m is not None for m in moments)
+        if n > self._have.get("ekfac_moments", 0):
+            keep = {str(i): m for i, m in enumerate(moments) if m is not None and eigs[i] is not None}
+            self._write("ekfac_moments", keep, N, basis={k: self._basis_key(int(k), eigs[int(k)]) for k in keep})
+            self._have["ekfac_moments"] = n
         if woodbury is not None:
             lam, L = woodbury
             item = self._woodbury_item(lam)

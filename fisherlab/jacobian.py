@@ -31,7 +31,7 @@ from .errors import FisherlabError
 from ._validate import available_device
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies"]
+__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies", "range_second_moments"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -238,15 +238,53 @@ class LayerJacobian:
             raise FisherlabError(f"layer '{self.spec.name}': seeded KFAC eigenpairs must have shapes {want}")
         self.__dict__["kfac_eigh"] = tuple(t.to(device=self.device, dtype=self.result_dtype) for t in eigh)
 
+    def diagonal(self) -> Tensor:
+        """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]``: computed once (:meth:`_compute_diagonal`)
+        or seeded (:meth:`seed_diagonal`, the setup cache). λ-independent, so a damping sweep
+        pays for it once."""
+        d = self.__dict__.get("_diagonal_value")
+        if d is None:
+            d = self._compute_diagonal()
+            self.__dict__["_diagonal_value"] = d
+        return d
+
+    def seed_diagonal(self, d: Tensor) -> None:
+        """Use ``d [p_i]`` (computed earlier) as :meth:`diagonal`."""
+        if tuple(d.shape) != (self.p,):
+            raise FisherlabError(f"layer '{self.spec.name}': a seeded diagonal must be [{self.p}], got {list(d.shape)}")
+        self.__dict__["_diagonal_value"] = d.to(device=self.device, dtype=self.result_dtype)
+
+    def ekfac_second_moments(self) -> Tensor:
+        """EKFAC's re-fitted eigenvalues in KFAC's eigenbasis :attr:`kfac_eigh`, ``s [d_out, d_in']``
+        (:meth:`eigenbasis_second_moments` on the columns of Q_A outside A's null space,
+        :func:`range_second_moments`): computed once or seeded (:meth:`seed_ekfac_second_moments`).
+        λ-independent, like the eigenbasis it belongs to."""
+        s = self.__dict__.get("_ekfac_value")
+        if s is None:
+            sA, QA, _, QG = self.kfac_eigh
+            s = range_second_moments(self, sA, QA, QG)
+            self.__dict__["_ekfac_value"] = s
+        return s
+
+    def seed_ekfac_second_moments(self, s: Tensor) -> None:
+        """Use ``s [d_out, d_in']`` (computed earlier in the basis of :attr:`kfac_eigh`, which must be
+        the one seeded with it) as :meth:`ekfac_second_moments`."""
+        want = (self.spec.d_out, self.spec.d_in_bar)
+        if tuple(s.shape) != want:
+            raise FisherlabError(f"layer '{self.spec.name}': seeded EKFAC second moments must be {list(want)}, got {list(s.shape)}")
+        self.__dict__["_ekfac_value"] = s.to(device=self.device, dtype=self.result_dtype)
+
     def computed_setup(self) -> dict[str, object]:
-        """What this layer has computed (or was seeded with) so far: ``gram``, ``kfac_eigh``."""
-        return {k: self.__dict__[src] for k, src in (("gram", "_gram_value"), ("kfac_eigh", "kfac_eigh")) if src in self.__dict__}
+        """What this layer has computed (or was seeded with) so far: ``gram``, ``kfac_eigh``,
+        ``diagonal``, ``ekfac_moments``."""
+        return {k: self.__dict__[src] for k, src in (("gram", "_gram_value"), ("kfac_eigh", "kfac_eigh"),
+                                                     ("diagonal", "_diagonal_value"), ("ekfac_moments", "_ekfac_value"))
+                if src in self.__dict__}
 
     def _compute_gram(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def diagonal(self) -> Tensor:  # pragma: no cover - abstract
-        """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]``."""
+    def _compute_diagonal(self) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -265,6 +303,31 @@ class LayerJacobian:
     def _check_out(self, y: Tensor, out: Tensor | None) -> None:
         if out is not None and (out.shape != (self.p, y.shape[1]) or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous [{self.p}, {y.shape[1]}] tensor, got {tuple(out.shape)}")
+
+
+def range_second_moments(lj: LayerJacobian, sA: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
+    """``s [d_out, d_in']`` of one layer (:meth:`LayerJacobian.eigenbasis_second_moments`),
+    computed only on the columns of Q_A with ``s_A ≠ 0``; the others are 0.
+
+    ``Q_Aᵀ A Q_A = diag(s_A)`` with ``A = (1/B) Σ_{b,t} ā_{b,t} ā_{b,t}ᵀ`` gives
+    ``Σ_{b,t} (ā_{b,t}·Q_A[:, c])² = B·s_A[c]``: an eigenvalue that is exactly 0 (the null-space
+    completion of :func:`psd_eigh_from_rows`, a wide conv layer at a small
+    batch, A of rank ≤ B·T) has ``ā·Q_A[:, c] = 0``, so ``MAT(j_n) Q_A[:, c] = 0`` and
+    ``s[:, c] = 0``. On ResNet-18's layer4 at B = 128 this skips 2560 of 4608 columns of the
+    rotation ``ā Q_A``, its most expensive GEMM.
+    """
+    zero = sA == 0
+    nz = int(zero.sum())
+    if nz == 0:
+        return lj.eigenbasis_second_moments(QA, QG)
+    out = QA.new_zeros(QG.shape[1], QA.shape[1])
+    if nz < QA.shape[1]:
+        if bool(zero[:nz].all()):  # psd_eigh_from_rows: the zeros come first (ascending)
+            out[:, nz:] = lj.eigenbasis_second_moments(QA[:, nz:], QG)
+        else:
+            keep = (~zero).nonzero().squeeze(1)
+            out[:, keep] = lj.eigenbasis_second_moments(QA[:, keep], QG)
+    return out
 
 
 @dataclass(eq=False)
@@ -361,7 +424,7 @@ class FactoredLayerJacobian(LayerJacobian):
         GG = torch.mm(gf, gf.T).view(B, K, T, B, K, T)  # [(b,k,t), (c,l,s)]
         return GG.mul_(AA).sum(dim=(2, 5)).reshape(N, N).div_(B)
 
-    def diagonal(self) -> Tensor:
+    def _compute_diagonal(self) -> Tensor:
         """Linear (T = 1), from the factors: ``j_n ∘ j_n = (ā_b ∘ ā_b) ⊗ (g_{b,k} ∘ g_{b,k})``, so
         ``MAT(diag) = (1/B) Σ_b (Σ_k g_{b,k}²) (ā_b²)ᵀ`` — one ``[d_out, B] × [B, d_in']`` GEMM.
         T > 1: ``(1/B) Σ_n MAT(j_n)∘²`` with ``MAT(j_n) = Σ_t g_{n,t} ā_{b,t}ᵀ`` formed by
@@ -486,7 +549,7 @@ class DenseLayerJacobian(LayerJacobian):
     def _compute_gram(self) -> Tensor:
         return torch.mm(self.dense, self.dense.T).div_(self.B)  # type: ignore[arg-type]
 
-    def diagonal(self) -> Tensor:
+    def _compute_diagonal(self) -> Tensor:
         """Column sums of ``J_i²`` over B (in chunks of rows: temporaries bounded)."""
         J = self.dense
         assert J is not None
@@ -645,8 +708,8 @@ class MixedLayerJacobian(LayerJacobian):
     def _compute_gram(self) -> Tensor:
         return super()._compute_gram().to(self.out_dtype)
 
-    def diagonal(self) -> Tensor:
-        return super().diagonal().to(self.out_dtype)
+    def _compute_diagonal(self) -> Tensor:
+        return super()._compute_diagonal().to(self.out_dtype)
 
     def eigenbasis_second_moments(self, QA: Tensor | None, QG: Tensor | None) -> Tensor:
         cv = lambda Q: None if Q is None else Q.to(self._lo())  # noqa: E731
@@ -794,16 +857,25 @@ class Jacobian:
 
     # ---- the setup shared through the cache (fisherlab.cache) --------------------------------
     def seed_setup(self, *, grams: list[Tensor | None] | None = None, gram_eigh: tuple[Tensor, Tensor] | None = None,
-                   kfac_eigh: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None) -> None:
+                   kfac_eigh: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None,
+                   diagonals: list[Tensor | None] | None = None,
+                   ekfac_moments: list[Tensor | None] | None = None) -> None:
         """Use setup computed earlier (the setup cache :mod:`fisherlab.cache`): per-layer Grams
-        ``K_i [N, N]``, ``(μ, W)`` of K, per-layer KFAC eigenpairs; ``None`` entries are computed
-        when first needed, as without a seed."""
+        ``K_i [N, N]``, ``(μ, W)`` of K, per-layer KFAC eigenpairs, diagonals ``[p_i]`` and EKFAC
+        second moments ``[d_out, d_in']`` (in the basis of the KFAC eigenpairs seeded with them);
+        ``None`` entries are computed when first needed, as without a seed."""
         for lj, K in zip(self.layers, grams or []):
             if K is not None:
                 lj.seed_gram(K)
         for lj, e in zip(self.layers, kfac_eigh or []):
             if e is not None:
                 lj.seed_kfac_eigh(e)
+        for lj, d in zip(self.layers, diagonals or []):
+            if d is not None:
+                lj.seed_diagonal(d)
+        for lj, m in zip(self.layers, ekfac_moments or []):
+            if m is not None:
+                lj.seed_ekfac_second_moments(m)
         if gram_eigh is not None:
             mu, W = gram_eigh
             if tuple(mu.shape) != (self.N,) or tuple(W.shape) != (self.N, self.N):
@@ -811,10 +883,12 @@ class Jacobian:
             self.__dict__["gram_eigh"] = (mu.to(device=self.device, dtype=self.dtype), W.to(device=self.device, dtype=self.dtype))
 
     def computed_setup(self) -> dict[str, object]:
-        """What has been computed (or seeded) so far: ``grams`` and ``kfac_eigh`` (lists with
-        ``None`` for a layer without), ``gram_eigh`` when present."""
+        """What has been computed (or seeded) so far: ``grams``, ``kfac_eigh``, ``diagonals`` and
+        ``ekfac_moments`` (lists with ``None`` for a layer without), ``gram_eigh`` when present."""
         per = [lj.computed_setup() for lj in self.layers]
-        out: dict[str, object] = {"grams": [d.get("gram") for d in per], "kfac_eigh": [d.get("kfac_eigh") for d in per]}
+        out: dict[str, object] = {"grams": [d.get("gram") for d in per], "kfac_eigh": [d.get("kfac_eigh") for d in per],
+                                  "diagonals": [d.get("diagonal") for d in per],
+                                  "ekfac_moments": [d.get("ekfac_moments") for d in per]}
         if "gram_eigh" in self.__dict__:
             out["gram_eigh"] = self.__dict__["gram_eigh"]
         return out
@@ -902,7 +976,7 @@ class StreamedLayerJacobian(LayerJacobian):
     def _compute_gram(self) -> Tensor:
         return self.held().gram()
 
-    def diagonal(self) -> Tensor:
+    def _compute_diagonal(self) -> Tensor:
         return self.held().diagonal()
 
     def eigenbasis_second_moments(self, QA: Tensor, QG: Tensor) -> Tensor:

@@ -159,3 +159,74 @@ def test_seeded_jacobian_uses_the_seed(capture_file):
     assert torch.equal(jac.layers[0].gram(), K[0])
     with pytest.raises(FisherlabError, match="seeded Gram"):
         jac.layers[0].seed_gram(torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.fixture
+def counted_moments(monkeypatch):
+    """Counts every diagonal and every EKFAC second-moment computation (both λ-independent)."""
+    calls = {"diagonal": 0, "moments": 0}
+    for kind in (FactoredLayerJacobian, DenseLayerJacobian):
+        real_d, real_m = kind._compute_diagonal, kind.eigenbasis_second_moments
+
+        def diagonal(self, real=real_d):
+            calls["diagonal"] += 1
+            return real(self)
+
+        def moments(self, QA, QG, real=real_m):
+            calls["moments"] += 1
+            return real(self, QA, QG)
+
+        monkeypatch.setattr(kind, "_compute_diagonal", diagonal)
+        monkeypatch.setattr(kind, "eigenbasis_second_moments", moments)
+    return calls
+
+
+def test_diagonal_and_ekfac_moments_are_cached_across_dampings(capture_file, counted_moments):
+    """DIAGONAL's diag(F) and EKFAC's re-fitted eigenvalues do not depend on λ: a damping sweep (or a
+    second run) computes them once."""
+    keys = ["exact", "diagonal", "ekfac", "zero"]
+    run = lambda lam, **kw: metrics.compare_file(capture_file, lam, keys, progress=False, **kw)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeasurementWarning)
+        ref = [run(lam, cache=False) for lam in (0.1, 1.0)]
+        counted_moments.update(diagonal=0, moments=0)
+        first = run(0.1)
+        assert counted_moments["diagonal"] > 0 and counted_moments["moments"] > 0
+        assert all("diagonal" in m["cache"] and "ekfac_moments" in m["cache"] for m in first.meta["checkpoints"])
+        counted_moments.update(diagonal=0, moments=0)
+        second = run(1.0)  # another λ: the same diagonal and moments
+    assert counted_moments == {"diagonal": 0, "moments": 0}
+    assert all("read" in m["cache"] and "ekfac_moments" in m["cache"].split(";")[0] for m in second.meta["checkpoints"])
+    _same(ref[0], first)
+    _same(ref[1], second)
+
+
+def test_ekfac_moments_of_another_eigenbasis_are_not_used(capture_file, counted_moments):
+    """An eigenbasis is not unique: moments computed in the basis of a KFAC eigendecomposition that
+    is no longer cached (recomputed, so possibly rotated in a degenerate eigenspace) are recomputed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeasurementWarning)
+        ref = metrics.compare_file(capture_file, 0.1, ["exact", "ekfac"], progress=False, cache=False)
+        metrics.compare_file(capture_file, 0.1, ["exact", "ekfac"], progress=False)
+        with CaptureFile(capture_file) as cf:
+            entry = SetupCache(capture_file).entry("c0", cf.fingerprint("c0"))
+        entry._file("kfac_eigh").unlink()
+        counted_moments.update(moments=0)
+        got = metrics.compare_file(capture_file, 0.1, ["exact", "ekfac"], progress=False)
+    assert counted_moments["moments"] > 0  # c0's moments were recomputed in its new basis
+    _same(ref, got)
+    with h5py.File(entry._file("ekfac_moments"), "r") as f, h5py.File(entry._file("kfac_eigh"), "r") as e:
+        for i in f:
+            assert f[i].attrs["basis"] == f"{int(e[f'{i}/QA'].attrs['crc32']):08x}-{int(e[f'{i}/QG'].attrs['crc32']):08x}"
+
+
+def test_seeded_diagonal_and_moments_are_checked(capture_file):
+    jac = Jacobian.from_capture(fisherlab.load(capture_file, "c0"))
+    lj = jac.layers[0]
+    with pytest.raises(FisherlabError, match="seeded diagonal"):
+        lj.seed_diagonal(torch.zeros(lj.p + 1, dtype=torch.float64))
+    with pytest.raises(FisherlabError, match="seeded EKFAC second moments"):
+        lj.seed_ekfac_second_moments(torch.zeros(2, 2, dtype=torch.float64))
+    d = torch.arange(lj.p, dtype=torch.float64)
+    jac.seed_setup(diagonals=[d] + [None] * (len(jac.layers) - 1))
+    assert torch.equal(jac.layers[0].diagonal(), d)

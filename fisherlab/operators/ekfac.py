@@ -25,37 +25,12 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
-from ..jacobian import Jacobian, LayerJacobian
+from ..jacobian import Jacobian, range_second_moments
 from .algebra import BlockDiagonal
 from .base import check_damping
 from .kfac import DampingMode, KroneckerBlock
 
 __all__ = ["EKFAC", "EKFACBlock", "range_second_moments"]
-
-
-def range_second_moments(lj: LayerJacobian, sA: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
-    """``s [d_out, d_in']`` of one layer (:meth:`~fisherlab.jacobian.LayerJacobian.eigenbasis_second_moments`),
-    computed only on the columns of Q_A with ``s_A ≠ 0``; the others are 0.
-
-    ``Q_Aᵀ A Q_A = diag(s_A)`` with ``A = (1/B) Σ_{b,t} ā_{b,t} ā_{b,t}ᵀ`` gives
-    ``Σ_{b,t} (ā_{b,t}·Q_A[:, c])² = B·s_A[c]``: an eigenvalue that is exactly 0 (the null-space
-    completion of :func:`~fisherlab.jacobian.psd_eigh_from_rows`, a wide conv layer at a small
-    batch, A of rank ≤ B·T) has ``ā·Q_A[:, c] = 0``, so ``MAT(j_n) Q_A[:, c] = 0`` and
-    ``s[:, c] = 0``. On ResNet-18's layer4 at B = 128 this skips 2560 of 4608 columns of the
-    rotation ``ā Q_A``, its most expensive GEMM.
-    """
-    zero = sA == 0
-    nz = int(zero.sum())
-    if nz == 0:
-        return lj.eigenbasis_second_moments(QA, QG)
-    out = QA.new_zeros(QG.shape[1], QA.shape[1])
-    if nz < QA.shape[1]:
-        if bool(zero[:nz].all()):  # psd_eigh_from_rows: the zeros come first (ascending)
-            out[:, nz:] = lj.eigenbasis_second_moments(QA[:, nz:], QG)
-        else:
-            keep = (~zero).nonzero().squeeze(1)
-            out[:, keep] = lj.eigenbasis_second_moments(QA[:, keep], QG)
-    return out
 
 
 class EKFACBlock(KroneckerBlock):
@@ -95,7 +70,7 @@ class EKFAC(BlockDiagonal):
         blocks = []
         for lj in jac.layers:
             eigh = tuple(t.to(dtype) for t in lj.kfac_eigh)
-            blocks.append(EKFACBlock(eigh, range_second_moments(lj, eigh[0], eigh[1], eigh[3]), lam))  # type: ignore[arg-type]
+            blocks.append(EKFACBlock(eigh, lj.ekfac_second_moments().to(dtype), lam))  # type: ignore[arg-type]
         return cls(blocks)
 
     def second_moments(self) -> list[Tensor]:
