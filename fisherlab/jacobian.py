@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from contextlib import contextmanager
+from typing import Callable, ClassVar, Iterator, Sequence
 from functools import cached_property
 
 import torch
@@ -31,7 +32,7 @@ from .errors import FisherlabError
 from ._validate import available_device
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies", "range_second_moments"]
+__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies", "range_second_moments", "ROWS_MIN_POSITIONS", "ROWS_MEMORY_SHARE"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -345,8 +346,28 @@ class FactoredLayerJacobian(LayerJacobian):
     def T(self) -> int:
         return self.a.shape[1]  # type: ignore[union-attr]
 
+    # ---- dense rows held beside the factors (products only) --------------------------------
+    def hold_rows(self) -> int:
+        """Form ``J_i [N, p_i]`` once and use it for :meth:`rmatmat` and :meth:`matmat` (one
+        GEMV-like pass over N·p_i numbers instead of 2·B·T·d_in'·d_out flops) until
+        :meth:`release_rows`; the factors stay for everything else (Grams, KFAC factors, EKFAC).
+        Returns the bytes held. Worth it for many positions per vector (T/K ≥
+        :data:`ROWS_MIN_POSITIONS`, :meth:`Jacobian.holding_rows`)."""
+        if "_rows" not in self.__dict__:
+            self.__dict__["_rows"] = DenseLayerJacobian(self.spec, self.B, self.K, dense=self.dense_rows().contiguous())
+        return self.__dict__["_rows"].dense.numel() * self.__dict__["_rows"].dense.element_size()
+
+    def release_rows(self) -> None:
+        self.__dict__.pop("_rows", None)
+
+    @property
+    def rows_held(self) -> bool:
+        return "_rows" in self.__dict__
+
     def rmatmat(self, x: Tensor) -> Tensor:
         """``U_iᵀ x``: ``(Uᵀx)_{b,k} = Σ_t g_{b,k,t}ᵀ X ā_{b,t} / √B``, X = MAT(x) (A4)–(A9)."""
+        if "_rows" in self.__dict__:
+            return self.__dict__["_rows"].rmatmat(x)
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
@@ -364,6 +385,8 @@ class FactoredLayerJacobian(LayerJacobian):
 
     def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
         """``U_i y = vec(Σ_{b,k,t} y_{b,k} g_{b,k,t} ā_{b,t}ᵀ) / √B`` (A10)–(A14)."""
+        if "_rows" in self.__dict__:
+            return self.__dict__["_rows"].matmat(y, out=out)
         self._check_out(y, out)
         a, g = self.a, self.g
         assert a is not None and g is not None
@@ -519,6 +542,8 @@ class FactoredLayerJacobian(LayerJacobian):
         return sA, QA, sG, QG
 
     def dense_rows(self) -> Tensor:
+        if "_rows" in self.__dict__:
+            return self.__dict__["_rows"].dense
         return dense_from_factors(self.a, self.g)  # type: ignore[arg-type]
 
     def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
@@ -660,6 +685,19 @@ def _square_sums(g: Tensor, a: Tensor, QA: Tensor | None) -> Tensor:
 
 
 PRECISIONS = ("float64", "mixed")
+
+ROWS_MIN_POSITIONS = 32
+"""A factored layer seen at ``T ≥ ROWS_MIN_POSITIONS·K`` positions is held as dense rows for the
+products of an analysis (:meth:`Jacobian.holding_rows`): a product through the factors costs
+2·B·T·d_in'·d_out flops, through the rows one pass over N·p_i = B·K·d_in'·d_out numbers, a gain
+of ~T/K bounded by memory bandwidth. Measured (ResNet-18's layer3 conv, T = 64, d_in' = 2305,
+d_out = 256, B = 128, float64, 2 threads): Uᵀx 0.28 → 0.077 s, Ux 0.38 → 0.063 s, for 604 MB of
+rows formed in 0.73 s; at T = 16 (layer4) the rows (2.4 GB) would be read more slowly than the
+factors' GEMM runs."""
+
+ROWS_MEMORY_SHARE = 0.5
+"""The share of the memory left free (the budget minus the plan's peak, or what the system has
+available) that dense rows may take."""
 
 
 def _same_device(a: torch.device | str, b: torch.device) -> bool:
@@ -856,6 +894,39 @@ class Jacobian:
         return torch.linalg.eigh(self.gram)
 
     # ---- the setup shared through the cache (fisherlab.cache) --------------------------------
+    def hold_rows(self, budget: int | None) -> list[str]:
+        """Hold as dense rows, for products (:meth:`FactoredLayerJacobian.hold_rows`), the factored
+        layers with ``T ≥ K·``:data:`ROWS_MIN_POSITIONS`, most positions per vector first,
+        as many as ``budget`` bytes allow (``None``: none). Returns the names of the layers it
+        made hold rows (:meth:`release_rows` takes them). Every result is the same to round-off."""
+        cand = [lj for lj in self.layers if isinstance(lj, FactoredLayerJacobian) and not lj.rows_held
+                and lj.T >= ROWS_MIN_POSITIONS * lj.K]
+        cand.sort(key=lambda lj: -lj.T / lj.K)
+        held: list[str] = []
+        left = budget or 0
+        for lj in cand:
+            size = lj.N * lj.p * lj.a.element_size()  # type: ignore[union-attr]
+            if size <= left:
+                lj.hold_rows()
+                held.append(lj.spec.name)
+                left -= size
+        return held
+
+    def release_rows(self, names: Sequence[str] | None = None) -> None:
+        """Drop the dense rows of the layers ``names`` (default: of every layer)."""
+        for lj in self.layers:
+            if isinstance(lj, FactoredLayerJacobian) and (names is None or lj.spec.name in names):
+                lj.release_rows()
+
+    @contextmanager
+    def holding_rows(self, budget: int | None) -> Iterator[list[str]]:
+        """:meth:`hold_rows` for the block, released on exit; yields the layers held."""
+        held = self.hold_rows(budget)
+        try:
+            yield held
+        finally:
+            self.release_rows(held)
+
     def seed_setup(self, *, grams: list[Tensor | None] | None = None, gram_eigh: tuple[Tensor, Tensor] | None = None,
                    kfac_eigh: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None,
                    diagonals: list[Tensor | None] | None = None,

@@ -43,7 +43,8 @@ from .damping import Damping, fisher_scale, resolve_damping
 from .errors import FisherlabError, MeasurementWarning
 from .intervals import LEVEL, mean_interval
 from .io.tables import fmt, text_table, write_csv
-from .jacobian import Jacobian
+from ._system import available_memory
+from .jacobian import ROWS_MEMORY_SHARE, Jacobian
 from .methods import Family, Pieces
 from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator
 from .planning import plan_compare
@@ -415,11 +416,29 @@ def compare(
     for name in names:
         registry.get(name)  # one-line error for an unknown key
     jac = Jacobian.coerce(capture, device=device, precision=precision)
-    if memory is not None:
-        plan_compare(jac, names, memory=memory).check()
+    plan = plan_compare(jac, names, memory=memory) if memory is not None else None
+    if plan is not None:
+        plan.check()
+    free = plan.budget - plan.peak if plan is not None else available_memory(jac.device)
+    held: list[str] = []
+    try:
+        return _compare_checkpoint(
+            jac, capture, damping, names, held=held, rows_budget=None if free is None else int(ROWS_MEMORY_SHARE * max(free, 0)),
+            rhs=rhs, exact=exact, k=k, m=m, q=q, options=options, top_modes=top_modes,
+            anatomy_of_errors=anatomy_of_errors, progress=progress, cache=cache, sample=sample)
+    finally:
+        jac.release_rows(held)
+
+
+def _compare_checkpoint(jac: Jacobian, capture, damping, names: list[str], *, held: list[str], rows_budget: int | None,
+                        rhs, exact, k, m, q, options, top_modes, anatomy_of_errors, progress, cache, sample) -> "ComparisonTable":
+    """:func:`compare` of one checkpoint's Jacobian (the names checked, the plan fitted): the layers
+    with many positions hold dense rows for its products (:meth:`Jacobian.hold_rows`, within
+    ``rows_budget`` bytes; their names are appended to ``held``, which the caller releases)."""
     if progress is not None:
         progress("setup")
     t_setup = time.perf_counter()
+    held += jac.hold_rows(rows_budget)
     if cache is not None:
         cache.seed(jac)
     lam = resolve_damping(damping, jac)
@@ -614,6 +633,7 @@ def compare(
         "setup_s": setup_s,
         **({"cache": cache.summary()} if cache is not None else {}),
         "exact_residual": residual,
+        "dense_rows": list(held),
         "notes": notes,
         **({"sample": sample} if sample else {}),
     }

@@ -230,3 +230,20 @@ def test_seeded_diagonal_and_moments_are_checked(capture_file):
     d = torch.arange(lj.p, dtype=torch.float64)
     jac.seed_setup(diagonals=[d] + [None] * (len(jac.layers) - 1))
     assert torch.equal(jac.layers[0].diagonal(), d)
+
+
+def test_compare_with_dense_rows_held_equals_the_factored_one(capture_file, monkeypatch):
+    """compare holds the factored layers with many positions as dense rows for its products
+    (within the memory left free): the same table to round-off, the layers named in meta."""
+    import fisherlab.jacobian as jacobian_mod
+
+    keys = ["exact", "kfac", "residuals", "taylor", "diagonal", "zero"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MeasurementWarning)
+        monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 10**9)
+        ref = metrics.compare_file(capture_file, 0.1, keys, progress=False, cache=False)
+        monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)  # every factored layer (the Linear ones: T = 1 < K)
+        got = metrics.compare_file(capture_file, 0.1, keys, progress=False, cache=False)
+    assert all(m["dense_rows"] == [] for m in ref.meta["checkpoints"])
+    assert all(m["dense_rows"] for m in got.meta["checkpoints"])
+    _same(ref, got)

@@ -182,3 +182,24 @@ def test_factored_and_dense_implementations_answer_the_protocol_alike(case_id):
         for got, want in pairs:
             assert float((got - want).norm()) <= 1e-12 * max(float(want.norm()), 1e-300)
         assert all(torch.equal(p, q) for p, q in zip(fac.kfac_factors, den.kfac_factors))
+
+
+def test_held_rows_give_the_same_products(cap, jac, J, monkeypatch):
+    """Factored layers holding dense rows (:meth:`Jacobian.hold_rows`) answer Uᵀx, Uy and J_i from
+    the rows, equal to the dense reference; released, they are back on the factors."""
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)  # every factored layer
+    x = torch.randn(cap.p, COLS, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randn(cap.N, COLS, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    factored = [lj.spec.name for lj in jac.layers if lj.factored]
+    assert jac.hold_rows(0) == []  # nothing fits in no memory
+    with jac.holding_rows(2**40) as held:
+        assert held == sorted(factored, key=lambda n: -jac.layers[jac.layout.index(n)].T)  # most positions first
+        assert all(lj.rows_held for lj in jac.layers if lj.spec.name in held)
+        assert close(jac.rmatmat(x), J @ x / math.sqrt(cap.B)) and close(jac.matmat(y), J.T @ y / math.sqrt(cap.B))
+        for lj in jac.layers:  # into a given out, layer by layer
+            out = torch.empty(lj.p, COLS, dtype=torch.float64)
+            ref = J[:, lj.spec.offset : lj.spec.stop].T @ y / math.sqrt(cap.B)
+            assert lj.matmat(y, out=out) is out and close(out, ref)
+    assert not any(getattr(lj, "rows_held", False) for lj in jac.layers)
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 10**9)
+    assert jac.hold_rows(2**40) == []  # too few positions for rows to pay
