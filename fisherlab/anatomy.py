@@ -81,11 +81,11 @@ def anatomy(jac: Jacobian, basis: SpanBasis, e: Tensor, *, top: int = 5, layer_p
     ys, layers = [], []
     for i, (lj, ei) in enumerate(zip(jac.layers, jac.layout.split(e))):
         yi = lj.rmatmat(ei) if layer_products is None else layer_products[i].reshape(-1, 1)
-        ni2 = float(ei.pow(2).sum())
+        ni2 = float(torch.dot(ei.reshape(-1), ei.reshape(-1)))  # no p_i-sized temporary
         layers.append((ni2**0.5, float(yi.pow(2).sum()) + lam * ni2))
         ys.append(yi)
     y = torch.stack(ys).sum(0)[:, 0]
-    e2 = float(e.pow(2).sum())
+    e2 = float(torch.dot(e.reshape(-1), e.reshape(-1)))
     c = basis.W.T @ y  # [r]
     pe2 = min(float((c.pow(2) / basis.mu).sum()), e2)  # ‖Pe‖² ≤ ‖e‖² (round-off)
     y2 = float(y.pow(2).sum())
