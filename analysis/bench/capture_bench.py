@@ -38,7 +38,21 @@ the first call pays for lazily loaded kernels). On CUDA ``torch.cuda.max_memory_
 used instead, in-process.
 
 Targets (issue 2): autoencoder capture ≤ 1.0× plain and ≥ 20× faster than torch.func; CNN
-capture ≤ 2× plain.
+capture ≤ 2× plain. Issue 14's: per storage choice never slower than torch.func and ≤ 2× plain on
+the CNN; on the autoencoder mc ≤ 1.35×, empirical ≤ 1.05×.
+
+Transparent huge pages. Torch's CPU allocator maps every block ≥ 2 MiB with 4 KiB pages unless
+``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported; where the kernel's THP mode is
+``madvise`` (``/sys/kernel/mm/transparent_hugepage/enabled``) a fresh 80 MB ā then costs ~20,000
+page faults. The header line says which. Measured side by side (this 2-core machine, idle,
+2 threads, medians of 21): the CNN's factored capture 292.8 → 238.3 ms (2.38× → 1.75× plain; plain
+123 → 136 ms, torch.func 136 → 166 ms), ``auto`` 722 → 713 ms, the autoencoder unchanged within
+noise (82 → 85 ms mc); torch.func on the autoencoder 1387 → 502 ms.
+
+Measured without it (same run): mnist-ae mc 1.71× plain, empirical 1.37×, torch.func 28.9×;
+CNN ``auto`` 5.86×, factored 2.38×, torch.func 1.10×. ``auto`` stores the second conv dense and so
+computes its KFAC factor A = (1/B) Σ ā āᵀ at capture (32 GFLOP, ~320 ms here), which its rows
+no longer determine; the factored capture pays the unfold of ā (80 MB, ~90 ms) instead.
 """
 
 from __future__ import annotations
@@ -297,6 +311,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     warmup = 1 if args.quick else 2
     print(
         f"capture_bench: torch {torch.__version__}, device {device}, {threads} threads, float32, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
         f"medians of {reps} (torch.func: {func_reps}) after {warmup} warm-up"
     )
     rows: list[dict] = []

@@ -60,6 +60,28 @@ compare's 14 default methods, KFOC no longer among them — 175 s on its own, ``
                                           peak RSS 9.63 GiB, setup 428 s, KFAC row 506 s (three 4609²
                                           LAPACK eigh: B·T = 8192 rows exceed d_in'), EKFAC 190 s
 
+Measured 2026-12-02 (idle, 2 threads, B = 128; the machine ran the 2026-12-01 code at 106–110 s warm
+that day, ~10 % slower than the figures above). DIAGONAL's diag(F) and EKFAC's re-fitted eigenvalues
+joined the setup cache (λ-independent), and compare holds layer3's factored convs (T = 64) as dense
+rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.ROWS_MIN_POSITIONS``):
+
+      compare-warm, side by side          110.0 s before → 85.7 s with the two cache items → 74.9 s with the rows
+      compare-cold                        145.9 s wall, 254 s CPU, peak RSS 6.40 GiB; setup 19.4 s, KFAC row 48.9 s
+                                          (its factor eigendecompositions: layer4's three 4608² A from 2048 rows
+                                          ~7.2 s each — Gram eigh 2.3 s, complete QR 3.4 s —, layer3's 2304² A
+                                          by LAPACK ~4.3 s each), EKFAC 17.9, DIAGONAL 6.5
+      compare-warm                        66.4–68.7 s wall (three runs), 117–119 s CPU, peak RSS 6.09 GiB; setup
+                                          8.8 s, exact 2.2 s; TAYLOR 8.8, KRY-RESIDU 5.6, KRY-NICO 5.5, SPECTRAL 5.1,
+                                          RESIDU 4.0, EKFAC 2.7, KFAC 2.6, KFAC-TIKHONOV 2.5, BLOCK-DIAG 2.4,
+                                          FOOF 2.3, PREVIOUS 1.8, NICO 1.4, DIAGONAL 0.2; the per-method error
+                                          anatomies (one Uᵀe each, ~1.1 s) and reading the file make the rest
+                                          (goal 60 s: 1.14×; memory 0.76×)
+
+    What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
+    for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
+    range of A), a product Uᵀx ~34 GFLOP on layer4 plus a pass over 2.6 GB of dense rows, and the 14
+    rows make about 12 solves and 25 products.
+
     python analysis/bench/scale_bench.py --pipeline --batch 128 --methods default --threads 1 --profile
     python analysis/bench/scale_bench.py --pipeline --phases plan --plan-batch 512 --memory 16GiB --file run128.h5
     python analysis/bench/scale_bench.py                      # B = 32, kfac only
