@@ -381,7 +381,10 @@ def compare(
             measured error stated there).
         memory: a budget in bytes or ``"8GiB"`` (:mod:`fisherlab.planning`): the big allocations
             are planned before anything is computed, and a plan that does not fit is refused
-            with one line naming ``memory=`` (CLI ``--memory``). ``None``: no check.
+            with one line naming ``memory=`` (CLI ``--memory``). ``None``: no check. Factored layers
+            seen at many positions (T ≥ 32·K) hold dense rows for the products within half of what
+            the plan leaves free (``None``: of the memory available), named in ``meta["dense_rows"]``
+            (:meth:`fisherlab.jacobian.Jacobian.hold_rows`); the numbers are the same to round-off.
         cache: a :class:`fisherlab.cache.CacheEntry` (what :func:`compare_file` passes): the
             Grams, K's eigendecomposition, the KFAC eigenpairs and the Woodbury factor are taken
             from it when cached and written to it when computed here.
