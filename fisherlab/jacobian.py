@@ -219,17 +219,23 @@ class LayerJacobian:
     def gram(self) -> Tensor:
         """``K_i = U_iᵀ U_i`` ``[N, N]`` (MATH.md §3): computed once (:meth:`_compute_gram`) or
         seeded (:meth:`seed_gram`, the setup cache :mod:`fisherlab.cache`)."""
-        K = self.__dict__.get("_gram_value")
-        if K is None:
-            K = self._compute_gram()
-            self.__dict__["_gram_value"] = K
-        return K
+        return self._memo("_gram_value", self._compute_gram)
+
+    def _memo(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """The setup value kept under ``key`` (computed once, or seeded by :meth:`_seed`)."""
+        value = self.__dict__.get(key)
+        if value is None:
+            value = self.__dict__[key] = compute()
+        return value
+
+    def _seed(self, key: str, value: Tensor, shape: tuple[int, ...], what: str) -> None:
+        if tuple(value.shape) != shape:
+            raise FisherlabError(f"layer '{self.spec.name}': a seeded {what} must be {list(shape)}, got {list(value.shape)}")
+        self.__dict__[key] = value.to(device=self.device, dtype=self.result_dtype)
 
     def seed_gram(self, K: Tensor) -> None:
         """Use ``K [N, N]`` (computed earlier, e.g. read from the setup cache) as this layer's Gram."""
-        if tuple(K.shape) != (self.N, self.N):
-            raise FisherlabError(f"layer '{self.spec.name}': a seeded Gram must be [{self.N}, {self.N}], got {list(K.shape)}")
-        self.__dict__["_gram_value"] = K.to(device=self.device, dtype=self.result_dtype)
+        self._seed("_gram_value", K, (self.N, self.N), "Gram")
 
     def seed_kfac_eigh(self, eigh: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
         """Use ``(s_A, Q_A, s_G, Q_G)`` (computed earlier) as :attr:`kfac_eigh`."""
@@ -243,37 +249,27 @@ class LayerJacobian:
         """``diag(U_iU_iᵀ) = (1/B) Σ_n j_n ∘ j_n`` ``[p_i]``: computed once (:meth:`_compute_diagonal`)
         or seeded (:meth:`seed_diagonal`, the setup cache). λ-independent, so a damping sweep
         pays for it once."""
-        d = self.__dict__.get("_diagonal_value")
-        if d is None:
-            d = self._compute_diagonal()
-            self.__dict__["_diagonal_value"] = d
-        return d
+        return self._memo("_diagonal_value", self._compute_diagonal)
 
     def seed_diagonal(self, d: Tensor) -> None:
         """Use ``d [p_i]`` (computed earlier) as :meth:`diagonal`."""
-        if tuple(d.shape) != (self.p,):
-            raise FisherlabError(f"layer '{self.spec.name}': a seeded diagonal must be [{self.p}], got {list(d.shape)}")
-        self.__dict__["_diagonal_value"] = d.to(device=self.device, dtype=self.result_dtype)
+        self._seed("_diagonal_value", d, (self.p,), "diagonal")
 
     def ekfac_second_moments(self) -> Tensor:
         """EKFAC's re-fitted eigenvalues in KFAC's eigenbasis :attr:`kfac_eigh`, ``s [d_out, d_in']``
         (:meth:`eigenbasis_second_moments` on the columns of Q_A outside A's null space,
         :func:`range_second_moments`): computed once or seeded (:meth:`seed_ekfac_second_moments`).
         λ-independent, like the eigenbasis it belongs to."""
-        s = self.__dict__.get("_ekfac_value")
-        if s is None:
+        def compute() -> Tensor:
             sA, QA, _, QG = self.kfac_eigh
-            s = range_second_moments(self, sA, QA, QG)
-            self.__dict__["_ekfac_value"] = s
-        return s
+            return range_second_moments(self, sA, QA, QG)
+
+        return self._memo("_ekfac_value", compute)
 
     def seed_ekfac_second_moments(self, s: Tensor) -> None:
         """Use ``s [d_out, d_in']`` (computed earlier in the basis of :attr:`kfac_eigh`, which must be
         the one seeded with it) as :meth:`ekfac_second_moments`."""
-        want = (self.spec.d_out, self.spec.d_in_bar)
-        if tuple(s.shape) != want:
-            raise FisherlabError(f"layer '{self.spec.name}': seeded EKFAC second moments must be {list(want)}, got {list(s.shape)}")
-        self.__dict__["_ekfac_value"] = s.to(device=self.device, dtype=self.result_dtype)
+        self._seed("_ekfac_value", s, (self.spec.d_out, self.spec.d_in_bar), "EKFAC second moments")
 
     def computed_setup(self) -> dict[str, object]:
         """What this layer has computed (or was seeded with) so far: ``gram``, ``kfac_eigh``,
@@ -937,18 +933,11 @@ class Jacobian:
         ``K_i [N, N]``, ``(μ, W)`` of K, per-layer KFAC eigenpairs, diagonals ``[p_i]`` and EKFAC
         second moments ``[d_out, d_in']`` (in the basis of the KFAC eigenpairs seeded with them);
         ``None`` entries are computed when first needed, as without a seed."""
-        for lj, K in zip(self.layers, grams or []):
-            if K is not None:
-                lj.seed_gram(K)
-        for lj, e in zip(self.layers, kfac_eigh or []):
-            if e is not None:
-                lj.seed_kfac_eigh(e)
-        for lj, d in zip(self.layers, diagonals or []):
-            if d is not None:
-                lj.seed_diagonal(d)
-        for lj, m in zip(self.layers, ekfac_moments or []):
-            if m is not None:
-                lj.seed_ekfac_second_moments(m)
+        for values, seed in ((grams, "seed_gram"), (kfac_eigh, "seed_kfac_eigh"),
+                             (diagonals, "seed_diagonal"), (ekfac_moments, "seed_ekfac_second_moments")):
+            for lj, v in zip(self.layers, values or []):
+                if v is not None:
+                    getattr(lj, seed)(v)
         if gram_eigh is not None:
             mu, W = gram_eigh
             if tuple(mu.shape) != (self.N,) or tuple(W.shape) != (self.N, self.N):
