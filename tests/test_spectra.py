@@ -261,3 +261,34 @@ def test_preconditioned_operator_is_rotated_kfac_sandwich(small_capture):
     torch.testing.assert_close(P.to_parameter_basis(P.to_dense()) @ P.to_parameter_basis(I).T, sandwich, atol=1e-10, rtol=0)
     torch.testing.assert_close(P.from_parameter_basis(P.to_parameter_basis(I)), I, atol=1e-12, rtol=0)
     torch.testing.assert_close(P.solve(P.matvec(I[:, :3])), I[:, :3], atol=1e-9, rtol=0)
+
+
+ROWS_RTOL = 1e-9
+"""The same SLQ run with the products through dense rows or through the factors: round-off only,
+through a few dozen Lanczos steps."""
+
+
+def test_spectra_with_dense_rows_held_are_the_same(small_capture, monkeypatch):
+    """spectra() holds the factored layers with many positions as dense rows for its products
+    (Jacobian.hold_rows) and releases them: the same spectra to round-off."""
+    import fisherlab.jacobian as jacobian_mod
+
+    run = lambda: S.spectra(small_capture, LAM, operators=("fisher", "preconditioned"), method="slq", n_probes=2, n_steps=8)  # noqa: E731
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 10**9)
+    ref = run()
+    held = []
+    real = jacobian_mod.FactoredLayerJacobian.hold_rows
+
+    def hold(self):
+        held.append(self.spec.name)
+        return real(self)
+
+    monkeypatch.setattr(jacobian_mod.FactoredLayerJacobian, "hold_rows", hold)
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)
+    got = run()
+    assert held  # the path was taken
+    for key in ref:
+        a, b = ref[key].summary(), got[key].summary()
+        for name, x in a.items():
+            if isinstance(x, float) and np.isfinite(x):
+                assert b[name] == pytest.approx(x, rel=ROWS_RTOL, abs=ROWS_RTOL * abs(x) + 1e-300), (key, name)

@@ -41,8 +41,9 @@ import torch
 from torch import Tensor
 
 from ..capturing.record import Capture
+from .._system import available_memory
 from ..errors import FisherlabError
-from ..jacobian import Jacobian
+from ..jacobian import ROWS_MEMORY_SHARE, Jacobian
 from ..planning import plan_spectra
 from ..linalg import SLQ_MEMORY_BYTES, lanczos_extremes, slq_quadrature, start_vector
 from ..operators import KFAC, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
@@ -419,9 +420,23 @@ def spectra(
         raise ValueError(f"unknown operator(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
     jac = Jacobian.coerce(source, device=device)
     lk_mem = {}
+    free = available_memory(jac.device)
     if memory is not None:
         _, free = plan_spectra(jac, memory=memory, n_steps=n_steps)
         lk_mem = {"memory_bytes": free}
+    # the layers seen at many positions hold dense rows for the products, within half of what one
+    # Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
+    basis = min(n_steps, jac.p) * jac.p * 8
+    held = jac.hold_rows(None if free is None else int(ROWS_MEMORY_SHARE * max(free - basis, 0)))
+    try:
+        return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem)
+    finally:
+        jac.release_rows(held)
+
+
+def _spectra(jac: Jacobian, source, lam: float, operators, coarse, damping_mode: str, method: str, rhs, k: int,
+             n_probes: int, n_steps: int, seed: int, lk_mem: dict) -> dict[str, Spectrum]:
+    """:func:`spectra` once the Jacobian is built and its rows held."""
     exact = ExactFisher(jac, lam)
     kfacs: dict[str, KFAC] = {}
 
