@@ -152,8 +152,9 @@ def _phase(args) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = run_spectra(args.file, fisherlab.Damping(args.damping, "max"), tempfile.mkdtemp(), progress=False, figures=False,
-                              memory=args.memory or "8GiB", device=args.device)
+                              memory=args.memory or "8GiB", device=args.device, n_probes=args.probes, n_steps=args.steps)
         out["spectra"] = {k: str(v) for k, v in res["b0"].items()}
+        out["slq"] = {"probes": args.probes, "steps": args.steps}
     elif args.phase == "plan":  # the planner's figures, for --plan-batch (default: the file's B) from the file's shapes
         import dataclasses
 
@@ -201,6 +202,7 @@ def pipeline(args) -> int:
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--profile"] if args.profile and ph.startswith("compare") else []
         cmd += ["--plan-batch", str(args.plan_batch)] if args.plan_batch else []
+        cmd += ["--probes", str(args.probes), "--steps", str(args.steps)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", default="/tmp/scale_bench.h5", help="with --pipeline: the capture file")
     ap.add_argument("--profile", action="store_true", help="with --pipeline: cProfile the compare phases (top 15 by own time)")
     ap.add_argument("--plan-batch", type=int, default=None, help="with --phases plan: the batch size to plan for (from --file's shapes)")
+    ap.add_argument("--probes", type=int, default=16, help="spectra phase: SLQ probes (run_spectra's n_probes)")
+    ap.add_argument("--steps", type=int, default=64, help="spectra phase: Lanczos steps per probe (n_steps)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.phase:

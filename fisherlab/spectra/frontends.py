@@ -409,6 +409,9 @@ def spectra(
         memory: a budget (bytes or ``"8GiB"``, :mod:`fisherlab.planning`): planned before any
             setup and refused in one line naming ``memory=`` / ``--memory`` when it cannot fit;
             the SLQ bases are sized to what the plan leaves (fewer steps, with a warning).
+            Without a budget, the factored layers seen at many positions hold dense rows for the
+            products (:meth:`fisherlab.jacobian.Jacobian.hold_rows`) within half of the memory one
+            Lanczos basis leaves available; under a budget they do not.
 
     Returns:
         ``{operator key: Spectrum}`` in the order requested.
@@ -420,14 +423,16 @@ def spectra(
         raise ValueError(f"unknown operator(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
     jac = Jacobian.coerce(source, device=device)
     lk_mem = {}
-    free = available_memory(jac.device)
-    if memory is not None:
+    rows_budget = None
+    if memory is not None:  # a budget serves the Lanczos bases first: no dense rows
         _, free = plan_spectra(jac, memory=memory, n_steps=n_steps)
         lk_mem = {"memory_bytes": free}
-    # the layers seen at many positions hold dense rows for the products, within half of what one
-    # Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
-    basis = min(n_steps, jac.p) * jac.p * 8
-    held = jac.hold_rows(None if free is None else int(ROWS_MEMORY_SHARE * max(free - basis, 0)))
+    else:  # the layers seen at many positions hold dense rows for the products, within half of what
+        # one Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
+        free = available_memory(jac.device)
+        if free is not None:
+            rows_budget = int(ROWS_MEMORY_SHARE * max(free - min(n_steps, jac.p) * jac.p * 8, 0))
+    held = jac.hold_rows(rows_budget)
     try:
         return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem)
     finally:
