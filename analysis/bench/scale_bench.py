@@ -77,6 +77,13 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
                                           anatomies (one Uᵀe each, ~1.1 s) and reading the file make the rest
                                           (goal 60 s: 1.14×; memory 0.76×)
 
+      spectra (--memory 8GiB, the phase's default; fisher and kfac exact, preconditioned by SLQ):
+        --probes 1 --steps 8               64.1 s wall, peak RSS 6.07 GiB
+        --probes 1 --steps 24              147.5 s wall, peak RSS 7.40 GiB: 5.2 s per Lanczos step (a KFAC
+                                          solve and an F• product), ~22 s of setup; run_spectra's default
+                                          16 probes × 64 steps would take ~90 min here
+        (without a budget, with layer3's rows held, 4.8 s per step)
+
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
     range of A), a product Uᵀx ~34 GFLOP on layer4 plus a pass over 2.6 GB of dense rows, and the 14
