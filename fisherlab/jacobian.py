@@ -17,6 +17,7 @@ products here run in ``dtype`` (float64 by default). Nothing forms a p × p matr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from .errors import FisherlabError
 from ._validate import available_device
 from .layout import LayerSpec, Layout
 
-__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies", "range_second_moments", "ROWS_MIN_POSITIONS", "ROWS_MEMORY_SHARE"]
+__all__ = ["LayerJacobian", "FactoredLayerJacobian", "DenseLayerJacobian", "MixedLayerJacobian", "StreamedLayerJacobian", "PRECISIONS", "Jacobian", "conv_gram_path", "factor_eigh", "psd_eigh_from_rows", "lowrank_eigh_applies", "range_second_moments", "ROWS_MIN_POSITIONS", "ROWS_MEMORY_SHARE", "NullPrefixLayerJacobian"]
 
 # Columns processed at once by the factored products (bounds the [B, T, d_out, c] temporaries).
 _MAX_TEMP_NUMEL = 2**25
@@ -292,9 +293,11 @@ class LayerJacobian:
         """``J_i [N, p_i]`` (not scaled). For references and small layers."""
         raise NotImplementedError
 
-    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":  # pragma: no cover - abstract
+    def rotated(self, QA: Tensor, QG: Tensor, null: int = 0) -> "LayerJacobian":  # pragma: no cover - abstract
         """``(Q_A ⊗ Q_G)ᵀ U_i``: the same layer in a Kronecker eigenbasis (KFAC's for the
-        preconditioned operator), of the same kind."""
+        preconditioned operator), of the same kind. ``null``: the first ``null`` columns of Q_A
+        span A's null space (exact zero eigenvalues, :func:`psd_eigh_from_rows`), where every ā
+        has no component: the rotated layer leaves them out (:class:`NullPrefixLayerJacobian`)."""
         raise NotImplementedError
 
     def _check_out(self, y: Tensor, out: Tensor | None) -> None:
@@ -542,8 +545,11 @@ class FactoredLayerJacobian(LayerJacobian):
             return self.__dict__["_rows"].dense
         return dense_from_factors(self.a, self.g)  # type: ignore[arg-type]
 
-    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
-        """Factors ``ā Q_A``, ``g Q_G`` (row vectors)."""
+    def rotated(self, QA: Tensor, QG: Tensor, null: int = 0) -> "LayerJacobian":
+        """Factors ``ā Q_A``, ``g Q_G`` (row vectors); with ``null``, ``ā Q_A[:, null:]`` only."""
+        if null:
+            inner = FactoredLayerJacobian(_range_spec(self.spec, null), self.B, self.K, a=self.a @ QA[:, null:], g=self.g @ QG)  # type: ignore[operator]
+            return NullPrefixLayerJacobian(self.spec, self.B, self.K, inner=inner, prefix=null * self.spec.d_out)
         return FactoredLayerJacobian(self.spec, self.B, self.K, a=self.a @ QA, g=self.g @ QG)  # type: ignore[operator]
 
 
@@ -633,12 +639,59 @@ class DenseLayerJacobian(LayerJacobian):
     def dense_rows(self) -> Tensor:
         return self.dense  # type: ignore[return-value]
 
-    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
-        """Rows ``vec(Q_Gᵀ MAT(j) Q_A)``."""
+    def rotated(self, QA: Tensor, QG: Tensor, null: int = 0) -> "LayerJacobian":
+        """Rows ``vec(Q_Gᵀ MAT(j) Q_A)`` (with ``null``: ``Q_A[:, null:]`` only)."""
         d_out, d_in = self.spec.d_out, self.spec.d_in_bar
         J = self.dense
-        Y = QG.T @ J.reshape(-1, d_in, d_out).mT @ QA  # type: ignore[union-attr]  # [N, d_out, d_in']
-        return DenseLayerJacobian(self.spec, self.B, self.K, dense=Y.mT.reshape(J.shape[0], -1))  # type: ignore[union-attr]
+        Y = QG.T @ J.reshape(-1, d_in, d_out).mT @ QA[:, null:]  # type: ignore[union-attr]  # [N, d_out, d_in' − null]
+        rows = Y.mT.reshape(J.shape[0], -1)  # type: ignore[union-attr]
+        if null:
+            inner = DenseLayerJacobian(_range_spec(self.spec, null), self.B, self.K, dense=rows)
+            return NullPrefixLayerJacobian(self.spec, self.B, self.K, inner=inner, prefix=null * d_out)
+        return DenseLayerJacobian(self.spec, self.B, self.K, dense=rows)
+
+
+def _range_spec(spec: LayerSpec, null: int) -> LayerSpec:
+    """The layer's spec with ``d_in' − null`` input columns (the rotated layer without A's null space)."""
+    return dataclasses.replace(spec, d_in=spec.d_in_bar - null, bias=False)
+
+
+@dataclass(eq=False)
+class NullPrefixLayerJacobian(LayerJacobian):
+    """A rotated layer whose first ``prefix`` coordinates (``null`` columns of Q_A times d_out,
+    contiguous in vec order) lie in A's null space: ``U_iᵀx`` ignores them, ``U_i y`` is 0 there,
+    the rest is ``inner`` (:meth:`LayerJacobian.rotated` with ``null``). At ResNet-18's layer4
+    (B = 128: 2560 of 4608 columns) the preconditioned operator's products cost 44 % of the full
+    rotation's. Products and Grams only."""
+
+    inner: LayerJacobian | None = None
+    prefix: int = 0
+
+    @property
+    def _array(self) -> Tensor:
+        return self.inner._array  # type: ignore[union-attr]
+
+    @property
+    def factored(self) -> bool:  # type: ignore[override]
+        return self.inner.factored  # type: ignore[union-attr]
+
+    @property
+    def T(self) -> int:
+        return self.inner.T  # type: ignore[union-attr]
+
+    def rmatmat(self, x: Tensor) -> Tensor:
+        return self.inner.rmatmat(x[self.prefix :])  # type: ignore[union-attr]
+
+    def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
+        self._check_out(y, out)
+        if out is None:
+            out = y.new_empty(self.p, y.shape[1])
+        out[: self.prefix].zero_()
+        self.inner.matmat(y, out=out[self.prefix :])  # type: ignore[union-attr]
+        return out
+
+    def _compute_gram(self) -> Tensor:
+        return self.inner.gram()  # type: ignore[union-attr]
 
 
 _SQUARE_SUM_CHUNK_NUMEL = 2**24
@@ -1047,9 +1100,9 @@ class StreamedLayerJacobian(LayerJacobian):
     def dense_rows(self) -> Tensor:
         return self.held().dense_rows()
 
-    def rotated(self, QA: Tensor, QG: Tensor) -> "LayerJacobian":
+    def rotated(self, QA: Tensor, QG: Tensor, null: int = 0) -> "LayerJacobian":
         """Streamed too: the rotation is applied to each read."""
-        return StreamedLayerJacobian(self.spec, self.B, self.K, lambda: self._load().rotated(QA, QG), T=self._T,
+        return StreamedLayerJacobian(self.spec, self.B, self.K, lambda: self._load().rotated(QA, QG, null), T=self._T,
                                      factored=self.factored, device=self._device, dtype=self._dtype, slot=self.slot)
 
     @cached_property

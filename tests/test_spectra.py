@@ -292,3 +292,34 @@ def test_spectra_with_dense_rows_held_are_the_same(small_capture, monkeypatch):
         for name, x in a.items():
             if isinstance(x, float) and np.isfinite(x):
                 assert b[name] == pytest.approx(x, rel=ROWS_RTOL, abs=ROWS_RTOL * abs(x) + 1e-300), (key, name)
+
+
+def test_preconditioned_operator_leaves_out_the_null_space_of_A(model_case, monkeypatch):
+    """With A's exact null space (eigenpairs from the rows, thresholds lowered for the tiny nets),
+    the rotated Jacobian leaves those columns out (NullPrefixLayerJacobian): the same operator as
+    the full rotation, and still the rotated KFAC sandwich."""
+    import fisherlab.jacobian as jacobian_mod
+    from fisherlab.operators import kfac as kfac_mod
+    from fisherlab.operators.derived import rotated_jacobian
+
+    monkeypatch.setattr(jacobian_mod, "LOWRANK_EIGH_MIN_DIM", 1)
+    monkeypatch.setattr(kfac_mod, "NULL_SPACE_MIN_DIM", 1)
+    monkeypatch.setattr(kfac_mod, "NULL_SPACE_MIN_SHARE", 0.0)
+    cap = make_capture(model_case, "cross_entropy", "mc", B=2, n_samples=1, storage="factored")[0]
+    K, F = KFAC(cap, LAM), ExactFisher(cap, LAM)
+    P = S.PreconditionedFisher(K, F)
+    pruned = [lj for lj in P.jac.layers if isinstance(lj, jacobian_mod.NullPrefixLayerJacobian)]
+    assert pruned, "no layer with a null space of A"
+    jac = F.jac
+    full = jacobian_mod.Jacobian(jac.layout, [lj.rotated(b.QA, b.QG) for lj, b in zip(jac.layers, K.blocks)], jac.B, jac.K)
+    assert not any(isinstance(lj, jacobian_mod.NullPrefixLayerJacobian) for lj in full.layers)  # every column kept
+    assert rotated_jacobian(jac, K).p == full.p
+    monkeypatch.setattr(P, "jac", full, raising=False)
+    V = torch.randn(P.p, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = P.matvec(V)
+    monkeypatch.undo()
+    P2 = S.PreconditionedFisher(K, F)
+    torch.testing.assert_close(P2.matvec(V), ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+    I = torch.eye(P2.p, dtype=torch.float64)
+    sandwich = K.power(F.apply(K.power(I, -0.5)), -0.5)
+    torch.testing.assert_close(P2.to_parameter_basis(P2.to_dense()) @ P2.to_parameter_basis(I).T, sandwich, atol=1e-10, rtol=0)

@@ -128,8 +128,10 @@ class PreconditionedFisher(FisherOperator):
 
 def rotated_jacobian(jac: Jacobian, kfac: KFAC) -> Jacobian:
     """``Ũ = QᵀU`` with ``Q = blockdiag(Q_A ⊗ Q_G)``: factors ``ā Q_A``, ``g Q_G`` (row vectors), or
-    dense rows ``vec(Q_Gᵀ MAT(j) Q_A)`` ``[N, p_i]``."""
-    layers = [lj.rotated(b.QA.to(jac.dtype), b.QG.to(jac.dtype)) for lj, b in zip(jac.layers, kfac.blocks)]
+    dense rows ``vec(Q_Gᵀ MAT(j) Q_A)`` ``[N, p_i]``; a block whose A has an exact null space
+    (``block.null``, the products KFAC itself takes through the range) leaves those columns out."""
+    null = lambda b: b.null[1] if getattr(b, "null", None) and b.null[0] == "A" else 0  # noqa: E731
+    layers = [lj.rotated(b.QA.to(jac.dtype), b.QG.to(jac.dtype), null(b)) for lj, b in zip(jac.layers, kfac.blocks)]
     return Jacobian(jac.layout, layers, jac.B, jac.K)
 
 
