@@ -83,6 +83,9 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
                                           solve and an F• product), ~22 s of setup; run_spectra's default
                                           16 probes × 64 steps would take ~90 min here
         (without a budget, with layer3's rows held, 4.8 s per step)
+        --probes 1 --steps 24, after the rotated layer4 left out A's null space: 133.0 s wall, peak RSS
+                                          7.29 GiB, ~4.6 s per step (its layer4 products 0.21–0.26 → 0.10–0.12 s
+                                          each; layer3's rotated factors are now half of a step): ~80 min for 16 × 64
 
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
