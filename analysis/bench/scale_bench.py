@@ -204,7 +204,8 @@ def pipeline(args) -> int:
     if "compare-cold" in phases and os.path.isdir(cache):
         import shutil
         shutil.rmtree(cache)
-    results = {}
+    results: dict = {}
+    tables: dict = {}
     for ph in phases:
         cmd = [sys.executable, __file__, "--phase", ph, "--file", args.file, "--batch", str(args.batch), "--width", str(args.width),
                "--damping", str(args.damping), "--methods", args.methods, "--device", args.device]
@@ -224,6 +225,7 @@ def pipeline(args) -> int:
         if len(lines) > 1:
             print("\n".join(lines[:-1]))
         table = res.pop("table", None)
+        tables[ph] = table
         print(json.dumps(res), flush=True)
         if table and ph == "compare-cold":
             print(table, flush=True)
@@ -239,6 +241,8 @@ def pipeline(args) -> int:
                   f"of 8 GiB ({r['peak_rss_gib'] / 8:.2f}×)")
     if "compare-cold" in results and "compare-warm" in results:
         print(f"  warm/cold: {results['compare-warm']['seconds'] / results['compare-cold']['seconds']:.2f}")
+        rows = lambda t: [ln.rsplit(None, 1)[0] for ln in (t or "").splitlines() if ln.startswith("b0 ")]  # noqa: E731 - times aside
+        print(f"  the warm table equals the cold one (every column but the time): {rows(tables['compare-cold']) == rows(tables['compare-warm'])}")
     return 0
 
 
