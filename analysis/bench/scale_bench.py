@@ -66,16 +66,16 @@ joined the setup cache (λ-independent), and compare holds layer3's factored con
 rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.ROWS_MIN_POSITIONS``):
 
       compare-warm, side by side          110.0 s before → 85.7 s with the two cache items → 74.9 s with the rows
-      compare-cold                        145.9 s wall, 254 s CPU, peak RSS 6.40 GiB; setup 19.4 s, KFAC row 48.9 s
+      compare-cold                        145.9 s wall (151.7 s in a second run), 254 s CPU, peak RSS 6.40 GiB; setup 19.4 s, KFAC row 48.9 s
                                           (its factor eigendecompositions: layer4's three 4608² A from 2048 rows
                                           ~7.2 s each — Gram eigh 2.3 s, complete QR 3.4 s —, layer3's 2304² A
                                           by LAPACK ~4.3 s each), EKFAC 17.9, DIAGONAL 6.5
-      compare-warm                        66.4–68.7 s wall (three runs), 117–119 s CPU, peak RSS 6.09 GiB; setup
+      compare-warm                        66.4–69.0 s wall (four runs), 117–120 s CPU, peak RSS 6.09–6.12 GiB; setup
                                           8.8 s, exact 2.2 s; TAYLOR 8.8, KRY-RESIDU 5.6, KRY-NICO 5.5, SPECTRAL 5.1,
                                           RESIDU 4.0, EKFAC 2.7, KFAC 2.6, KFAC-TIKHONOV 2.5, BLOCK-DIAG 2.4,
                                           FOOF 2.3, PREVIOUS 1.8, NICO 1.4, DIAGONAL 0.2; the per-method error
                                           anatomies (one Uᵀe each, ~1.1 s) and reading the file make the rest
-                                          (goal 60 s: 1.14×; memory 0.76×)
+                                          (goal 60 s: 1.11–1.15×; memory 0.76×; the warm table equals the cold one)
 
       spectra (--memory 8GiB, the phase's default; fisher and kfac exact, preconditioned by SLQ):
         --probes 1 --steps 8               64.1 s wall, peak RSS 6.07 GiB
