@@ -353,7 +353,10 @@ class FactoredLayerJacobian(LayerJacobian):
         Returns the bytes held. Worth it for many positions per vector (T/K ≥
         :data:`ROWS_MIN_POSITIONS`, :meth:`Jacobian.holding_rows`)."""
         if "_rows" not in self.__dict__:
-            self.__dict__["_rows"] = DenseLayerJacobian(self.spec, self.B, self.K, dense=self.dense_rows().contiguous())
+            # in the factors' dtype (a mixed layer's float32, as its products): not dense_rows(), which
+            # a mixed layer returns in float64
+            rows = dense_from_factors(self.a, self.g).contiguous()  # type: ignore[arg-type]
+            self.__dict__["_rows"] = DenseLayerJacobian(self.spec, self.B, self.K, dense=rows)
         return self.__dict__["_rows"].dense.numel() * self.__dict__["_rows"].dense.element_size()
 
     def release_rows(self) -> None:

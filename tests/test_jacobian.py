@@ -203,3 +203,18 @@ def test_held_rows_give_the_same_products(cap, jac, J, monkeypatch):
     assert not any(getattr(lj, "rows_held", False) for lj in jac.layers)
     monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 10**9)
     assert jac.hold_rows(2**40) == []  # too few positions for rows to pay
+
+
+def test_held_rows_of_a_mixed_precision_jacobian(cap, J, monkeypatch):
+    """A mixed-precision Jacobian holds its rows in float32, as its products run: the products
+    through them are J x and Jᵀy to float32 round-off, returned in float64."""
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)
+    jac = Jacobian.coerce(cap, precision="mixed")
+    x = torch.randn(cap.p, COLS, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = torch.randn(cap.N, COLS, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with jac.holding_rows(2**40) as held:
+        assert held == [lj.spec.name for lj in sorted((lj for lj in jac.layers if lj.factored), key=lambda lj: -lj.T)]
+        assert all(lj.dense_rows().dtype == torch.float64 for lj in jac.layers)  # mixed: returned in float64
+        ux, uy = jac.rmatmat(x), jac.matmat(y)
+    assert ux.dtype == uy.dtype == torch.float64
+    assert close(ux, J @ x / math.sqrt(cap.B), F32_RTOL) and close(uy, J.T @ y / math.sqrt(cap.B), F32_RTOL)
