@@ -346,30 +346,38 @@ class FactoredLayerJacobian(LayerJacobian):
         return self.a.shape[1]  # type: ignore[union-attr]
 
     # ---- dense rows held beside the factors (products only) --------------------------------
-    def hold_rows(self) -> int:
-        """Form ``J_i [N, p_i]`` once and use it for :meth:`rmatmat` and :meth:`matmat` (one
-        GEMV-like pass over N·p_i numbers instead of 2·B·T·d_in'·d_out flops) until
-        :meth:`release_rows`; the factors stay for everything else (Grams, KFAC factors, EKFAC).
-        Returns the bytes held. Worth it for many positions per vector (T/K ≥
-        :data:`ROWS_MIN_POSITIONS`, :meth:`Jacobian.holding_rows`)."""
-        if "_rows" not in self.__dict__:
+    def hold_rows(self) -> None:
+        """Form ``J_i [N, p_i]`` (:attr:`rows_bytes`) once and use it for :meth:`rmatmat` and
+        :meth:`matmat` (one GEMV-like pass over N·p_i numbers instead of 2·B·T·d_in'·d_out flops)
+        until :meth:`release_rows`; the factors stay for everything else (Grams, KFAC factors,
+        EKFAC). Worth it for many positions per vector (T/K ≥ :data:`ROWS_MIN_POSITIONS`,
+        :meth:`Jacobian.hold_rows`)."""
+        if self._rows is None:
             # in the factors' dtype (a mixed layer's float32, as its products): not dense_rows(), which
             # a mixed layer returns in float64
             rows = dense_from_factors(self.a, self.g).contiguous()  # type: ignore[arg-type]
             self.__dict__["_rows"] = DenseLayerJacobian(self.spec, self.B, self.K, dense=rows)
-        return self.__dict__["_rows"].dense.numel() * self.__dict__["_rows"].dense.element_size()
 
     def release_rows(self) -> None:
         self.__dict__.pop("_rows", None)
 
     @property
+    def _rows(self) -> "DenseLayerJacobian | None":
+        return self.__dict__.get("_rows")
+
+    @property
     def rows_held(self) -> bool:
-        return "_rows" in self.__dict__
+        return self._rows is not None
+
+    @property
+    def rows_bytes(self) -> int:
+        """The bytes :meth:`hold_rows` takes: N·p_i numbers in the factors' dtype."""
+        return self.N * self.p * self.a.element_size()  # type: ignore[union-attr]
 
     def rmatmat(self, x: Tensor) -> Tensor:
         """``U_iᵀ x``: ``(Uᵀx)_{b,k} = Σ_t g_{b,k,t}ᵀ X ā_{b,t} / √B``, X = MAT(x) (A4)–(A9)."""
-        if "_rows" in self.__dict__:
-            return self.__dict__["_rows"].rmatmat(x)
+        if self._rows is not None:
+            return self._rows.rmatmat(x)
         a, g = self.a, self.g
         assert a is not None and g is not None
         B, K, T, d_out = g.shape
@@ -387,8 +395,8 @@ class FactoredLayerJacobian(LayerJacobian):
 
     def matmat(self, y: Tensor, out: Tensor | None = None) -> Tensor:
         """``U_i y = vec(Σ_{b,k,t} y_{b,k} g_{b,k,t} ā_{b,t}ᵀ) / √B`` (A10)–(A14)."""
-        if "_rows" in self.__dict__:
-            return self.__dict__["_rows"].matmat(y, out=out)
+        if self._rows is not None:
+            return self._rows.matmat(y, out=out)
         self._check_out(y, out)
         a, g = self.a, self.g
         assert a is not None and g is not None
@@ -544,8 +552,8 @@ class FactoredLayerJacobian(LayerJacobian):
         return sA, QA, sG, QG
 
     def dense_rows(self) -> Tensor:
-        if "_rows" in self.__dict__:
-            return self.__dict__["_rows"].dense
+        if self._rows is not None:
+            return self._rows.dense  # type: ignore[return-value]
         return dense_from_factors(self.a, self.g)  # type: ignore[arg-type]
 
     def rotated(self, QA: Tensor, QG: Tensor, null: int = 0) -> "LayerJacobian":
@@ -948,22 +956,22 @@ class Jacobian:
         return torch.linalg.eigh(self.gram)
 
     # ---- the setup shared through the cache (fisherlab.cache) --------------------------------
-    def hold_rows(self, budget: int | None) -> list[str]:
+    def hold_rows(self, free: int | None) -> list[str]:
         """Hold as dense rows, for products (:meth:`FactoredLayerJacobian.hold_rows`), the factored
-        layers with ``T ≥ K·``:data:`ROWS_MIN_POSITIONS`, most positions per vector first,
-        as many as ``budget`` bytes allow (``None``: none). Returns the names of the layers it
-        made hold rows (:meth:`release_rows` takes them). Every result is the same to round-off."""
+        layers with ``T ≥ K·``:data:`ROWS_MIN_POSITIONS`, most positions per vector first, as many
+        as :data:`ROWS_MEMORY_SHARE` of ``free`` bytes allow (``None``: none). Returns the names of
+        the layers it made hold rows (:meth:`release_rows` takes them). Every result is the same to
+        round-off."""
         cand = [lj for lj in self.layers if isinstance(lj, FactoredLayerJacobian) and not lj.rows_held
                 and lj.T >= ROWS_MIN_POSITIONS * lj.K]
         cand.sort(key=lambda lj: -lj.T / lj.K)
         held: list[str] = []
-        left = budget or 0
+        left = ROWS_MEMORY_SHARE * max(free or 0, 0)
         for lj in cand:
-            size = lj.N * lj.p * lj.a.element_size()  # type: ignore[union-attr]
-            if size <= left:
+            if lj.rows_bytes <= left:
                 lj.hold_rows()
                 held.append(lj.spec.name)
-                left -= size
+                left -= lj.rows_bytes
         return held
 
     def release_rows(self, names: Sequence[str] | None = None) -> None:
@@ -973,9 +981,9 @@ class Jacobian:
                 lj.release_rows()
 
     @contextmanager
-    def holding_rows(self, budget: int | None) -> Iterator[list[str]]:
+    def holding_rows(self, free: int | None) -> Iterator[list[str]]:
         """:meth:`hold_rows` for the block, released on exit; yields the layers held."""
-        held = self.hold_rows(budget)
+        held = self.hold_rows(free)
         try:
             yield held
         finally:

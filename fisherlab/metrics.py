@@ -44,7 +44,7 @@ from .errors import FisherlabError, MeasurementWarning
 from .intervals import LEVEL, mean_interval
 from .io.tables import fmt, text_table, write_csv
 from ._system import available_memory
-from .jacobian import ROWS_MEMORY_SHARE, Jacobian
+from .jacobian import Jacobian
 from .methods import Family, Pieces
 from .operators import KFAC, CoarseCorrection, ExactFisher, FisherOperator
 from .planning import plan_compare
@@ -386,8 +386,8 @@ def compare(
             the plan leaves free (``None``: of the memory available), named in ``meta["dense_rows"]``
             (:meth:`fisherlab.jacobian.Jacobian.hold_rows`); the numbers are the same to round-off.
         cache: a :class:`fisherlab.cache.CacheEntry` (what :func:`compare_file` passes): the
-            Grams, K's eigendecomposition, the KFAC eigenpairs and the Woodbury factor are taken
-            from it when cached and written to it when computed here.
+            Grams, K's eigendecomposition, the KFAC eigenpairs, the diagonal, EKFAC's moments and
+            the Woodbury factor are taken from it when cached and written to it when computed here.
         sample: the sample's context for the rows (default: the capture's ``meta["sample"]``).
 
     The setup shared by the methods (Jacobian, Grams, the exact solve, the span basis, KFAC) is
@@ -426,22 +426,22 @@ def compare(
     held: list[str] = []
     try:
         return _compare_checkpoint(
-            jac, capture, damping, names, held=held, rows_budget=None if free is None else int(ROWS_MEMORY_SHARE * max(free, 0)),
+            jac, capture, damping, names, held=held, free=free,
             rhs=rhs, exact=exact, k=k, m=m, q=q, options=options, top_modes=top_modes,
             anatomy_of_errors=anatomy_of_errors, progress=progress, cache=cache, sample=sample)
     finally:
         jac.release_rows(held)
 
 
-def _compare_checkpoint(jac: Jacobian, capture, damping, names: list[str], *, held: list[str], rows_budget: int | None,
+def _compare_checkpoint(jac: Jacobian, capture, damping, names: list[str], *, held: list[str], free: int | None,
                         rhs, exact, k, m, q, options, top_modes, anatomy_of_errors, progress, cache, sample) -> "ComparisonTable":
     """:func:`compare` of one checkpoint's Jacobian (the names checked, the plan fitted): the layers
-    with many positions hold dense rows for its products (:meth:`Jacobian.hold_rows`, within
-    ``rows_budget`` bytes; their names are appended to ``held``, which the caller releases)."""
+    with many positions hold dense rows for its products (:meth:`Jacobian.hold_rows`, within a
+    share of the ``free`` bytes; their names are appended to ``held``, which the caller releases)."""
     if progress is not None:
         progress("setup")
     t_setup = time.perf_counter()
-    held += jac.hold_rows(rows_budget)
+    held += jac.hold_rows(free)
     if cache is not None:
         cache.seed(jac)
     lam = resolve_damping(damping, jac)

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..capturing.record import Capture
 from .._system import available_memory
 from ..errors import FisherlabError
-from ..jacobian import ROWS_MEMORY_SHARE, Jacobian
+from ..jacobian import Jacobian
 from ..planning import plan_spectra
 from ..linalg import SLQ_MEMORY_BYTES, lanczos_extremes, slq_quadrature, start_vector
 from ..operators import KFAC, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
@@ -423,16 +423,16 @@ def spectra(
         raise ValueError(f"unknown operator(s) {', '.join(bad)} (choose from {', '.join(sorted(known))})")
     jac = Jacobian.coerce(source, device=device)
     lk_mem = {}
-    rows_budget = None
+    rows_free = None
     if memory is not None:  # a budget serves the Lanczos bases first: no dense rows
         _, free = plan_spectra(jac, memory=memory, n_steps=n_steps)
         lk_mem = {"memory_bytes": free}
-    else:  # the layers seen at many positions hold dense rows for the products, within half of what
+    else:  # the layers seen at many positions hold dense rows for the products, within a share of what
         # one Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
         free = available_memory(jac.device)
         if free is not None:
-            rows_budget = int(ROWS_MEMORY_SHARE * max(free - min(n_steps, jac.p) * jac.p * 8, 0))
-    held = jac.hold_rows(rows_budget)
+            rows_free = free - min(n_steps, jac.p) * jac.p * 8
+    held = jac.hold_rows(rows_free)
     try:
         return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem)
     finally:
