@@ -336,6 +336,8 @@ sys.path.insert(0, {tests!r})
 import fisherlab
 from fisherlab import store
 from cases import MODELS, make_capture
+import torch
+torch.set_num_threads(1)  # as the tests run (conftest): a capture is bitwise reproducible per thread count
 
 path, marker, stop_at = sys.argv[1], sys.argv[2], sys.argv[3]   # stop_at = "<checkpoint>:<stage>"
 

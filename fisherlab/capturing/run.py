@@ -28,7 +28,15 @@ from .._system import available_memory
 from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
 from ..layout import LayerKind, Layout, check_batchnorm, layer_modules
 from . import losses as L
-from .layers import batchnorm_normalized, dense_from_factors, layer_inputs, layer_output_grads
+from .layers import (
+    batchnorm_normalized,
+    conv_gradient_block,
+    conv_input_moment,
+    conv_rows,
+    dense_from_factors,
+    layer_inputs,
+    layer_output_grads,
+)
 from .record import (
     Capture,
     FisherMode,
@@ -199,6 +207,44 @@ def _refuse_reuse(z: Tensor, layout: Layout, modules: list[nn.Module], outs_used
                 )
 
 
+_PER_EXAMPLE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Identity,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.GroupNorm,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+)
+"""Modules whose forward, in eval mode with running statistics, maps each example on its own and
+deterministically (exact types: a subclass may override ``forward``)."""
+
+
+def _per_example_by_construction(model: nn.Module) -> bool:
+    """Whether ``model`` is, provably, one function per example: a plain ``nn.Sequential`` (nested
+    ones too) of :data:`_PER_EXAMPLE_MODULES` only — ``Flatten``/``Unflatten`` only past the batch
+    axis — with no forward hooks, neither on a module nor global. Such a model cannot couple
+    examples nor draw random numbers in eval mode, so the capture skips its probe forward
+    (:func:`_refuse_coupling`); any other model is probed."""
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):  # (a patched instance)
+            return False
+        kind = type(m)
+        if kind is nn.Sequential or kind in _PER_EXAMPLE_MODULES:
+            continue
+        if kind is nn.Flatten and m.start_dim >= 1:
+            continue
+        if kind is nn.Unflatten and m.dim >= 1:
+            continue
+        return False
+    return True
+
+
 def _probe(work: nn.Module, x: Tensor, n: int) -> Tensor | None:
     """The outputs of the first ``n`` examples alone (no graph), or ``None`` where the model
     cannot run on fewer examples (a hard-coded batch size)."""
@@ -273,6 +319,44 @@ def _check_finite(t: Tensor, what: str) -> None:
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise NonFiniteError(f"capture: {bad} non-finite value(s) (NaN/Inf) in {what}")
+
+
+def _dense_conv_layer(spec, x: Tensor, g_k: list[Tensor | None], g_true: Tensor | None, block: Tensor,
+                      B: int, T: int) -> LayerCapture:
+    """A Conv2d layer stored dense, from its input ``x [B, c_in, H, W]`` and output gradients
+    (``[B, d_out, H_o, W_o]`` per vector; ``None``: the layer does not reach the output; ``g_true``
+    ``None``: the true-label gradients are the first vector's, as in the empirical mode), never
+    unfolding ā: the rows by per-example weight backwards (:func:`conv_rows`), A by the input's
+    shifted products (:func:`conv_input_moment`), the ∇h block (written into ``block``) by one weight
+    backward (empirical: the sum of the rows). Equal to the unfolded path
+    (tests/test_capture_conv_dense.py)."""
+    zero = lambda: x.new_zeros(B, spec.d_out, *_out_hw(spec, x))  # noqa: E731
+    go = [zero() if t is None else t for t in g_k]
+    go = go[0].unsqueeze(1) if len(go) == 1 else torch.stack(go, dim=1)  # [B, K, d_out, H_o, W_o]
+    gt = go[:, 0] if g_true is None else g_true
+    _check_finite(x, f"the inputs ā of layer '{spec.name}'")
+    _check_finite(go, f"the output gradients g of layer '{spec.name}'")
+    if g_true is not None:
+        _check_finite(gt, f"the true-label gradient of layer '{spec.name}'")
+    rows = conv_rows(spec, x, go)
+    if g_true is None and go.shape[1] == 1:  # empirical: the rows are the true-label gradients
+        torch.div(rows.view(B, spec.d_in_bar, spec.d_out).sum(0), B, out=block)
+    else:
+        torch.div(conv_gradient_block(spec, x, gt), B, out=block)
+    A = conv_input_moment(spec, x) / B
+    gf = layer_output_grads(spec, go, lead=2).reshape(-1, spec.d_out)
+    G = gf.T @ gf / (B * T)
+    dtype = block.dtype
+    return LayerCapture(spec, T, dense=rows.to("cpu", dtype), A=A.to("cpu", dtype), G=G.to("cpu", dtype))
+
+
+def _out_hw(spec, x: Tensor) -> tuple[int, int]:
+    """The output size (H_o, W_o) of a Conv2d layer on ``x [B, c_in, H, W]``."""
+    c = spec.conv
+    return tuple(  # type: ignore[return-value]
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(x.shape[-2:], c["kernel_size"], c["stride"], c["padding"], c["dilation"])
+    )
 
 
 def capture(
@@ -430,7 +514,7 @@ def capture(
     training_bn = _batchnorm_in_train_mode(work)
     with _training_statistics(work, batch_statistics) as coupled, _prepared(work, layout), ExitStack() as stack:
         _say_statistics(training_bn, batch_statistics, coupled, meta)
-        probe = None if batch_statistics else _probe(work, x, n_probe)
+        probe = None if batch_statistics or _per_example_by_construction(work) else _probe(work, x, n_probe)
         for i, m in enumerate(modules):
             stack.callback(m.register_forward_hook(make_hook(i)).remove)
         z = work(x)
@@ -510,32 +594,38 @@ def capture(
     layers: list[LayerCapture] = []
     grad = torch.empty(layout.p, device=device, dtype=dtype)  # ∇h, written block by block
     for i, spec in enumerate(layout.layers):
-        a = layer_inputs(spec, recorded[i]["inp"])  # [B, T, d_in']
-        T = a.shape[1]
-
-        def as_g(t: Tensor | None) -> Tensor:
-            if t is None:  # the layer does not influence the output
-                return a.new_zeros(B, T, spec.d_out)
-            return layer_output_grads(spec, t, xhat=recorded[i]["inp"] if is_bn[i] else None)
-
-        g = torch.stack([as_g(gs[i]) for gs in g_k], dim=1)  # [B, K, T, d_out]
-        gt = as_g(g_true[i]) if g_true is not None else g[:, 0]
-        _check_finite(a, f"the inputs ā of layer '{spec.name}'")
-        _check_finite(g, f"the output gradients g of layer '{spec.name}'")
-        _check_finite(gt, f"the true-label gradient of layer '{spec.name}'")
         # ∇h block vec([d_out, d_in']) = (1/B) Σ_{b,t} ā gtᵀ as a row-major [d_in', d_out], written in
-        # place by one GEMM (no permuted copy, no final concatenation).
+        # place (no permuted copy, no final concatenation).
         block = grad[spec.offset : spec.stop].view(spec.d_in_bar, spec.d_out)
-        torch.addmm(block, a.reshape(-1, spec.d_in_bar).T, gt.reshape(-1, spec.d_out), beta=0, alpha=1 / B, out=block)
         choice = storage.get(spec.name, "auto") if isinstance(storage, dict) else storage
-        if choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
-            A, G = kfac_factors_from(a, g)
-            lc = LayerCapture(
-                spec, T, dense=dense_from_factors(a, g).to("cpu", dtype).contiguous(),
-                A=A.to("cpu", dtype), G=G.to("cpu", dtype),
-            )
+        T = 1 if is_bn[i] else positions[i]  # (positions counts a BatchNorm's outputs for the estimate)
+        if spec.kind is LayerKind.CONV2D and choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
+            lc = _dense_conv_layer(spec, recorded[i]["inp"], [gs[i] for gs in g_k],
+                                   g_true[i] if g_true is not None else None, block, B, T)
         else:
-            lc = LayerCapture(spec, T, a=a.to("cpu", dtype).contiguous(), g=g.to("cpu", dtype).contiguous())
+            a = layer_inputs(spec, recorded[i]["inp"])  # [B, T, d_in']
+
+            def as_g(t: Tensor | None) -> Tensor:
+                if t is None:  # the layer does not influence the output
+                    return a.new_zeros(B, T, spec.d_out)
+                return layer_output_grads(spec, t, xhat=recorded[i]["inp"] if is_bn[i] else None)
+
+            # [B, K, T, d_out]; K = 1 (empirical, mc K=1) without the copy of a stack
+            g = as_g(g_k[0][i]).unsqueeze(1) if K == 1 else torch.stack([as_g(gs[i]) for gs in g_k], dim=1)
+            gt = as_g(g_true[i]) if g_true is not None else g[:, 0]
+            _check_finite(a, f"the inputs ā of layer '{spec.name}'")
+            _check_finite(g, f"the output gradients g of layer '{spec.name}'")
+            if g_true is not None:  # (else gt is g's own first column)
+                _check_finite(gt, f"the true-label gradient of layer '{spec.name}'")
+            torch.addmm(block, a.reshape(-1, spec.d_in_bar).T, gt.reshape(-1, spec.d_out), beta=0, alpha=1 / B, out=block)
+            if choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
+                A, G = kfac_factors_from(a, g)
+                lc = LayerCapture(
+                    spec, T, dense=dense_from_factors(a, g).to("cpu", dtype).contiguous(),
+                    A=A.to("cpu", dtype), G=G.to("cpu", dtype),
+                )
+            else:
+                lc = LayerCapture(spec, T, a=a.to("cpu", dtype).contiguous(), g=g.to("cpu", dtype).contiguous())
         layers.append(lc)
         recorded[i].clear()
 
