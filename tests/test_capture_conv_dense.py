@@ -39,6 +39,7 @@ GEOMETRIES = [  # kernel, padding, dilation, stride, bias
     ((3, 3), 1, 1, 2, True),  # stride 2: A by the unfolded product
     ((2, 3), (1, 0), (1, 2), (2, 1), False),
 ]
+"""The last two: A by the unfolded product (stride ≠ 1), as for a single input channel (c_in = 1 below)."""
 
 
 def _layer(kernel, padding, dilation, stride, bias, c_in=3, c_out=4):
@@ -52,10 +53,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
 @pytest.mark.parametrize("K", [1, 3])
-def test_dense_conv_pieces_equal_the_unfolded_reference(geometry, K):
+@pytest.mark.parametrize("c_in", [1, 3])
+def test_dense_conv_pieces_equal_the_unfolded_reference(geometry, K, c_in):
     torch.manual_seed(0)
-    conv, spec = _layer(*geometry)
-    x = torch.randn(5, 3, 9, 8, dtype=torch.float64)
+    conv, spec = _layer(*geometry, c_in=c_in)
+    x = torch.randn(5, c_in, 9, 8, dtype=torch.float64)
     go = torch.randn(5, K, *conv(x).shape[1:], dtype=torch.float64)
     a = layer_inputs(spec, x).flatten(0, 1)  # [B·T, d_in']
     g = layer_output_grads(spec, go, lead=2)  # [B, K, T, d_out]

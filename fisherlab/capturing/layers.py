@@ -111,6 +111,11 @@ def batchnorm_normalized(m: torch.nn.Module, x: Tensor) -> Tensor:
 # from the input x and the output gradients, in the layout the unfolded ā would give.
 
 
+_CHUNK_NUMBERS = 1 << 24
+"""At most this many numbers (64 MiB in float32) in one batch of pixel products of
+:func:`conv_input_moment`: large images go through in bands of rows."""
+
+
 def _geometry(spec: LayerSpec) -> tuple[tuple[int, int], ...]:
     c = spec.conv
     return tuple(tuple(c[k]) for k in ("kernel_size", "stride", "padding", "dilation"))  # type: ignore[return-value]
@@ -128,47 +133,56 @@ def conv_input_moment(spec: LayerSpec, x: Tensor) -> Tensor:
     every entry: c_in²·B·H̃·W̃ multiply-adds per offset against c_in²·k_h²·k_w²·B·T for āᵀā (about
     7× fewer for a 5 × 5 kernel, 2.5× for 3 × 3), and no k_h·k_w-fold copy of the input. Sums are
     direct (no prefix differences), accumulated in the dtype of ``x`` as āᵀā is.
-    Other strides: āᵀā of the unfolded ā.
+    Other strides, and a single input channel (its ā has only k_h·k_w + 1 columns, and the
+    (2k_h − 1)·k_w offsets' products of single numbers cost more than the unfold): āᵀā of the
+    unfolded ā.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _geometry(spec)
-    if (sh, sw) != (1, 1):
+    if (sh, sw) != (1, 1) or x.shape[1] == 1:
         a = layer_inputs(spec, x).flatten(0, 1)
         return a.T @ a
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     B, C, Hp, Wp = xp.shape
     Ho, Wo = Hp - dh * (kh - 1), Wp - dw * (kw - 1)
     P = Hp * Wp
-    flat = xp.permute(2, 3, 1, 0).contiguous().view(P, C, B)  # x̃ at the flat pixel index u·W̃ + v
-    rows = torch.arange(Hp, device=x.device)
-    cols = torch.arange(Wp, device=x.device)
+    # x̃ at the flat pixel index u·W̃ + v, with zero pixels past the end so that every partner
+    # index p + shift exists (the products there are zero, and no window reads them)
+    flat = x.new_zeros(P + (kh - 1) * dh * Wp + (kw - 1) * dw, C, B)
+    flat[:P] = xp.permute(2, 3, 1, 0).reshape(P, C, B)
+    dev = x.device
     # window indicators: row u is in the window of kernel row i when i·d_h ≤ u < i·d_h + H_o
-    in_row = ((rows >= (torch.arange(kh, device=x.device) * dh)[:, None])
-              & (rows < (torch.arange(kh, device=x.device) * dh + Ho)[:, None])).to(x.dtype)  # [kh, H̃]
-    in_col = ((cols >= (torch.arange(kw, device=x.device) * dw)[:, None])
-              & (cols < (torch.arange(kw, device=x.device) * dw + Wo)[:, None])).to(x.dtype)  # [kw, W̃]
+    in_row = ((torch.arange(Hp, device=dev) >= (torch.arange(kh, device=dev) * dh)[:, None])
+              & (torch.arange(Hp, device=dev) < (torch.arange(kh, device=dev) * dh + Ho)[:, None])).to(x.dtype)
+    in_col = ((torch.arange(Wp, device=dev) >= (torch.arange(kw, device=dev) * dw)[:, None])
+              & (torch.arange(Wp, device=dev) < (torch.arange(kw, device=dev) * dw + Wo)[:, None])).to(x.dtype)
     M = x.new_zeros(C, kh, kw, C, kh, kw)
-    Q = x.new_zeros(P, C, C)
     for di in range(kh):  # δ = (di, dj) ≥ (0, 0) in lexicographic order; the rest by symmetry
-        for dj in range(-(kw - 1), kw):
-            if di == 0 and dj < 0:
-                continue
-            shift = di * dh * Wp + dj * dw  # ≥ 0: x̃[u + δ_h, v + δ_w] at flat index + shift
-            torch.bmm(flat[: P - shift], flat[shift:].transpose(1, 2), out=Q[: P - shift])
-            Q[P - shift :] = 0
-            # cells whose partner column v + δ_w wraps to another row are outside every window used
-            # below; the window sums only ever read valid cells
-            ni, j0, j1 = kh - di, max(0, -dj), kw - max(0, dj)
-            by_row = (in_row[:ni] @ Q.view(Hp, Wp * C * C)).view(ni, Wp, C * C).transpose(0, 1)  # [W̃, ni, C²]
-            win = (in_col[j0:j1] @ by_row.reshape(Wp, ni * C * C)).view(j1 - j0, ni, C, C).transpose(0, 1)
-            ii = torch.arange(ni, device=x.device)[:, None]  # i, with i′ = i + di
-            jv = torch.arange(j0, j1, device=x.device)[None, :]  # j, with j′ = j + dj
-            M[:, ii, jv, :, ii + di, jv + dj] = win
-            M[:, ii + di, jv + dj, :, ii, jv] = win.transpose(-1, -2)
+        offsets = list(range(0 if di == 0 else -(kw - 1), kw))
+        # with d_w = 1 the partners of consecutive dj are consecutive pixels: one product [C, n·C]
+        # per pixel covers the whole block of offsets; otherwise one offset at a time
+        for block in ([offsets] if dw == 1 else [[dj] for dj in offsets]):
+            n, base = len(block), di * dh * Wp + block[0] * dw  # base ≥ 0: lexicographic order
+            partners = flat.as_strided((P, n * C, B), (C * B, B, 1), base * C * B)  # [P, n·C, B]
+            ni = kh - di
+            by_row = x.new_zeros(ni, Wp, C * n * C)  # Σ over the rows u of each window, per column v
+            rows_per = max(1, _CHUNK_NUMBERS // (Wp * C * n * C))
+            for u0 in range(0, Hp, rows_per):
+                u1 = min(Hp, u0 + rows_per)
+                Q = torch.bmm(flat[u0 * Wp : u1 * Wp], partners[u0 * Wp : u1 * Wp].transpose(1, 2))  # [·, C, n·C]
+                by_row += (in_row[:ni, u0:u1] @ Q.view(u1 - u0, Wp * C * n * C)).view(ni, Wp, C * n * C)
+            win = (in_col @ by_row.transpose(0, 1).reshape(Wp, ni * C * n * C)).view(kw, ni, C, n, C)
+            for q, dj in enumerate(block):
+                j0, j1 = max(0, -dj), kw - max(0, dj)
+                w = win[j0:j1, :, :, q].transpose(0, 1)  # [ni, nj, C, C]
+                ii = torch.arange(ni, device=dev)[:, None]  # i, with i′ = i + di
+                jv = torch.arange(j0, j1, device=dev)[None, :]  # j, with j′ = j + dj
+                M[:, ii, jv, :, ii + di, jv + dj] = w
+                M[:, ii + di, jv + dj, :, ii, jv] = w.transpose(-1, -2)
     d = spec.d_in
     out = x.new_empty(spec.d_in_bar, spec.d_in_bar)
     out[:d, :d] = M.view(d, d)
     if spec.bias:  # Σ ā over the positions: the window sums of Σ_b x̃
-        col = torch.einsum("iu,uvc,jv->cij", in_row, flat.sum(-1).view(Hp, Wp, C), in_col).reshape(d)
+        col = torch.einsum("iu,uvc,jv->cij", in_row, flat[:P].sum(-1).view(Hp, Wp, C), in_col).reshape(d)
         out[:d, d] = col
         out[d, :d] = col
         out[d, d] = B * Ho * Wo
