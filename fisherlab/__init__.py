@@ -11,6 +11,16 @@ of Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou and Tran, "Analysis an
 Two-Level KFAC Methods for Training Deep Neural Networks", arXiv:2303.18083 (2023).
 """
 
+import os as _os
+
+# Transparent huge pages for torch's CPU allocator (blocks ≥ 2 MiB). Where the kernel's THP mode is
+# "madvise", each fresh block is otherwise faulted in 4 KiB pages, and the analysis allocates
+# gigabytes of fresh products: measured (ResNet-18, B = 128, warm `compare`, 2 threads)
+# 63.8 → 53.6 s. Torch reads the variable at its first large CPU allocation, so this also holds
+# when torch was imported first (not once it has allocated a block ≥ 2 MiB). Never over the
+# user's own setting: THP_MEM_ALLOC_ENABLE=0 opts out.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from ._version import __version__
 from .capturing import (
     Capture,
