@@ -87,6 +87,16 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
                                           7.29 GiB, ~4.6 s per step (its layer4 products 0.21–0.26 → 0.10–0.12 s
                                           each; layer3's rotated factors are now half of a step): ~80 min for 16 × 64
 
+    Measured 2026-12-02, later (idle, 2 threads, B = 128), huge pages: fisherlab now sets
+    THP_MEM_ALLOC_ENABLE=1 at import (unless set). Alternating runs, side by side, with the
+    children's rusage:
+
+      compare-warm, THP_MEM_ALLOC_ENABLE=0  65.1, 62.1, 61.8, 63.8 s wall; 2.8–3.2 M minor page faults,
+                                          20.3–23.3 s system CPU
+      compare-warm, =1 (the default now)  60.5, 57.8, 58.1, 53.6, 66.3 s wall (median 58.1 s); 0.44–0.51 M
+                                          faults, 16.3–18.3 s system CPU; peak RSS 6.02–6.05 GiB; the same table
+      (a fresh 600 MB block of rows costs ~0.3 s of page faults in 4 KiB pages: half of forming it)
+
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
     range of A), a product Uᵀx ~34 GFLOP on layer4 plus a pass over 2.6 GB of dense rows, and the 14
