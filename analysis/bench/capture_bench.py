@@ -23,8 +23,8 @@ so drift of the machine hits all alike; medians reported, after warm-up):
 * ``capture empirical``: the same with ``fisher="empirical"`` (K = 1, true labels: the ∇h
   backward is shared), for context;
 * ``capture mc factored`` (CNN only): ``storage="factored"``; ``auto`` stores the conv layers
-  dense, which also computes their KFAC factor A_i = (1/B) Σ ā āᵀ at capture time
-  (B·T·d_in'² multiply-adds, d_in'/d_out ≈ 12× the layer's forward for the second conv);
+  dense, which also computes their KFAC factor A_i = (1/B) Σ ā āᵀ at capture time (from shifted
+  products of the input: about c_in²·B·H̃·W̃ multiply-adds per kernel offset, no unfolded ā);
 * ``torch.func``: ``vmap(grad(per-example loss))`` over the batch, per-example gradients of
   every parameter (not flattened).
 
@@ -42,17 +42,37 @@ capture ≤ 2× plain. Issue 14's: per storage choice never slower than torch.fu
 the CNN; on the autoencoder mc ≤ 1.35×, empirical ≤ 1.05×.
 
 Transparent huge pages. Torch's CPU allocator maps every block ≥ 2 MiB with 4 KiB pages unless
-``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported; where the kernel's THP mode is
+``THP_MEM_ALLOC_ENABLE=1`` is set before its first large allocation; where the kernel's THP mode is
 ``madvise`` (``/sys/kernel/mm/transparent_hugepage/enabled``) a fresh 80 MB ā then costs ~20,000
-page faults. The header line says which. Measured side by side (this 2-core machine, idle,
-2 threads, medians of 21): the CNN's factored capture 292.8 → 238.3 ms (2.38× → 1.75× plain; plain
-123 → 136 ms, torch.func 136 → 166 ms), ``auto`` 722 → 713 ms, the autoencoder unchanged within
-noise (82 → 85 ms mc); torch.func on the autoencoder 1387 → 502 ms.
+page faults. fisherlab sets it at import unless the environment already does
+(``THP_MEM_ALLOC_ENABLE=0`` opts out); the header line says which.
 
-Measured without it (same run): mnist-ae mc 1.71× plain, empirical 1.37×, torch.func 28.9×;
-CNN ``auto`` 5.86×, factored 2.38×, torch.func 1.10×. ``auto`` stores the second conv dense and so
-computes its KFAC factor A = (1/B) Σ ā āᵀ at capture (32 GFLOP, ~320 ms here), which its rows
-no longer determine; the factored capture pays the unfold of ā (80 MB, ~90 ms) instead.
+Measured 2026-12-01 (before the dense-conv path below, side by side, idle, 2 threads, medians of
+21): without huge pages mnist-ae mc 1.71× plain, empirical 1.37×, torch.func 28.9×; CNN ``auto``
+5.86×, factored 2.38× (1.75× with huge pages), torch.func 1.10×. ``auto`` stored the second conv
+dense by unfolding ā and computed its KFAC factor A = (1/B) Σ ā āᵀ from it (32 GFLOP, ~320 ms).
+
+Measured 2026-12-02, after it (same conditions; four runs of the autoencoder, which swing by ±10 %
+between runs on this shared machine): a conv layer stored dense no longer unfolds ā — its rows
+are per-example weight backwards (``torch.func.vmap`` of the convolution's own backward), its A
+comes from shifted products of the input (``fisherlab.capturing.layers.conv_input_moment``, about 4×
+faster than āᵀā for the second conv), its ∇h block from one weight backward; models that are a
+plain ``nn.Sequential`` of per-example modules skip the probe forward; K = 1 skips a stack copy:
+
+    mnist-ae mc            1.37, 1.60, 1.57 (huge pages), 1.58 (none) × plain
+    mnist-ae empirical     1.04, 1.28, 1.21 (huge pages), 1.18 (none) × plain
+    CNN auto, mc           2.86, 3.21; 2.66 (huge pages), 2.60 (none) × plain; torch.func 0.96–1.28×
+    CNN auto, empirical    2.12, 2.61; 1.96 (huge pages), 2.02 (none)
+    CNN factored, mc       2.05–2.08; 1.81 (huge pages), 1.93 (none)
+    ResNet-18, B = 128     capture 17.7 → 15.1 s (``scale_bench.py --phases capture``): layers 1–2
+                           are stored dense; A there 4.95 → 2.7–3.0 s, the unfold 3.26 → 0.68 s
+
+What is left on the CNN's ``auto`` mc capture (profiled, ~410 ms against a ~130 ms plain step):
+two backward passes to the layer outputs (~85 ms), A of the dense second conv (~90 ms, at this
+machine's float32 batched-GEMM speed), its per-example rows (~80 ms), the ∇h weight backward
+(~45 ms) and the forward. torch.func computes per-example gradients in one backward; the mc
+capture needs a second one for ∇h and the factor A, so "never slower than torch.func" does not
+hold for ``auto`` here.
 """
 
 from __future__ import annotations
