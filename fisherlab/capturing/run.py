@@ -424,7 +424,10 @@ def capture(
         for models the per-example Fisher would silently get wrong: parameters used outside their
         module's call (tied weights), batch statistics (BatchNorm with
         ``track_running_stats=False``), outputs that depend on the rest of the batch or change
-        between two forward passes; :class:`MemoryBudgetError` when the estimate exceeds ``memory``.
+        between two forward passes (checked by a forward of the first examples alone, skipped for a
+        plain ``nn.Sequential`` of per-example modules, which cannot do either:
+        :func:`_per_example_by_construction`); :class:`MemoryBudgetError` when the estimate
+        exceeds ``memory``.
 
     **BatchNorm statistics, a stated choice.** By default (eval mode) BatchNorm uses its running
     statistics: every example's output depends on that example alone and the rows are true
