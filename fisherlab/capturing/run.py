@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._system import available_memory
 from ..errors import ConfigError, MemoryBudgetError, NonFiniteError, UnsupportedLayerError
-from ..layout import LayerKind, Layout, check_batchnorm, layer_modules
+from ..layout import LayerKind, LayerSpec, Layout, check_batchnorm, layer_modules
 from . import losses as L
 from .layers import (
     batchnorm_normalized,
@@ -321,7 +321,7 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise NonFiniteError(f"capture: {bad} non-finite value(s) (NaN/Inf) in {what}")
 
 
-def _dense_conv_layer(spec, x: Tensor, g_k: list[Tensor | None], g_true: Tensor | None, block: Tensor,
+def _dense_conv_layer(spec: LayerSpec, x: Tensor, g_k: list[Tensor | None], g_true: Tensor | None, block: Tensor,
                       B: int, T: int) -> LayerCapture:
     """A Conv2d layer stored dense, from its input ``x [B, c_in, H, W]`` and output gradients
     (``[B, d_out, H_o, W_o]`` per vector; ``None``: the layer does not reach the output; ``g_true``
@@ -350,7 +350,7 @@ def _dense_conv_layer(spec, x: Tensor, g_k: list[Tensor | None], g_true: Tensor 
     return LayerCapture(spec, T, dense=rows.to("cpu", dtype), A=A.to("cpu", dtype), G=G.to("cpu", dtype))
 
 
-def _out_hw(spec, x: Tensor) -> tuple[int, int]:
+def _out_hw(spec: LayerSpec, x: Tensor) -> tuple[int, int]:
     """The output size (H_o, W_o) of a Conv2d layer on ``x [B, c_in, H, W]``."""
     c = spec.conv
     return tuple(  # type: ignore[return-value]
