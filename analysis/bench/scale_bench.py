@@ -96,6 +96,14 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
       compare-warm, =1 (the default now)  60.5, 57.8, 58.1, 53.6, 66.3 s wall (median 58.1 s); 0.44–0.51 M
                                           faults, 16.3–18.3 s system CPU; peak RSS 6.02–6.05 GiB; the same table
       (a fresh 600 MB block of rows costs ~0.3 s of page faults in 4 KiB pages: half of forming it)
+      B = 512 under --memory 16GiB (idle): compare-cold 458.4 s wall (was 1637 s at load 4–6), setup
+                                          131.5 s, KFAC row 111.0 s, EKFAC 72.7 s, peak RSS 17.57 GiB;
+                                          compare-warm 142.5 s, 16.64 GiB with huge pages, 184.2 s, 14.43 GiB
+                                          without. The plan says 9.7 GiB, and the held rows (one layer3 conv,
+                                          ~2.5 GB, within half of what the plan leaves) make ~12.2: RSS exceeds
+                                          the plan by ~2.2 GiB without huge pages and ~4.4 GiB with them, the
+                                          budget itself by 0.6–1.6 GiB (not found yet; a fixed glibc mmap
+                                          threshold did not change it: 16.56 GiB)
 
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
