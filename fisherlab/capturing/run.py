@@ -602,7 +602,8 @@ def capture(
         block = grad[spec.offset : spec.stop].view(spec.d_in_bar, spec.d_out)
         choice = storage.get(spec.name, "auto") if isinstance(storage, dict) else storage
         T = 1 if is_bn[i] else positions[i]  # (positions counts a BatchNorm's outputs for the estimate)
-        if spec.kind is LayerKind.CONV2D and choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
+        dense = choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE
+        if dense and spec.kind is LayerKind.CONV2D:
             lc = _dense_conv_layer(spec, recorded[i]["inp"], [gs[i] for gs in g_k],
                                    g_true[i] if g_true is not None else None, block, B, T)
         else:
@@ -621,7 +622,7 @@ def capture(
             if g_true is not None:  # (else gt is g's own first column)
                 _check_finite(gt, f"the true-label gradient of layer '{spec.name}'")
             torch.addmm(block, a.reshape(-1, spec.d_in_bar).T, gt.reshape(-1, spec.d_out), beta=0, alpha=1 / B, out=block)
-            if choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE:
+            if dense:  # (a Linear or BatchNorm layer asked to be dense)
                 A, G = kfac_factors_from(a, g)
                 lc = LayerCapture(
                     spec, T, dense=dense_from_factors(a, g).to("cpu", dtype).contiguous(),
