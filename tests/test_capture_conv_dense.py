@@ -165,3 +165,30 @@ def test_a_sequential_model_skips_the_probe_forward(monkeypatch):
     with pytest.raises(AssertionError, match="the probe ran"):
         fisherlab.capture(nn.Sequential(model, _Custom()), x, y, loss="cross_entropy", fisher="mc", device="cpu",
                           dtype=torch.float64)
+
+
+class _Discarded(nn.Module):
+    """A conv layer whose output never reaches the network output (its backward gives None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(2, 3, 3, padding=1)
+        self.main = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        self.side(x)
+        return self.main(x).flatten(1)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_dense_conv_layer_that_does_not_reach_the_output_is_zero(fisher):
+    torch.manual_seed(4)
+    model = _Discarded().double()
+    x, y = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randn(3, 75, dtype=torch.float64)
+    cap = fisherlab.capture(model, x, y, loss="mse", fisher=fisher, device="cpu", dtype=torch.float64,
+                            storage="dense", generator=torch.Generator().manual_seed(0))
+    side = cap.layer("side")
+    assert side.storage.value == "dense" and side.dense.abs().max() == 0 and side.G.abs().max() == 0
+    assert cap.grad[side.spec.offset : side.spec.stop].abs().max() == 0
+    a = layer_inputs(side.spec, x).flatten(0, 1)
+    assert _rel(side.A, a.T @ a / 3) <= RTOL  # A depends on the input only

@@ -321,17 +321,16 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise NonFiniteError(f"capture: {bad} non-finite value(s) (NaN/Inf) in {what}")
 
 
-def _dense_conv_layer(spec: LayerSpec, x: Tensor, g_k: list[Tensor | None], g_true: Tensor | None, block: Tensor,
-                      B: int, T: int) -> LayerCapture:
+def _dense_conv_layer(spec: LayerSpec, x: Tensor, out_shape: torch.Size, g_k: list[Tensor | None],
+                      g_true: Tensor | None, block: Tensor, B: int, T: int) -> LayerCapture:
     """A Conv2d layer stored dense, from its input ``x [B, c_in, H, W]`` and output gradients
-    (``[B, d_out, H_o, W_o]`` per vector; ``None``: the layer does not reach the output; ``g_true``
+    (``out_shape = [B, d_out, H_o, W_o]`` per vector; ``None``: the layer does not reach the output; ``g_true``
     ``None``: the true-label gradients are the first vector's, as in the empirical mode), never
     unfolding ā: the rows by per-example weight backwards (:func:`conv_rows`), A by the input's
     shifted products (:func:`conv_input_moment`), the ∇h block (written into ``block``) by one weight
     backward (empirical: the sum of the rows). Equal to the unfolded path
     (tests/test_capture_conv_dense.py)."""
-    zero = lambda: x.new_zeros(B, spec.d_out, *_out_hw(spec, x))  # noqa: E731
-    go = [zero() if t is None else t for t in g_k]
+    go = [x.new_zeros(out_shape) if t is None else t for t in g_k]
     go = go[0].unsqueeze(1) if len(go) == 1 else torch.stack(go, dim=1)  # [B, K, d_out, H_o, W_o]
     gt = go[:, 0] if g_true is None else g_true
     _check_finite(x, f"the inputs ā of layer '{spec.name}'")
@@ -348,15 +347,6 @@ def _dense_conv_layer(spec: LayerSpec, x: Tensor, g_k: list[Tensor | None], g_tr
     G = gf.T @ gf / (B * T)
     dtype = block.dtype
     return LayerCapture(spec, T, dense=rows.to("cpu", dtype), A=A.to("cpu", dtype), G=G.to("cpu", dtype))
-
-
-def _out_hw(spec: LayerSpec, x: Tensor) -> tuple[int, int]:
-    """The output size (H_o, W_o) of a Conv2d layer on ``x [B, c_in, H, W]``."""
-    c = spec.conv
-    return tuple(  # type: ignore[return-value]
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(x.shape[-2:], c["kernel_size"], c["stride"], c["padding"], c["dilation"])
-    )
 
 
 def capture(
@@ -604,7 +594,7 @@ def capture(
         T = 1 if is_bn[i] else positions[i]  # (positions counts a BatchNorm's outputs for the estimate)
         dense = choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE
         if dense and spec.kind is LayerKind.CONV2D:
-            lc = _dense_conv_layer(spec, recorded[i]["inp"], [gs[i] for gs in g_k],
+            lc = _dense_conv_layer(spec, recorded[i]["inp"], recorded[i]["out"].shape, [gs[i] for gs in g_k],
                                    g_true[i] if g_true is not None else None, block, B, T)
         else:
             a = layer_inputs(spec, recorded[i]["inp"])  # [B, T, d_in']
