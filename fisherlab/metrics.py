@@ -752,8 +752,8 @@ def sample_table(path: str, name: str, step: int | None, damping: float | Dampin
         entry = SetupCache(path, cache_dir=cache_dir).entry(name, fj.fingerprint, precision) if cache else None
         if gram is not None:
             fj.jac.gram = gram.to(device=fj.jac.device, dtype=fj.jac.dtype)  # the cached property, given
-        opts = {k: v for k, v in options.items() if k != "memory"}  # planned above, for the path chosen
-        table = compare(fj.jac, damping, methods, rhs=fj.grad, sample=fj.sample, cache=entry, progress=progress, **opts)
+        # compare plans again, for the path chosen: the budget bounds the dense rows it holds too
+        table = compare(fj.jac, damping, methods, rhs=fj.grad, sample=fj.sample, cache=entry, progress=progress, **options)
     finally:
         fj.close()
     group = fj.sample.get("of", name)

@@ -168,9 +168,12 @@ def _base_stages(jac: Jacobian, vectors: int, *, streamed: bool = False) -> list
     return stages
 
 
-def plan_compare(jac: Jacobian, methods: Sequence[str] = (), *, memory: int | str, streamed: bool = False) -> Plan:
+def plan_compare(jac: Jacobian, methods: Sequence[str] = (), *, memory: int | str, streamed: bool | None = None) -> Plan:
     """The plan of :func:`fisherlab.compare` on ``jac`` (``methods`` for the message only);
-    ``streamed``: with the layers read from the file one at a time."""
+    ``streamed``: with the layers read from the file one at a time (default: whether ``jac``'s
+    layers are :class:`~fisherlab.jacobian.StreamedLayerJacobian`)."""
+    if streamed is None:
+        streamed = any(isinstance(lj, StreamedLayerJacobian) for lj in jac.layers)
     what = f"compare ({len(methods)} methods)" if methods else "compare"
     if streamed:
         what += ", streaming the layers from the file,"
@@ -286,7 +289,7 @@ def jacobian_from_file(path, checkpoint: str, *, methods: Sequence[str] = (), me
     plan = None
     streamed = bool(stream)
     if memory is not None:
-        mem = plan_compare(skel, methods, memory=memory)
+        mem = plan_compare(skel, methods, memory=memory, streamed=False)
         stored = sum(_layer_numel(lj) for lj in skel.layers) * 4
         mem.stages.append(Stage("the stored capture (float32) while it is converted", stored, resident=False))
         mem.what = what

@@ -83,3 +83,31 @@ def test_slq_sized_to_the_budget():
     assert rule.info["n_steps"] == 10
     with pytest.raises(FisherlabError, match="raise the memory budget"):
         slq_quadrature(lambda V: A @ V, p, n_probes=2, n_steps=40, memory_bytes=3 * p * 8)
+
+
+def test_the_budget_bounds_the_dense_rows_held(tmp_path, monkeypatch):
+    """Under ``memory=``, every driver — compare_file (serial), a damping sweep's step — holds dense
+    rows only within ROWS_MEMORY_SHARE of what the plan leaves (budget − peak), not of the memory
+    the system has free (the B = 512 ResNet-18 held 8.6 GB of rows under --memory 16GiB)."""
+    import fisherlab.jacobian as jacobian_mod
+    from fisherlab.metrics import compare_file
+    from fisherlab.workflows.analysis import sweep_task
+
+    path = tmp_path / "run.h5"
+    fisherlab.save(make_capture(MODELS["cnn"], "cross_entropy", "mc", B=3, n_samples=2)[0], path, checkpoint="c0", step=0)
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)  # every factored layer is a candidate
+    fj = planning.jacobian_from_file(path, "c0", memory=2**40, stream=False)
+    try:
+        budget = fj.plan.peak  # the in-memory plan fits exactly (the float32 copy is its largest transient)
+        free = budget - planning.plan_compare(fj.jac, memory=budget).peak
+        rows = [lj.rows_bytes for lj in fj.jac.layers if isinstance(lj, jacobian_mod.FactoredLayerJacobian)]
+        assert rows and free > 0
+        monkeypatch.setattr(jacobian_mod, "ROWS_MEMORY_SHARE", 0.5 * min(rows) / free)  # no layer fits the share
+        ref = sweep_task(fj.jac, fisherlab.Damping(0.1), METHODS, fj.grad)
+        got = sweep_task(fj.jac, fisherlab.Damping(0.1), METHODS, fj.grad, memory=budget)
+    finally:
+        fj.close()
+    assert ref.meta["dense_rows"] and got.meta["dense_rows"] == []
+    kw = dict(progress=False, cache=False, stream=False)
+    assert compare_file(path, 0.1, METHODS, **kw).meta["checkpoints"][0]["dense_rows"]
+    assert compare_file(path, 0.1, METHODS, memory=budget, **kw).meta["checkpoints"][0]["dense_rows"] == []

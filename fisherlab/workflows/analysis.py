@@ -371,7 +371,7 @@ def run_damping_sweep(
     out.mkdir(parents=True, exist_ok=True)
     info = _checkpoints(path, [checkpoint] if checkpoint else None)[-1]
     if scheduler is not None:
-        tables = _sweep_on(scheduler, retries, progress, path, info, [Damping(v, scale) for v in values], methods, device)
+        tables = _sweep_on(scheduler, retries, progress, path, info, [Damping(v, scale) for v in values], methods, device, memory)
     else:
         fj, entry = _open(path, info.name, what="damping sweep", memory=memory, device=device, methods=methods or (),
                           cache=cache, cache_dir=cache_dir)
@@ -383,7 +383,7 @@ def run_damping_sweep(
             d = Damping(v, scale)
             bar.set_postfix_str(str(d))
             if scheduler is None:
-                tables.append(sweep_task(jac, d, methods, fj.grad, cache=entry))
+                tables.append(sweep_task(jac, d, methods, fj.grad, cache=entry, memory=memory))
             t = tables[j]
             lam = t.meta["damping"]
             rel = t.meta["damping_scales"].get("max", float("nan"))
@@ -437,9 +437,11 @@ def interactions_task(path: str | Path, name: str, options: dict | None = None) 
     return out
 
 
-def sweep_task(source, damping: Damping, methods: Sequence[str] | None, rhs=None, gram=None, cache=None, device=None) -> ComparisonTable:
+def sweep_task(source, damping: Damping, methods: Sequence[str] | None, rhs=None, gram=None, cache=None, device=None,
+               memory: int | str | None = None) -> ComparisonTable:
     """:func:`fisherlab.compare` of one damping of the sweep: ``source`` a ready Jacobian (with
-    ``rhs``), or on a worker ``(path, checkpoint)`` read here (onto ``device``), with ``gram`` its reduced K."""
+    ``rhs``), or on a worker ``(path, checkpoint)`` read here (onto ``device``), with ``gram`` its
+    reduced K; ``memory``: the budget (it bounds the dense rows compare holds)."""
     if isinstance(source, tuple):
         cap = load(*source)
         source, rhs = Jacobian.coerce(cap, device=device), cap.grad
@@ -447,7 +449,7 @@ def sweep_task(source, damping: Damping, methods: Sequence[str] | None, rhs=None
             source.gram = gram.to(source.device)  # the cached property, set: computed once for the sweep
     with warnings.catch_warnings():  # in the rows' notes
         warnings.simplefilter("ignore", MeasurementWarning)
-        return compare(source, damping, methods, rhs=rhs, cache=cache)
+        return compare(source, damping, methods, rhs=rhs, cache=cache, memory=memory)
 
 
 def _on_workers(scheduler, retries, desc: str, progress: bool, fn, args: list[tuple]) -> list | None:
@@ -462,7 +464,8 @@ def _on_workers(scheduler, retries, desc: str, progress: bool, fn, args: list[tu
                             retries=dd.DEFAULT_RETRIES if retries is None else retries)
 
 
-def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: list[Damping], methods, device=None) -> list[ComparisonTable]:
+def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: list[Damping], methods, device=None,
+              memory=None) -> list[ComparisonTable]:
     """The sweep's tables on Dask workers: the Gram by layer, reduced here, then one task per damping."""
     from .. import distributed as dd
     from ..metrics import layer_gram, reduced_gram
@@ -473,5 +476,5 @@ def _sweep_on(scheduler, retries, progress: bool, path: str, info, dampings: lis
         grams = dd.run_tasks(client, [dd.Task(layer_gram, (path, info.name, i, {"device": device}), label=f"layer {i}") for i in range(len(info.layers))],
                              desc="grams", progress=progress, retries=retries)
         gram = client.scatter(reduced_gram(grams), broadcast=True)
-        return dd.run_tasks(client, [dd.Task(sweep_task, ((path, info.name), d, methods), {"gram": gram, "device": device}, label=str(d)) for d in dampings],
+        return dd.run_tasks(client, [dd.Task(sweep_task, ((path, info.name), d, methods), {"gram": gram, "device": device, "memory": memory}, label=str(d)) for d in dampings],
                             desc="damping sweep", progress=progress, retries=retries)
