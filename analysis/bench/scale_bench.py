@@ -105,6 +105,19 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
                                           budget itself by 0.6–1.6 GiB (not found yet; a fixed glibc mmap
                                           threshold did not change it: 16.56 GiB)
 
+    Measured 2026-12-02, on another machine (the project's 2 cores were a different CPU that day, about 2×
+    faster: capture 1.8×, the warm B = 128 compare 2.3×; compare these figures with each other only):
+
+      B = 128                             capture 8.4 s, 2.51 GiB; compare-cold 49.0 s, 6.33 GiB (setup 8.0 s);
+                                          compare-warm 24.8 s, 6.13 GiB (setup 4.9 s): 0.41× the goal
+      B = 512 under --memory 16GiB        capture 26.8 s, 8.20 GiB; compare-cold 152.4 s, 17.65 GiB; compare-warm
+                                          64.1 s, 16.4 GiB — the RSS over the budget was dense rows: compare_file
+                                          did not pass the budget on to compare, which then held all five layer3
+                                          layers (8.6 GB) within half of the machine's free memory. Passed on
+                                          (rows within half of budget − plan: layer3.0.conv1 and its shortcut):
+                                          compare-cold 157.3 s, 10.90 GiB; compare-warm 62.8 s, 9.93 GiB (RSS
+                                          through the run 9.3–9.9 GiB against a plan of 9.7 GiB + 1.3 GB of rows)
+
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
     range of A), a product Uᵀx ~34 GFLOP on layer4 plus a pass over 2.6 GB of dense rows, and the 14
