@@ -10,6 +10,7 @@
 | KFAC factors and eigenbases | Σ_i 2·(d_in'² + d_out²)·8 | resident |
 | p-sized vectors (∇h, ζ, ζ_KFAC, a method's increment and error, temporaries) | 8·p·8 | resident |
 | Lanczos / SLQ bases ``[c, m, p]`` (spectra) | c·m·p·8 | transient |
+| U rotated into KFAC's eigenbasis (spectra's preconditioned operator) | Σ_i numel · 8 (streamed: one layer) | resident (transient) |
 
 A plan whose peak (resident + the largest transient) exceeds the budget is refused with one line
 naming the flag (:class:`~fisherlab.errors.MemoryBudgetError`); a Lanczos/SLQ basis is sized to
@@ -185,13 +186,34 @@ def slq_steps_within(free: int, p: int, n_steps: int, *, itemsize: int = 8) -> i
     return max(0, min(n_steps, p, free // max(p * itemsize, 1)))
 
 
-def plan_spectra(jac: Jacobian, *, memory: int | str, n_steps: int) -> tuple[Plan, int]:
-    """The plan of :func:`fisherlab.spectra.spectra` and the SLQ/Lanczos basis bytes it leaves:
-    refused when fewer than :data:`MIN_SLQ_STEPS` steps of one probe fit. A Jacobian of
-    :class:`~fisherlab.jacobian.StreamedLayerJacobian` layers is planned streamed."""
+def _rotated_numel(lj: LayerJacobian) -> int:
+    """Numbers of a layer rotated into KFAC's eigenbasis (:meth:`LayerJacobian.rotated`; at most:
+    a null space of A it leaves out is not known from the shapes): factors ``ā Q_A``, ``g Q_G`` or
+    dense rows ``[N, p_i]``."""
+    if lj.factored:
+        return lj.B * lj.T * lj.spec.d_in_bar + lj.N * lj.T * lj.spec.d_out
+    return lj.N * lj.p
+
+
+def plan_spectra(jac: Jacobian, *, memory: int | str, n_steps: int,
+                 operators: Sequence[str] = ("fisher", "kfac", "preconditioned")) -> tuple[Plan, int]:
+    """The plan of :func:`fisherlab.spectra.spectra` of ``operators`` and the SLQ/Lanczos basis
+    bytes it leaves: refused when fewer than :data:`MIN_SLQ_STEPS` steps of one probe fit. A
+    Jacobian of :class:`~fisherlab.jacobian.StreamedLayerJacobian` layers is planned streamed.
+    The ``"preconditioned"`` operator holds U rotated into KFAC's eigenbasis
+    (:func:`fisherlab.operators.derived.rotated_jacobian`): a second Jacobian in memory, or, streamed,
+    each layer rotated as it is read."""
     streamed = any(isinstance(lj, StreamedLayerJacobian) for lj in jac.layers)
     plan = Plan("spectra" + (", streaming the layers from the file," if streamed else ""), parse_bytes(memory),
                 _base_stages(jac, vectors=8, streamed=streamed))
+    if "preconditioned" in operators:
+        if streamed:
+            big = max(jac.layers, key=_rotated_numel)
+            plan.stages.append(Stage(f"one layer rotated into KFAC's eigenbasis as it is read ('{big.spec.name}')",
+                                     _rotated_numel(big) * 8, resident=False))
+        else:
+            plan.stages.append(Stage("U rotated into KFAC's eigenbasis (preconditioned operator)",
+                                     sum(_rotated_numel(lj) for lj in jac.layers) * 8))
     free = plan.budget - plan.peak
     m = slq_steps_within(max(free, 0), jac.p, n_steps)
     need = min(MIN_SLQ_STEPS, n_steps, jac.p)

@@ -111,3 +111,19 @@ def test_the_budget_bounds_the_dense_rows_held(tmp_path, monkeypatch):
     kw = dict(progress=False, cache=False, stream=False)
     assert compare_file(path, 0.1, METHODS, **kw).meta["checkpoints"][0]["dense_rows"]
     assert compare_file(path, 0.1, METHODS, memory=budget, **kw).meta["checkpoints"][0]["dense_rows"] == []
+
+
+def test_spectra_plans_the_rotated_jacobian_of_the_preconditioned_operator(capture):
+    """The preconditioned operator holds U rotated into KFAC's eigenbasis, a second Jacobian: the
+    plan counts it (at least the bytes of the tensors rotated_jacobian makes), only when asked for."""
+    from fisherlab.operators import KFAC
+    from fisherlab.operators.derived import rotated_jacobian
+
+    jac = Jacobian.coerce(capture)
+    with_pre, _ = planning.plan_spectra(jac, memory="1GiB", n_steps=8)
+    without, _ = planning.plan_spectra(jac, memory="1GiB", n_steps=8, operators=("fisher", "kfac"))
+    stage = next(s for s in with_pre.stages if "rotated" in s.name)
+    assert stage.resident and with_pre.peak - without.peak == stage.bytes
+    rot = rotated_jacobian(jac, KFAC.from_capture(jac, 0.1))
+    held = sum(t.numel() * t.element_size() for lj in rot.layers for t in vars(lj).values() if isinstance(t, torch.Tensor))
+    assert 0 < held <= stage.bytes

@@ -425,7 +425,7 @@ def spectra(
     lk_mem = {}
     rows_free = None
     if memory is not None:  # a budget serves the Lanczos bases first: no dense rows
-        _, free = plan_spectra(jac, memory=memory, n_steps=n_steps)
+        _, free = plan_spectra(jac, memory=memory, n_steps=n_steps, operators=operators)
         lk_mem = {"memory_bytes": free}
     else:  # the layers seen at many positions hold dense rows for the products, within a share of what
         # one Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
