@@ -294,6 +294,27 @@ def test_spectra_with_dense_rows_held_are_the_same(small_capture, monkeypatch):
                 assert b[name] == pytest.approx(x, rel=ROWS_RTOL, abs=ROWS_RTOL * abs(x) + 1e-300), (key, name)
 
 
+def test_preconditioned_operator_with_rotated_rows_held_is_the_same(model_case, monkeypatch):
+    """PreconditionedFisher(rows_free=...) holds its rotated factored layers as dense rows for the
+    products (within ROWS_MEMORY_SHARE of rows_free): the same operator to round-off; spectra()
+    passes it the memory its own rows leave, and holds U's own rows only for products with U."""
+    import fisherlab.jacobian as jacobian_mod
+
+    monkeypatch.setattr(jacobian_mod, "ROWS_MIN_POSITIONS", 0)  # every factored layer is a candidate
+    cap = make_capture(model_case, "cross_entropy", "mc", B=2, n_samples=2, storage="factored")[0]
+    K, F = KFAC(cap, LAM), ExactFisher(cap, LAM)
+    ref, got = S.PreconditionedFisher(K, F), S.PreconditionedFisher(K, F, rows_free=2**40)
+    assert ref.rows_held == [] and got.rows_held
+    assert all(lj.rows_held for lj in got.jac.layers if lj.spec.name in got.rows_held)
+    assert not any(lj.rows_held for lj in F.jac.layers)  # U's own layers untouched
+    V = torch.randn(ref.p, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want = ref.matvec(V)
+    torch.testing.assert_close(got.matvec(V), want, atol=1e-12 * float(want.abs().max()), rtol=0)
+    rows = sum(lj.rows_bytes for lj in got.jac.layers if lj.spec.name in got.rows_held)
+    small = S.PreconditionedFisher(K, F, rows_free=int(rows / jacobian_mod.ROWS_MEMORY_SHARE) - 1)
+    assert len(small.rows_held) < len(got.rows_held)  # the share bounds them
+
+
 def test_preconditioned_operator_leaves_out_the_null_space_of_A(model_case, monkeypatch):
     """With A's exact null space (eigenpairs from the rows, thresholds lowered for the tiny nets),
     the rotated Jacobian leaves those columns out (NullPrefixLayerJacobian): the same operator as

@@ -118,6 +118,13 @@ rows for its products (2.1 GB within half the free memory; ``fisherlab.jacobian.
                                           compare-cold 157.3 s, 10.90 GiB; compare-warm 62.8 s, 9.93 GiB (RSS
                                           through the run 9.3–9.9 GiB against a plan of 9.7 GiB + 1.3 GB of rows)
 
+      spectra, --probes 1 --steps 48 --memory 24GiB (that day; old and new code alternating): 72.5, 71.0 s wall
+                                          (140, 135 s CPU), 9.33 GiB → 71.2, 57.7 s (127, 109 s CPU), 11.19 GiB once
+                                          the preconditioned operator holds its rotated layer3 as dense rows (2.1 GB;
+                                          formed in ~3.6 s) and updates its p-sized vectors in place: one product
+                                          Ũ(Ũᵀw) 0.86 → 0.44 s; U's own rows are no longer formed for spectra that
+                                          never take a product with U (F• exact from the Gram)
+
     What bounds it: every product runs at this machine's float64 GEMM speed (42–57 GFLOP/s measured
     for layer4's shapes); a KFAC-type solve is ~96 GFLOP (layer4's eigenbasis transforms through the
     range of A), a product Uᵀx ~34 GFLOP on layer4 plus a pass over 2.6 GB of dense rows, and the 14

@@ -95,24 +95,30 @@ class PreconditionedFisher(FisherOperator):
     Args:
         kfac: the one-level :class:`KFAC` (its factor eigenbases and eigenvalues D).
         exact: the exact :class:`ExactFisher` F• (same λ and Jacobian).
+        rows_free: bytes of which Ũ's factored layers seen at many positions may hold dense rows
+            for the products (:meth:`fisherlab.jacobian.Jacobian.hold_rows`, a share of them;
+            ``None``: none). Measured on ResNet-18 (B = 128, 2 threads): one product 0.71 → 0.44 s
+            with layer3's rotated rows (2.1 GB) held. The same numbers to round-off.
     """
 
     name = "preconditioned"
     symmetric = True
 
-    def __init__(self, kfac: KFAC, exact: ExactFisher) -> None:
+    def __init__(self, kfac: KFAC, exact: ExactFisher, *, rows_free: int | None = None) -> None:
         if kfac.p != exact.p:
             raise ValueError(f"KFAC has p = {kfac.p}, F• has p = {exact.p}")
         super().__init__(kfac.p, kfac.dtype)
         self.kfac, self.exact = kfac, exact
         self.damping = exact.damping
         self.jac = rotated_jacobian(exact.jac, kfac)
+        self.rows_held = self.jac.hold_rows(rows_free)  # released with the operator
         d = torch.cat([b.eig.mT.reshape(-1) for b in kfac.blocks])  # vec(eig): Y[r, c] ↔ index c·d_out + r
         self.d_inv_sqrt = d.to(self.dtype).rsqrt()[:, None]
 
     def _matmat(self, V: Tensor) -> Tensor:
         W = V * self.d_inv_sqrt
-        return (self.jac.matmat(self.jac.rmatmat(W)) + self.damping * W) * self.d_inv_sqrt
+        out = self.jac.matmat(self.jac.rmatmat(W))  # (p-sized temporaries updated in place)
+        return out.add_(W, alpha=self.damping).mul_(self.d_inv_sqrt)
 
     def _solve(self, W: Tensor) -> Tensor:
         return self.from_parameter_basis(self.exact.apply_inverse(self.to_parameter_basis(W / self.d_inv_sqrt))) / self.d_inv_sqrt

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..capturing.record import Capture
 from .._system import available_memory
 from ..errors import FisherlabError
-from ..jacobian import Jacobian
+from ..jacobian import ROWS_MEMORY_SHARE, Jacobian
 from ..planning import plan_spectra
 from ..linalg import SLQ_MEMORY_BYTES, lanczos_extremes, slq_quadrature, start_vector
 from ..operators import KFAC, ExactFisher, FisherOperator, TwoLevelKFAC, check_damping
@@ -271,6 +271,7 @@ def preconditioned_spectrum(
     exact: ExactFisher | None = None,
     damping_mode: str = "pi",
     method: str = "auto",
+    rows_free: int | None = None,
     **kw,
 ) -> Spectrum:
     """Spectrum of ``F•KFAC^{-1/2} F• F•KFAC^{-1/2}`` (= eig(F•KFAC⁻¹F•)), the KFAC-preconditioned F•.
@@ -282,6 +283,8 @@ def preconditioned_spectrum(
         method: ``"auto"`` (dense for p ≤ :data:`DENSE_P_LIMIT`, else SLQ: ARPACK on the small
             end of this wide spectrum converges only after minutes),
             ``"dense"``, ``"lanczos"`` or ``"slq"``.
+        rows_free: bytes of which the rotated Jacobian may hold dense rows for its products
+            (:class:`PreconditionedFisher`; ``None``: none).
         **kw: ``k``, ``n_probes``, ``n_steps``, ``seed``.
     """
     if kfac is None:
@@ -294,7 +297,7 @@ def preconditioned_spectrum(
         exact = ExactFisher(Jacobian.coerce(source), kfac.damping)
     if abs(exact.damping - kfac.damping) > 1e-15 * kfac.damping:
         raise ValueError(f"KFAC has λ = {kfac.damping:g}, F• has λ = {exact.damping:g}")
-    S = PreconditionedFisher(kfac, exact)
+    S = PreconditionedFisher(kfac, exact, rows_free=rows_free)
     if method == "auto":  # ARPACK on the small end of this wide, dense spectrum takes minutes: SLQ
         method = "dense" if S.p <= DENSE_P_LIMIT else "slq"
     out = operator_spectrum(S, method, operator="preconditioned", damping=kfac.damping, **kw)
@@ -411,7 +414,10 @@ def spectra(
             the SLQ bases are sized to what the plan leaves (fewer steps, with a warning).
             Without a budget, the factored layers seen at many positions hold dense rows for the
             products (:meth:`fisherlab.jacobian.Jacobian.hold_rows`) within half of the memory one
-            Lanczos basis leaves available; under a budget they do not.
+            Lanczos basis leaves available — U's own where its products are needed (F• by
+            Lanczos, the error operators), then those of U rotated into KFAC's eigenbasis
+            (:class:`PreconditionedFisher`) with what is left; under a budget, within half of
+            what the plan leaves after the full bases (none when the bases are cut to fit).
 
     Returns:
         ``{operator key: Spectrum}`` in the order requested.
@@ -424,24 +430,32 @@ def spectra(
     jac = Jacobian.coerce(source, device=device)
     lk_mem = {}
     rows_free = None
-    if memory is not None:  # a budget serves the Lanczos bases first: no dense rows
+    # the layers seen at many positions hold dense rows for the products, within a share of what one
+    # Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off): of
+    # the budget's plan, which serves the bases first, or of the memory available
+    if memory is not None:
         _, free = plan_spectra(jac, memory=memory, n_steps=n_steps, operators=operators)
         lk_mem = {"memory_bytes": free}
-    else:  # the layers seen at many positions hold dense rows for the products, within a share of what
-        # one Lanczos basis of n_steps vectors leaves (Jacobian.hold_rows; the same numbers to round-off)
+    else:
         free = available_memory(jac.device)
-        if free is not None:
-            rows_free = free - min(n_steps, jac.p) * jac.p * 8
-    held = jac.hold_rows(rows_free)
+    if free is not None and free > min(n_steps, jac.p) * jac.p * 8:
+        rows_free = free - min(n_steps, jac.p) * jac.p * 8
+    # U's own rows serve only products with U: F• by Lanczos (N > GRAM_N_LIMIT) and the error operators
+    own = bool(coarse) or ("fisher" in operators and jac.N > GRAM_N_LIMIT)
+    held = jac.hold_rows(rows_free) if own else []
+    pre_free = None if rows_free is None else rows_free - sum(lj.rows_bytes for lj in jac.layers
+                                                               if lj.spec.name in held) / ROWS_MEMORY_SHARE
     try:
-        return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem)
+        return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem,
+                        pre_free)
     finally:
         jac.release_rows(held)
 
 
 def _spectra(jac: Jacobian, source, lam: float, operators, coarse, damping_mode: str, method: str, rhs, k: int,
-             n_probes: int, n_steps: int, seed: int, lk_mem: dict) -> dict[str, Spectrum]:
-    """:func:`spectra` once the Jacobian is built and its rows held."""
+             n_probes: int, n_steps: int, seed: int, lk_mem: dict, pre_free: float | None = None) -> dict[str, Spectrum]:
+    """:func:`spectra` once the Jacobian is built and its rows held; ``pre_free``: the bytes the
+    preconditioned operator's rows may take a share of."""
     exact = ExactFisher(jac, lam)
     kfacs: dict[str, KFAC] = {}
 
@@ -459,7 +473,8 @@ def _spectra(jac: Jacobian, source, lam: float, operators, coarse, damping_mode:
         elif o in ("kfac", "kfac-tikhonov"):
             out[o] = kfac_spectrum(kf("pi" if o == "kfac" else "tikhonov"))
         else:
-            out[o] = preconditioned_spectrum(kfac=kf(damping_mode), exact=exact, method=method, **lk)
+            out[o] = preconditioned_spectrum(kfac=kf(damping_mode), exact=exact, method=method,
+                                             rows_free=None if pre_free is None else int(pre_free), **lk)
     if coarse:
         if rhs is None and not isinstance(source, Capture):
             raise ValueError("spectra: rhs is required for coarse spaces when the source is a Jacobian")
