@@ -123,12 +123,18 @@ def _woodbury(jac: Jacobian) -> bool:
     return (N * N * 8 <= GRAM_BUDGET_BYTES and N < p) or N <= 2048
 
 
-def _layer_numel(lj: LayerJacobian) -> int:
-    """Numbers a layer holds (from its shapes: nothing is read): factors ā, g or rows J (+ A, G)."""
-    d_in, d_out = lj.spec.d_in_bar, lj.spec.d_out
+def _jacobian_numel(lj: LayerJacobian) -> int:
+    """Numbers of a layer's Jacobian (from its shapes: nothing is read): factors ā, g or rows J.
+    Also those of the layer rotated into KFAC's eigenbasis (:meth:`LayerJacobian.rotated`; at most:
+    a null space of A it leaves out is not known from the shapes)."""
     if lj.factored:
-        return lj.B * lj.T * d_in + lj.N * lj.T * d_out
-    return lj.N * lj.p + d_in * d_in + d_out * d_out
+        return lj.B * lj.T * lj.spec.d_in_bar + lj.N * lj.T * lj.spec.d_out
+    return lj.N * lj.p
+
+
+def _layer_numel(lj: LayerJacobian) -> int:
+    """Numbers a layer holds: its Jacobian (:func:`_jacobian_numel`), and a dense layer's A, G."""
+    return _jacobian_numel(lj) + (0 if lj.factored else lj.spec.d_in_bar ** 2 + lj.spec.d_out ** 2)
 
 
 def _gram_temporary(lj: LayerJacobian, item: int) -> tuple[int, str]:
@@ -186,15 +192,6 @@ def slq_steps_within(free: int, p: int, n_steps: int, *, itemsize: int = 8) -> i
     return max(0, min(n_steps, p, free // max(p * itemsize, 1)))
 
 
-def _rotated_numel(lj: LayerJacobian) -> int:
-    """Numbers of a layer rotated into KFAC's eigenbasis (:meth:`LayerJacobian.rotated`; at most:
-    a null space of A it leaves out is not known from the shapes): factors ``ā Q_A``, ``g Q_G`` or
-    dense rows ``[N, p_i]``."""
-    if lj.factored:
-        return lj.B * lj.T * lj.spec.d_in_bar + lj.N * lj.T * lj.spec.d_out
-    return lj.N * lj.p
-
-
 def plan_spectra(jac: Jacobian, *, memory: int | str, n_steps: int,
                  operators: Sequence[str] = ("fisher", "kfac", "preconditioned")) -> tuple[Plan, int]:
     """The plan of :func:`fisherlab.spectra.spectra` of ``operators`` and the SLQ/Lanczos basis
@@ -208,12 +205,12 @@ def plan_spectra(jac: Jacobian, *, memory: int | str, n_steps: int,
                 _base_stages(jac, vectors=8, streamed=streamed))
     if "preconditioned" in operators:
         if streamed:
-            big = max(jac.layers, key=_rotated_numel)
+            big = max(jac.layers, key=_jacobian_numel)
             plan.stages.append(Stage(f"one layer rotated into KFAC's eigenbasis as it is read ('{big.spec.name}')",
-                                     _rotated_numel(big) * 8, resident=False))
+                                     _jacobian_numel(big) * 8, resident=False))
         else:
             plan.stages.append(Stage("U rotated into KFAC's eigenbasis (preconditioned operator)",
-                                     sum(_rotated_numel(lj) for lj in jac.layers) * 8))
+                                     sum(_jacobian_numel(lj) for lj in jac.layers) * 8))
     free = plan.budget - plan.peak
     m = slq_steps_within(max(free, 0), jac.p, n_steps)
     need = min(MIN_SLQ_STEPS, n_steps, jac.p)

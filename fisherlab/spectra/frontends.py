@@ -443,8 +443,8 @@ def spectra(
     # U's own rows serve only products with U: F• by Lanczos (N > GRAM_N_LIMIT) and the error operators
     own = bool(coarse) or ("fisher" in operators and jac.N > GRAM_N_LIMIT)
     held = jac.hold_rows(rows_free) if own else []
-    pre_free = None if rows_free is None else rows_free - sum(lj.rows_bytes for lj in jac.layers
-                                                               if lj.spec.name in held) / ROWS_MEMORY_SHARE
+    pre_free = None if rows_free is None else rows_free - int(sum(lj.rows_bytes for lj in jac.layers
+                                                                   if lj.spec.name in held) / ROWS_MEMORY_SHARE)
     try:
         return _spectra(jac, source, lam, operators, coarse, damping_mode, method, rhs, k, n_probes, n_steps, seed, lk_mem,
                         pre_free)
@@ -453,7 +453,7 @@ def spectra(
 
 
 def _spectra(jac: Jacobian, source, lam: float, operators, coarse, damping_mode: str, method: str, rhs, k: int,
-             n_probes: int, n_steps: int, seed: int, lk_mem: dict, pre_free: float | None = None) -> dict[str, Spectrum]:
+             n_probes: int, n_steps: int, seed: int, lk_mem: dict, pre_free: int | None = None) -> dict[str, Spectrum]:
     """:func:`spectra` once the Jacobian is built and its rows held; ``pre_free``: the bytes the
     preconditioned operator's rows may take a share of."""
     exact = ExactFisher(jac, lam)
@@ -474,7 +474,7 @@ def _spectra(jac: Jacobian, source, lam: float, operators, coarse, damping_mode:
             out[o] = kfac_spectrum(kf("pi" if o == "kfac" else "tikhonov"))
         else:
             out[o] = preconditioned_spectrum(kfac=kf(damping_mode), exact=exact, method=method,
-                                             rows_free=None if pre_free is None else int(pre_free), **lk)
+                                             rows_free=pre_free, **lk)
     if coarse:
         if rhs is None and not isinstance(source, Capture):
             raise ValueError("spectra: rhs is required for coarse spaces when the source is a Jacobian")
