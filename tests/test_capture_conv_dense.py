@@ -92,10 +92,19 @@ def test_input_moment_in_float32_is_as_accurate_as_the_gemm():
     assert _rel(conv_input_moment(spec, x.float()).double(), a.T @ a) <= FLOAT32_RTOL
 
 
+@pytest.fixture(params=["weight-backwards", "unfolded"])
+def dense_conv_path(request, monkeypatch):
+    """Both ways a dense conv layer is captured: without ā (weight backwards and shifted products)
+    and, for narrow patches (:data:`fisherlab.capturing.run.NARROW_PATCHES`), from the unfolded ā;
+    the tiny layers here are narrow, so the threshold is moved to take each path."""
+    monkeypatch.setattr(capture_run, "NARROW_PATCHES", 0 if request.param == "weight-backwards" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("fisher", ["mc", "exact", "empirical"])
-def test_dense_conv_capture_equals_the_factored_one(fisher):
+def test_dense_conv_capture_equals_the_factored_one(fisher, dense_conv_path):
     """Through fisherlab.capture: a dense conv layer's rows, A, G and ∇h block equal those the
-    factored capture of the same batch gives."""
+    factored capture of the same batch gives, by either path."""
     torch.manual_seed(2)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, (3, 2), dilation=(1, 2)), nn.Tanh(),
@@ -181,7 +190,7 @@ class _Discarded(nn.Module):
 
 
 @pytest.mark.parametrize("fisher", ["mc", "empirical"])
-def test_a_dense_conv_layer_that_does_not_reach_the_output_is_zero(fisher):
+def test_a_dense_conv_layer_that_does_not_reach_the_output_is_zero(fisher, dense_conv_path):
     torch.manual_seed(4)
     model = _Discarded().double()
     x, y = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randn(3, 75, dtype=torch.float64)

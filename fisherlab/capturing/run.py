@@ -321,6 +321,15 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise NonFiniteError(f"capture: {bad} non-finite value(s) (NaN/Inf) in {what}")
 
 
+NARROW_PATCHES = 32
+"""A Conv2d layer stored dense whose patches have at most this many numbers (c_in·k_h·k_w: the
+small CNN's first conv, 1 × 5 × 5; ResNet-18's stem, 3 × 3 × 3) unfolds ā once and takes its rows,
+A and ∇h block from it, as a dense Linear layer does: its weight backwards and shifted products
+with one or three input channels cost more than the narrow unfold (66.7 → 46.9 ms for the small
+CNN's first conv, 96.7 → 75.6 ms for ResNet-18's stem, B = 128; with 8 × 3 × 3 = 72 numbers the
+unfold is already 1.4× slower)."""
+
+
 def _dense_conv_layer(spec: LayerSpec, x: Tensor, out_shape: torch.Size, g_k: list[Tensor | None],
                       g_true: Tensor | None, block: Tensor, B: int, T: int) -> LayerCapture:
     """A Conv2d layer stored dense, from its input ``x [B, c_in, H, W]`` and output gradients
@@ -329,7 +338,8 @@ def _dense_conv_layer(spec: LayerSpec, x: Tensor, out_shape: torch.Size, g_k: li
     unfolding ā: the rows by per-example weight backwards (:func:`conv_rows`), A by the input's
     shifted products (:func:`conv_input_moment`), the ∇h block (written into ``block``) by one weight
     backward (empirical: the sum of the rows). Equal to the unfolded path
-    (tests/test_capture_conv_dense.py)."""
+    (tests/test_capture_conv_dense.py), which layers with narrow patches take instead
+    (:data:`NARROW_PATCHES`)."""
     go = [x.new_zeros(out_shape) if t is None else t for t in g_k]
     go = go[0].unsqueeze(1) if len(go) == 1 else torch.stack(go, dim=1)  # [B, K, d_out, H_o, W_o]
     gt = go[:, 0] if g_true is None else g_true
@@ -593,7 +603,7 @@ def capture(
         choice = storage.get(spec.name, "auto") if isinstance(storage, dict) else storage
         T = 1 if is_bn[i] else positions[i]  # (positions counts a BatchNorm's outputs for the estimate)
         dense = choose_storage(B, K, T, spec.d_in_bar, spec.d_out, choice) is Storage.DENSE
-        if dense and spec.kind is LayerKind.CONV2D:
+        if dense and spec.kind is LayerKind.CONV2D and spec.d_in > NARROW_PATCHES:
             lc = _dense_conv_layer(spec, recorded[i]["inp"], recorded[i]["out"].shape, [gs[i] for gs in g_k],
                                    g_true[i] if g_true is not None else None, block, B, T)
         else:
