@@ -159,3 +159,64 @@ def test_inplace_activations_match_torch_func(fisher):
         G = per_example_loss_gradients(model, x, y, "cross_entropy")
         J = cap.per_example_gradients().double()
         torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
+
+
+def _full_forwards(model: nn.Module, B: int) -> list[int]:
+    """Counts the model's forward calls on the whole batch of B examples (``[count]``)."""
+    calls = [0]
+
+    def count(module, args):
+        calls[0] += args[0].shape[0] == B
+
+    model.register_forward_pre_hook(count)
+    return calls
+
+
+class _InPlaceAtFullBatch(nn.Module):
+    """An in-place operation on a captured layer's output, after its use, that only the whole
+    batch triggers: the small probe forward cannot see it (and the outputs do not change)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        out = self.fc(torch.tanh(h))
+        if x.shape[0] > 2:
+            h.mul_(2.0)
+        return out
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_Block, lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2), nn.ReLU(inplace=True))],
+    ids=["residual-block", "sequential-inplace-relu"],
+)
+def test_inplace_operations_cost_one_full_forward(build):
+    """The probe forward of the first examples shows which tensors in-place operations modify:
+    the whole batch goes through the model once, with those copies (not twice), and the rows are
+    the per-example gradients."""
+    torch.manual_seed(1)
+    model = build().double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64) if isinstance(model, _Block) else torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    calls = _full_forwards(model, 5)
+    cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
+    assert calls[0] == 1
+    G = per_example_loss_gradients(model, x, y, "cross_entropy")
+    J = cap.per_example_gradients().double()
+    torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
+
+
+def test_an_inplace_operation_the_probe_misses_repeats_the_forward_with_copies():
+    torch.manual_seed(2)
+    model = _InPlaceAtFullBatch().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    calls = _full_forwards(model, 5)
+    cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
+    assert calls[0] == 2
+    G = per_example_loss_gradients(model, x, y, "cross_entropy")
+    J = cap.per_example_gradients().double()
+    torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)

@@ -517,13 +517,30 @@ def capture(
     training_bn = _batchnorm_in_train_mode(work)
     with _training_statistics(work, batch_statistics) as coupled, _prepared(work, layout), ExitStack() as stack:
         _say_statistics(training_bn, batch_statistics, coupled, meta)
-        probe = None if batch_statistics or _per_example_by_construction(work) else _probe(work, x, n_probe)
+        needs_probe = not (batch_statistics or _per_example_by_construction(work))  # (before our own hooks)
         for i, m in enumerate(modules):
             stack.callback(m.register_forward_hook(make_hook(i)).remove)
+        # The probe forward (the first examples alone, which checks for coupling) also shows, by
+        # tensor versions, which layers' tensors in-place operations modify: the full forward then
+        # copies those at once instead of being run a second time (a ReLU(inplace=True) right after
+        # a Linear or conv, a residual `out += identity` without BatchNorm). A model that needs no probe gets this small forward only where it
+        # has a module that works in place; where the probe fails or misses a modification, the
+        # full forward is repeated with copies as before.
+        probe = None
+        if needs_probe:
+            probe = _probe(work, x, n_probe)
+            detected = probe is not None
+        else:
+            detected = B > n_probe and any(getattr(m, "inplace", False) is True for m in work.modules()) \
+                and _probe(work, x, n_probe) is not None
+        if detected:
+            copy_in, copy_out = modified()
+        for r in recorded:
+            r.clear()
         z = work(x)
         mod_in, mod_out = modified()
         if mod_in or mod_out:  # once more, copying what in-place operations touch
-            copy_in, copy_out = mod_in, mod_out
+            copy_in, copy_out = copy_in | mod_in, copy_out | mod_out
             z = None
             for r in recorded:
                 r.clear()
