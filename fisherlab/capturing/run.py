@@ -385,8 +385,9 @@ def capture(
             model to eval mode** (BatchNorm uses its running statistics, dropout is off) and
             restores every submodule's own train/eval flag afterwards; the model is copied only
             when ``device``/``dtype`` differ. In-place operations after a captured layer
-            (``ReLU(inplace=True)``, ``out += identity``) are handled: a second forward pass
-            copies the tensors they would overwrite.
+            (``ReLU(inplace=True)``, ``out += identity``) are handled: a forward of the first
+            examples detects them, and the forward of the batch copies the tensors they would
+            overwrite.
         inputs: ``[B, ...]`` network inputs.
         targets: true targets: class indices ``[B]`` (``cross_entropy``; ``[B, T]``: one per
             position of a sequence model's ``[B, T, V]`` outputs, the loss summed over positions)
@@ -483,8 +484,8 @@ def capture(
     recorded: list[dict] = [dict() for _ in modules]
     # In-place operations after a captured layer (ReLU(inplace=True) on its output, `out += identity`
     # of a residual block, an in-place op on its input) would change the tensors the hooks read:
-    # the first forward pass detects them by tensor versions, and a second pass copies exactly
-    # those layers' inputs (a clone of ā) and outputs (the hook returns a clone, so the in-place
+    # a forward of the first examples detects them by tensor versions (below), and the batch's
+    # forward copies exactly those layers' inputs (a clone of ā) and outputs (the hook returns a clone, so the in-place
     # op modifies the copy and the recorded output stays the layer's own).
     copy_in: set[int] = set()
     copy_out: set[int] = set()
