@@ -73,6 +73,17 @@ machine's float32 batched-GEMM speed), its per-example rows (~80 ms), the ∇h w
 (~45 ms) and the forward. torch.func computes per-example gradients in one backward; the mc
 capture needs a second one for ∇h and the factor A, so "never slower than torch.func" does not
 hold for ``auto`` here.
+
+Measured 2026-12-02, a later session on a slower, noisier machine (plain steps swing 70–135 ms on
+the autoencoder between runs): the dense rows by one vmap over the batch per vector instead of a
+vmap nested over K (the second conv's rows 141 → 61–68 ms), and a first conv with narrow patches
+(c_in·k_h·k_w ≤ 32) taking rows, A and ∇h from one unfold: the CNN's ``auto`` mc capture
+540.6 → 470.8 ms side by side in one process; this script at the session's start and end: CNN
+``auto`` mc 2.68 → 2.48× plain, factored 1.65 → 1.56×, empirical 1.87 → 1.84×, torch.func 0.83
+and 1.38×; mnist-ae mc 1.31–1.37×, empirical 1.01–1.09×. Tried and dropped (side by side, 41–61
+repetitions): ∇h of the Linear layers from the true-label backward's own weight gradients
+(autoencoder mc 108.2 → 115.5 ms, empirical 84.3 → 91.3 ms: slower) and from hooks on the layer
+outputs during that backward (97.5–103.4 against 100.0–102.6 ms: no change beyond the noise).
 """
 
 from __future__ import annotations
