@@ -159,6 +159,8 @@ def conv_input_moment(spec: LayerSpec, x: Tensor) -> Tensor:
     in_col = ((torch.arange(Wp, device=dev) >= (torch.arange(kw, device=dev) * dw)[:, None])
               & (torch.arange(Wp, device=dev) < (torch.arange(kw, device=dev) * dw + Wo)[:, None])).to(x.dtype)
     M = x.new_zeros(C, kh, kw, C, kh, kw)
+    # one buffer for every batch of pixel products (a fresh one per product costs its page faults)
+    Qbuf = x.new_empty(min(Hp * Wp * C * (2 * kw - 1) * C, max(_CHUNK_NUMBERS, Wp * C * (2 * kw - 1) * C)))
     for di in range(kh):  # δ = (di, dj) ≥ (0, 0) in lexicographic order; the rest by symmetry
         offsets = list(range(0 if di == 0 else -(kw - 1), kw))
         # with d_w = 1 the partners of consecutive dj are consecutive pixels: one product [C, n·C]
@@ -167,16 +169,18 @@ def conv_input_moment(spec: LayerSpec, x: Tensor) -> Tensor:
             n, base = len(block), di * dh * Wp + block[0] * dw  # base ≥ 0: lexicographic order
             partners = flat.as_strided((P, n * C, B), (C * B, B, 1), base * C * B)  # [P, n·C, B]
             ni = kh - di
-            by_row = x.new_zeros(ni, Wp, C * n * C)  # Σ over the rows u of each window, per column v
+            by_row = None  # [ni, Wp, C·n·C]: Σ over the rows u of each window, per column v
             rows_per = max(1, _CHUNK_NUMBERS // (Wp * C * n * C))
             for u0 in range(0, Hp, rows_per):
                 u1 = min(Hp, u0 + rows_per)
-                Q = torch.bmm(flat[u0 * Wp : u1 * Wp], partners[u0 * Wp : u1 * Wp].transpose(1, 2))  # [·, C, n·C]
-                by_row += (in_row[:ni, u0:u1] @ Q.view(u1 - u0, Wp * C * n * C)).view(ni, Wp, C * n * C)
-            win = (in_col @ by_row.transpose(0, 1).reshape(Wp, ni * C * n * C)).view(kw, ni, C, n, C)
+                Q = torch.bmm(flat[u0 * Wp : u1 * Wp], partners[u0 * Wp : u1 * Wp].transpose(1, 2),
+                              out=Qbuf[: (u1 - u0) * Wp * C * n * C].view((u1 - u0) * Wp, C, n * C))  # [·, C, n·C]
+                part = (in_row[:ni, u0:u1] @ Q.view(u1 - u0, Wp * C * n * C)).view(ni, Wp, C * n * C)
+                by_row = part if by_row is None else by_row.add_(part)
+            win = torch.matmul(in_col, by_row).view(ni, kw, C, n, C)  # Σ over the columns of each window
             for q, dj in enumerate(block):
                 j0, j1 = max(0, -dj), kw - max(0, dj)
-                w = win[j0:j1, :, :, q].transpose(0, 1)  # [ni, nj, C, C]
+                w = win[:, j0:j1, :, q]  # [ni, nj, C, C]
                 ii = torch.arange(ni, device=dev)[:, None]  # i, with i′ = i + di
                 jv = torch.arange(j0, j1, device=dev)[None, :]  # j, with j′ = j + dj
                 M[:, ii, jv, :, ii + di, jv + dj] = w
