@@ -92,16 +92,19 @@ def test_input_moment_in_float32_is_as_accurate_as_the_gemm():
     assert _rel(conv_input_moment(spec, x.float()).double(), a.T @ a) <= FLOAT32_RTOL
 
 
+@pytest.mark.parametrize("transpose", ["gather", "two-step"])
 @pytest.mark.parametrize("chunk", [1, 3 * 9 * 4 * 5 * 4, 10**9], ids=["row-by-row", "bands", "whole"])
-def test_input_moment_in_bands_of_rows_is_the_same(chunk, monkeypatch):
+def test_input_moment_in_bands_of_rows_is_the_same(chunk, transpose, monkeypatch):
     """Large images go through in bands of rows (``_CHUNK_NUMBERS`` numbers of pixel products at
-    most, the last band shorter; the products share one buffer): the same A."""
+    most, the last band shorter; the products share one buffer), and large inputs move their batch
+    axis last in two steps (``_TWO_STEP_TRANSPOSE``): the same A."""
     from fisherlab.capturing import layers
 
     _, spec = _layer((3, 4), (1, 2), 1, 1, True, c_in=4)
     x = torch.randn(3, 4, 9, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     a = layer_inputs(spec, x).flatten(0, 1)
     monkeypatch.setattr(layers, "_CHUNK_NUMBERS", chunk)
+    monkeypatch.setattr(layers, "_TWO_STEP_TRANSPOSE", 0 if transpose == "two-step" else 10**12)
     assert _rel(conv_input_moment(spec, x), a.T @ a) <= RTOL
 
 
