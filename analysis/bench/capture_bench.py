@@ -78,7 +78,10 @@ Measured 2026-12-02, a later session on a slower, noisier machine (plain steps s
 the autoencoder between runs): the dense rows by one vmap over the batch per vector instead of a
 vmap nested over K (the second conv's rows 141 → 61–68 ms), and a first conv with narrow patches
 (c_in·k_h·k_w ≤ 32) taking rows, A and ∇h from one unfold: the CNN's ``auto`` mc capture
-540.6 → 470.8 ms side by side in one process; this script at the session's start and end: CNN
+540.6 → 470.8 ms side by side in one process; then A by shifted products with one buffer for its
+pixel products and a two-step transpose of large inputs (the second conv's A 106.8 → 100.1 ms,
+ResNet-18 layer1's 457 → 373–415 ms). The session's start and end in alternating processes: CNN
+``auto`` mc 602.6–659.4 → 483.1–498.6 ms, 2.57–2.74 → 2.26–2.47× plain; this script at the session's start and end: CNN
 ``auto`` mc 2.68 → 2.48× plain, factored 1.65 → 1.56×, empirical 1.87 → 1.84×, torch.func 0.83
 and 1.38×; mnist-ae mc 1.31–1.37×, empirical 1.01–1.09×. Tried and dropped (side by side, 41–61
 repetitions): ∇h of the Linear layers from the true-label backward's own weight gradients
