@@ -161,15 +161,21 @@ def test_inplace_activations_match_torch_func(fisher):
         torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
 
 
-def _full_forwards(model: nn.Module, B: int) -> list[int]:
-    """Counts the model's forward calls on the whole batch of B examples (``[count]``)."""
-    calls = [0]
+def _full_forwards_of_a_checked_capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Captures the empirical Fisher of ``(x, y)``, checks that its rows are the per-example
+    gradients, and returns how many forward calls of the model saw the whole batch."""
+    B, calls = x.shape[0], [0]
 
     def count(module, args):
         calls[0] += args[0].shape[0] == B
 
-    model.register_forward_pre_hook(count)
-    return calls
+    handle = model.register_forward_pre_hook(count)
+    cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
+    handle.remove()
+    G = per_example_loss_gradients(model, x, y, "cross_entropy")
+    J = cap.per_example_gradients().double()
+    torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
+    return calls[0]
 
 
 class _InPlaceAtFullBatch(nn.Module):
@@ -202,21 +208,11 @@ def test_inplace_operations_cost_one_full_forward(build):
     model = build().double()
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64) if isinstance(model, _Block) else torch.randn(5, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (5,))
-    calls = _full_forwards(model, 5)
-    cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
-    assert calls[0] == 1
-    G = per_example_loss_gradients(model, x, y, "cross_entropy")
-    J = cap.per_example_gradients().double()
-    torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
+    assert _full_forwards_of_a_checked_capture(model, x, y) == 1
 
 
 def test_an_inplace_operation_the_probe_misses_repeats_the_forward_with_copies():
     torch.manual_seed(2)
     model = _InPlaceAtFullBatch().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
-    calls = _full_forwards(model, 5)
-    cap = fisherlab.capture(model, x, y, loss="cross_entropy", fisher="empirical", device="cpu", dtype=torch.float64)
-    assert calls[0] == 2
-    G = per_example_loss_gradients(model, x, y, "cross_entropy")
-    J = cap.per_example_gradients().double()
-    torch.testing.assert_close(torch.stack([cap.to_torch_order(r) for r in J]), G, rtol=1e-10, atol=1e-12)
+    assert _full_forwards_of_a_checked_capture(model, x, y) == 2
