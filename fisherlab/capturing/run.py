@@ -256,6 +256,11 @@ def _probe(work: nn.Module, x: Tensor, n: int) -> Tensor | None:
     return out.reshape(n, -1) if isinstance(out, Tensor) and out.shape[:1] == (n,) else None
 
 
+def _works_in_place(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is set to work in place (``inplace=True``: ReLU, Dropout, …)."""
+    return any(getattr(m, "inplace", False) is True for m in model.modules())
+
+
 def _refuse_coupling(probe: Tensor | None, z: Tensor, n: int, B: int) -> None:
     """Per-example outputs must not depend on the rest of the batch (batch statistics) nor change
     from one forward to the next (dropout hard-coded with ``training=True``)."""
@@ -485,8 +490,8 @@ def capture(
     # In-place operations after a captured layer (ReLU(inplace=True) on its output, `out += identity`
     # of a residual block, an in-place op on its input) would change the tensors the hooks read:
     # a forward of the first examples detects them by tensor versions (below), and the batch's
-    # forward copies exactly those layers' inputs (a clone of ā) and outputs (the hook returns a clone, so the in-place
-    # op modifies the copy and the recorded output stays the layer's own).
+    # forward copies exactly those layers' inputs (a clone of ā) and outputs (the hook returns a
+    # clone, so the in-place op modifies the copy and the recorded output stays the layer's own).
     copy_in: set[int] = set()
     copy_out: set[int] = set()
 
@@ -524,17 +529,12 @@ def capture(
         # The probe forward (the first examples alone, which checks for coupling) also shows, by
         # tensor versions, which layers' tensors in-place operations modify: the full forward then
         # copies those at once instead of being run a second time (a ReLU(inplace=True) right after
-        # a Linear or conv, a residual `out += identity` without BatchNorm). A model that needs no probe gets this small forward only where it
-        # has a module that works in place; where the probe fails or misses a modification, the
-        # full forward is repeated with copies as before.
-        probe = None
-        if needs_probe:
-            probe = _probe(work, x, n_probe)
-            detected = probe is not None
-        else:
-            detected = B > n_probe and any(getattr(m, "inplace", False) is True for m in work.modules()) \
-                and _probe(work, x, n_probe) is not None
-        if detected:
+        # a Linear or conv, a residual `out += identity` without BatchNorm). A model that needs no
+        # probe gets this small forward only where it has a module that works in place; where the
+        # probe fails or misses a modification, the full forward is repeated with copies.
+        probe = _probe(work, x, n_probe) if needs_probe else None
+        if probe is not None or (not needs_probe and B > n_probe and _works_in_place(work)
+                                 and _probe(work, x, n_probe) is not None):
             copy_in, copy_out = modified()
         for r in recorded:
             r.clear()
